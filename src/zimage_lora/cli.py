@@ -1,0 +1,146 @@
+"""``zimage-lora`` subcommands. Thin: parse, then call the library.
+
+Exit codes: 0 done, 1 crash, 2 user error (one line, no traceback), 3 non-finite loss.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import resources
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train and run LoRAs for Z-Image (Turbo + training adapter, De-Turbo, Base).")
+
+
+@app.command()
+def train(
+    job: Path = typer.Argument(..., help="The job file (YAML)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key, e.g. --set train.lr=5e-5 (repeatable)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in the job's run folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard the run folder's previous run and start afresh."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """Train a LoRA from a job file."""
+    from zimage_lora.config import load_job
+
+    cfg = load_job(job, set_)
+    from zimage_lora.training.recipe import train as run_training
+
+    result = run_training(cfg, resume=resume, overwrite=overwrite, progress=progress)
+    _report(result)
+
+
+@app.command()
+def validate(
+    job: Path = typer.Argument(..., help="The job file (YAML)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key (repeatable)."),
+) -> None:
+    """Check a job file and print the fully resolved job (loads no model)."""
+    from zimage_lora.config import dump_yaml, load_job
+
+    typer.echo(dump_yaml(load_job(job, set_)), nl=False)
+
+
+@app.command()
+def init(preset: str = typer.Option("turbo-adapter-v2", help="turbo-adapter-v2, turbo-adapter-v1, deturbo or demo.")):
+    """Print a commented job file with the guide's baseline settings."""
+    from zimage_lora.config import preset_names, preset_yaml
+    from zimage_lora.errors import UserError
+
+    if preset not in preset_names():
+        raise UserError(f"--preset: unknown preset {preset!r}; choose one of {', '.join(preset_names())}")
+    typer.echo(preset_yaml(preset), nl=False)
+
+
+@app.command("tiny-model")
+def tiny_model(out: Path = typer.Argument(..., help="Folder to write."), seed: int = typer.Option(0)) -> None:
+    """Write a tiny random Z-Image pipeline (the real classes, diffusers layout) for tests and demos."""
+    from zimage_lora.models.tiny import build_tiny_model
+
+    typer.echo(str(build_tiny_model(out, seed=seed)))
+
+
+@app.command("tiny-adapter")
+def tiny_adapter(
+    model_dir: Path = typer.Argument(..., help="A diffusers-layout model folder."),
+    out: Path = typer.Argument(..., help="The .safetensors file to write."),
+    rank: int = typer.Option(4, min=1),
+    seed: int = typer.Option(0),
+) -> None:
+    """Write a random LoRA in the training-adapter format (non-zero A and B) for a model."""
+    from zimage_lora.models.tiny_adapter import write_random_adapter
+
+    typer.echo(str(write_random_adapter(model_dir, out, rank=rank, seed=seed)))
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("zimage-demo"), help="Folder for the demo model, data, job and run."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Train the embedded demo offline: a tiny model, bundled images, the Turbo + adapter recipe."""
+    from zimage_lora.config import load_job, preset_yaml
+    from zimage_lora.models.tiny import build_tiny_model
+    from zimage_lora.models.tiny_adapter import write_random_adapter
+    from zimage_lora.training.recipe import train as run_training
+
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "model" / "model_index.json").is_file():
+        build_tiny_model(out / "model", seed=0)
+    if not (out / "adapter.safetensors").is_file():
+        write_random_adapter(out / "model", out / "adapter.safetensors", rank=4, seed=1)
+    bundled = resources.files("zimage_lora") / "demo" / "dataset"
+    (out / "dataset").mkdir(exist_ok=True)
+    for entry in bundled.iterdir():
+        if entry.is_file():
+            (out / "dataset" / entry.name).write_bytes(entry.read_bytes())
+    job = out / "demo.yaml"
+    job.write_text(preset_yaml("demo"))
+    typer.echo(f"demo job: {job}")
+    result = run_training(load_job(job), overwrite=True, progress=progress)
+    _report(result)
+
+
+def _report(result) -> None:
+    if result.first_loss is not None:
+        typer.echo(f"loss: {result.first_loss:.4f} at the first step, {result.last_loss:.4f} at the last")
+    typer.echo(f"LoRA: {result.final_lora}")
+    if result.samples:
+        typer.echo(f"samples: {result.samples[0].parent} ({len(result.samples)} images)")
+    if result.contact_sheet is not None:
+        typer.echo(f"contact sheet: {result.contact_sheet}")
+
+
+def main() -> None:
+    from zimage_lora.errors import NonFiniteLoss, UserError
+
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteLoss as e:
+        print(f"error: non-finite loss at {e}", file=sys.stderr)
+        sys.exit(3)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # click's own usage errors are user errors too
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            print(f"error: {e.format_message()}", file=sys.stderr)
+            sys.exit(2)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()
+

@@ -1,0 +1,219 @@
+"""Reading and writing LoRA files.
+
+Our files use the key layout that loads unchanged in diffusers (`ZImagePipeline.load_lora_weights`) and in
+ComfyUI: ``diffusion_model.<diffusers module path>.lora_A.weight`` (rank x in), ``.lora_B.weight`` (out x rank)
+and a scalar ``.alpha`` (scale = alpha / rank). ``read_lora`` also accepts the other layouts people bring:
+diffusers/peft (``transformer.`` / ``base_model.model.`` prefixes, no alpha) and kohya (``lora_unet_...``
+with ``lora_down`` / ``lora_up``).
+
+Every write goes through ``atomic_write_bytes``: a ``.tmp`` file, fsync, rename, fsync of the folder. A crash
+or kill leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from zimage_lora.errors import UserError
+
+PREFIX = "diffusion_model."
+SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class LoraWeights:
+    """One module's low-rank update: delta W = (alpha / rank) * B @ A."""
+
+    down: torch.Tensor  # A: (rank, in)
+    up: torch.Tensor  # B: (out, rank)
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self) -> torch.Tensor:
+        return self.scale * (self.up.float() @ self.down.float())
+
+
+@dataclass
+class LoraFile:
+    modules: dict[str, LoraWeights]  # diffusers module path -> weights
+    metadata: dict[str, str]
+    layout: str  # "diffusion_model" | "diffusers" | "kohya"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash at any moment leaves the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def lora_state_dict(modules: Mapping[str, LoraWeights], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """File tensors for ``modules`` in our layout; alpha is stored in the same dtype as the weights."""
+    out: dict[str, torch.Tensor] = {}
+    for path, w in modules.items():
+        key = PREFIX + path
+        out[f"{key}.lora_A.weight"] = w.down.detach().to("cpu", dtype).contiguous()
+        out[f"{key}.lora_B.weight"] = w.up.detach().to("cpu", dtype).contiguous()
+        out[f"{key}.alpha"] = torch.tensor(float(w.alpha), dtype=dtype)
+    return out
+
+
+def save_lora(path: Path, modules: Mapping[str, LoraWeights], dtype: str | torch.dtype, metadata: Mapping[str, str]) -> None:
+    """Write a LoRA file atomically. Same weights and metadata give the same bytes."""
+    torch_dtype = SAVE_DTYPES[dtype] if isinstance(dtype, str) else dtype
+    meta = {str(k): str(v) for k, v in sorted(metadata.items())}
+    atomic_write_bytes(Path(path), st_save(lora_state_dict(modules, torch_dtype), metadata=meta))
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, with one clear sentence if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"LoRA file not found: {path}")
+    data = path.read_bytes()
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path} is not a readable .safetensors file ({e}); re-download or re-export it") from None
+    meta = _read_metadata(data)
+    return tensors, meta
+
+
+def _read_metadata(data: bytes) -> dict[str, str]:
+    import json
+    import struct
+
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    return dict(header.get("__metadata__") or {})
+
+
+def read_lora(path: Path, module_names: Iterable[str] | None = None) -> LoraFile:
+    """Read a LoRA file in any supported layout into diffusers module paths.
+
+    ``module_names`` (the transformer's module paths) is needed only for kohya files, whose underscores are
+    ambiguous: ``lora_unet_layers_0_attention_to_q`` maps back through the model's own names.
+    """
+    tensors, meta = read_safetensors(path)
+    modules, layout = parse_lora_tensors(tensors, module_names, source=str(path))
+    return LoraFile(modules=modules, metadata=meta, layout=layout)
+
+
+_SUFFIXES = {
+    ".lora_A.weight": "down",
+    ".lora_B.weight": "up",
+    ".lora_down.weight": "down",
+    ".lora_up.weight": "up",
+    ".alpha": "alpha",
+}
+
+
+def parse_lora_tensors(
+    tensors: Mapping[str, torch.Tensor], module_names: Iterable[str] | None = None, source: str = "LoRA file"
+) -> tuple[dict[str, LoraWeights], str]:
+    if not tensors:
+        raise UserError(f"{source} holds no tensors; it is not a LoRA")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    layout = "diffusion_model"
+    kohya_map = None
+    for key, value in tensors.items():
+        suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            if key.endswith(".dora_scale") or ".lokr_" in key or ".hada_" in key:
+                raise UserError(f"{source} is a DoRA/LoKr/LoHa file ({key}); only plain LoRA files are read here")
+            raise UserError(f"{source}: unexpected key {key!r}; expected .lora_A/.lora_B/.alpha (or lora_down/lora_up)")
+        module = key[: -len(suffix)]
+        if module.startswith(PREFIX):
+            module = module[len(PREFIX) :]
+        elif module.startswith("lora_unet_"):
+            layout = "kohya"
+            if kohya_map is None:
+                if module_names is None:
+                    raise UserError(f"{source} is a kohya-style file: it can only be read with the model loaded")
+                kohya_map = {name.replace(".", "_"): name for name in module_names}
+            flat = module[len("lora_unet_") :]
+            if flat not in kohya_map:
+                raise UserError(f"{source}: kohya key {key!r} names no module of this transformer")
+            module = kohya_map[flat]
+        else:
+            for prefix in ("base_model.model.", "transformer.", "model.diffusion_model."):
+                if module.startswith(prefix):
+                    module = module[len(prefix) :]
+                    layout = "diffusers"
+                    break
+            module = re.sub(r"\.default$", "", module)
+        parts.setdefault(module, {})[_SUFFIXES[suffix]] = value
+    modules: dict[str, LoraWeights] = {}
+    for module, p in sorted(parts.items()):
+        if "down" not in p or "up" not in p:
+            missing = "lora_A (down)" if "down" not in p else "lora_B (up)"
+            raise UserError(f"{source}: module {module} has no {missing} weight; the file is incomplete")
+        down, up = p["down"], p["up"]
+        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+            raise UserError(
+                f"{source}: module {module} has mismatched shapes A{tuple(down.shape)} B{tuple(up.shape)}"
+            )
+        alpha = float(p["alpha"].float().item()) if "alpha" in p else float(down.shape[0])
+        modules[module] = LoraWeights(down=down, up=up, alpha=alpha)
+    return modules, layout
+
+
+# --- ComfyUI compatibility -------------------------------------------------------------------------------------
+# ComfyUI's Z-Image model (a Lumina2 "NextDiT") stores attention as one fused ``qkv`` Linear and names the output
+# projection ``out``; its LoRA loader maps diffusers module paths onto those weights. These are the rules that
+# mapping follows for the transformer blocks; ``comfyui_target`` answers "where would ComfyUI apply this key?".
+_BLOCK = r"(?P<block>(?:layers|noise_refiner|context_refiner)\.\d+)\."
+_COMFY_RULES: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(_BLOCK + r"attention\.to_(?P<qkv>[qkv])$"), "{block}.attention.qkv"),
+    (re.compile(_BLOCK + r"attention\.to_out\.0$"), "{block}.attention.out"),
+    (re.compile(_BLOCK + r"feed_forward\.(?P<w>w[123])$"), "{block}.feed_forward.{w}"),
+    (re.compile(_BLOCK + r"adaLN_modulation\.0$"), "{block}.adaLN_modulation.0"),
+]
+
+
+def comfyui_target(module_path: str, dim: int) -> tuple[str, tuple[int, int] | None] | None:
+    """ComfyUI weight (and output-row slice for fused q/k/v) that a diffusers module path maps to, or None."""
+    for pattern, template in _COMFY_RULES:
+        m = pattern.match(module_path)
+        if m is None:
+            continue
+        name = "diffusion_model." + template.format(**m.groupdict())
+        if m.groupdict().get("qkv"):
+            offset = "qkv".index(m.group("qkv")) * dim
+            return name, (offset, offset + dim)
+        return name, None
+    return None

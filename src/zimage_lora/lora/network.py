@@ -1,0 +1,158 @@
+"""The trainable LoRA and the frozen training adapter, injected into the transformer through peft.
+
+Two peft adapters live side by side on the same Linear layers:
+- ``zimage_lora``: the user's LoRA, the only trainable parameters, kept in fp32 whatever the base dtype;
+- ``training_adapter`` (Turbo path only): the de-distilling adapter, frozen, applied at strength +1.
+
+Keeping the adapter a separate branch (never merged into the base weights) means that switching it off gives
+exactly the Turbo weights again, bit for bit: previews and inference run without it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from zimage_lora.errors import UserError
+from zimage_lora.lora.io import LoraWeights
+
+USER = "zimage_lora"
+ADAPTER = "training_adapter"
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Paths of the model's plain Linear layers (before any LoRA is injected)."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".lora_" not in name]
+
+
+def target_module_names(model: nn.Module, regex: str) -> list[str]:
+    """Linear layers whose full path matches ``regex`` (``target.modules``)."""
+    pattern = re.compile(regex)
+    names = [name for name in _base_linear_names(model) if pattern.fullmatch(name)]
+    if not names:
+        raise UserError(f"target.modules: the pattern {regex!r} matches no Linear layer of the transformer")
+    return names
+
+
+def _base_linear_names(model: nn.Module) -> list[str]:
+    names = []
+    for name, m in model.named_modules():
+        if isinstance(m, LoraLayer):
+            names.append(name)
+        elif isinstance(m, nn.Linear) and not _inside_lora(name):
+            names.append(name)
+    return names
+
+
+def _inside_lora(name: str) -> bool:
+    return ".lora_" in name or name.endswith(".base_layer") or ".base_layer." in name
+
+
+def _lora_config(names: list[str], rank: int, alpha: float, patterns: Mapping[str, LoraWeights] | None = None):
+    kwargs = {}
+    if patterns:
+        kwargs["rank_pattern"] = {re.escape(n): w.rank for n, w in patterns.items()}
+        kwargs["alpha_pattern"] = {re.escape(n): w.alpha for n, w in patterns.items()}
+    return LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=0.0, init_lora_weights=True, target_modules=list(names), **kwargs
+    )
+
+
+def add_user_lora(model: nn.Module, names: list[str], rank: int, alpha: float, seed: int) -> None:
+    """Inject the trainable LoRA (A random, B zero: the model is unchanged at step 0), fp32, seeded."""
+    devices = {p.device for p in model.parameters()}
+    with torch.random.fork_rng(devices=[d for d in devices if d.type == "cuda"]):
+        torch.manual_seed(seed)
+        model.add_adapter(_lora_config(names, rank, alpha), adapter_name=USER)
+    for p in user_parameters(model):
+        p.data = p.data.float()
+    activate(model, adapter_on=has_training_adapter(model))
+
+
+def check_adapter_fits(model: nn.Module, modules: Mapping[str, LoraWeights], source: str) -> None:
+    """A wrong file or a wrong model must fail loudly, never train on raw Turbo by accident."""
+    layers = dict(model.named_modules())
+    if not modules:
+        raise UserError(f"training adapter {source} holds no LoRA weights; pass the Z-Image Turbo training adapter")
+    for name, w in modules.items():
+        layer = layers.get(name)
+        if isinstance(layer, LoraLayer):
+            layer = layer.get_base_layer()
+        if not isinstance(layer, nn.Linear):
+            raise UserError(
+                f"training adapter {source} names {name!r}, which is not a Linear layer of this transformer "
+                "(wrong file, or an adapter for another model)"
+            )
+        if w.down.shape[1] != layer.in_features or w.up.shape[0] != layer.out_features:
+            raise UserError(
+                f"training adapter {source} does not fit this transformer: {name} is {layer.out_features}x"
+                f"{layer.in_features} but the adapter is {w.up.shape[0]}x{w.down.shape[1]} (wrong model size?)"
+            )
+
+
+def add_training_adapter(model: nn.Module, modules: Mapping[str, LoraWeights], source: str) -> None:
+    """Attach the frozen training adapter as its own fp32 branch, at strength +1."""
+    check_adapter_fits(model, modules, source)
+    names = sorted(modules)
+    first = modules[names[0]]
+    model.add_adapter(_lora_config(names, first.rank, first.alpha, patterns=modules), adapter_name=ADAPTER)
+    layers = dict(model.named_modules())
+    with torch.no_grad():
+        for name in names:
+            layer = layers[name]
+            a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+            a.data = modules[name].down.to(a.device, torch.float32).clone()
+            b.data = modules[name].up.to(b.device, torch.float32).clone()
+            if abs(layer.scaling[ADAPTER] - modules[name].scale) > 1e-12:
+                raise RuntimeError(f"peft scaling mismatch for {name}")
+    activate(model, adapter_on=True)
+
+
+def has_training_adapter(model: nn.Module) -> bool:
+    return ADAPTER in getattr(model, "peft_config", {})
+
+
+def activate(model: nn.Module, adapter_on: bool, lora_scale: float = 1.0) -> None:
+    """Choose the active branches: user LoRA (at ``lora_scale``) with or without the training adapter.
+
+    Only the user's LoRA is ever trainable, whatever peft's own ``set_adapter`` decides.
+    """
+    names, weights = [], []
+    if USER in model.peft_config:
+        names.append(USER)
+        weights.append(lora_scale)
+    if adapter_on:
+        if not has_training_adapter(model):
+            raise RuntimeError("no training adapter loaded")
+        names.append(ADAPTER)
+        weights.append(1.0)
+    model.set_adapters(names, weights)
+    for name, p in model.named_parameters():
+        p.requires_grad_(f".{USER}." in name)
+
+
+def user_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for name, p in model.named_parameters() if f".{USER}." in name]
+
+
+def user_lora_weights(model: nn.Module) -> dict[str, LoraWeights]:
+    """The user's LoRA as file-ready weights (module path -> A, B, alpha), sorted by path."""
+    out: dict[str, LoraWeights] = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, LoraLayer) and USER in layer.lora_A:
+            out[name] = LoraWeights(
+                down=layer.lora_A[USER].weight,
+                up=layer.lora_B[USER].weight,
+                alpha=float(layer.lora_alpha[USER]),
+            )
+    return dict(sorted(out.items()))
+
+
+def named_user_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Trainable tensors by stable name, for optimizer state and resume."""
+    return {name: p for name, p in model.named_parameters() if f".{USER}." in name}

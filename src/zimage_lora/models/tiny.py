@@ -1,0 +1,162 @@
+"""A tiny random Z-Image pipeline made of the real classes, for tests and the offline demo.
+
+The folder has the real diffusers layout (``model_index.json``, ``transformer/``, ``text_encoder/``, ``tokenizer/``,
+``vae/``, ``scheduler/``), so it goes through exactly the loading, encoding and sampling code that the real
+weights go through, and ``diffusers.ZImagePipeline.from_pretrained`` loads it too. The tokenizer is built from an
+in-memory byte-level vocabulary, so nothing is downloaded. The weights are random: images look like noise, but
+every shape, dtype, padding path and convention matches the real model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+from tokenizers import AddedToken
+from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
+
+TEXT_HIDDEN_SIZE = 32  # the transformer's cap_feat_dim must equal it
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+THINK_TOKENS = ("<think>", "</think>")
+
+# The semantics of Qwen3's chat template for plain text messages: with add_generation_prompt the assistant turn is
+# opened, and only enable_thinking=False appends an empty think block.
+QWEN3_STYLE_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}"
+    "{{- '<think>\\n\\n</think>\\n\\n' -}}"
+    "{%- endif -%}"
+    "{%- endif -%}"
+)
+
+
+def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
+    """Write a tiny random Z-Image pipeline to ``out_dir`` and return it; the same seed gives the same bytes."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = tiny_transformer()
+        text_encoder = tiny_text_encoder()
+        vae = tiny_vae()
+    pipe = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tiny_tokenizer(),
+        transformer=transformer,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def tiny_transformer() -> ZImageTransformer2DModel:
+    """The real transformer class at dim 64; draws from torch's global RNG."""
+    model = ZImageTransformer2DModel(
+        dim=64,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=TEXT_HIDDEN_SIZE,
+        axes_dims=[8, 12, 12],
+        axes_lens=[1536, 512, 512],
+    )
+    # diffusers zero-initialises the learned pad tokens; the real ones are not zero, and a zero token would hide
+    # bugs in the padding path (wrong lengths, padding that changes results).
+    with torch.no_grad():
+        model.x_pad_token.copy_(torch.randn_like(model.x_pad_token))
+        model.cap_pad_token.copy_(torch.randn_like(model.cap_pad_token))
+    return model.eval()
+
+
+def tiny_text_encoder() -> Qwen3Model:
+    """The real text encoder class (Qwen3Model) at hidden size 32 with 3 layers."""
+    config = Qwen3Config(
+        vocab_size=320,
+        hidden_size=TEXT_HIDDEN_SIZE,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=_token_id("<|endoftext|>"),
+        bos_token_id=None,
+        eos_token_id=_token_id("<|im_end|>"),
+    )
+    return Qwen3Model(config).eval()
+
+
+def tiny_vae() -> AutoencoderKL:
+    """The real VAE class with 4 blocks of 16 channels (so 8x down-sampling) and the FLUX VAE's latent scaling."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
+
+
+def tiny_tokenizer() -> Qwen2Tokenizer:
+    """A byte-level Qwen2Tokenizer: every byte is one token (no merges), plus Qwen3's chat special tokens."""
+    tokenizer = Qwen2Tokenizer(
+        vocab=_vocab(),
+        merges=[],
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=1024,
+        padding_side="right",
+    )
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]}
+    )
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    tokenizer.chat_template = QWEN3_STYLE_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable stand-ins that byte-level BPE uses for bytes 0..255, in byte order.
+
+    Printable Latin-1 bytes stand for themselves; the others (controls, space, a few Latin-1 gaps) are mapped in
+    byte order to the code points from 256 upward.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            symbols[byte] = chr(byte)
+        else:
+            symbols[byte] = chr(256 + extra)
+            extra += 1
+    return [symbols[byte] for byte in range(256)]
+
+
+def _vocab() -> dict[str, int]:
+    """Byte symbols get ids 0..255 (the id is the byte value); the special and think tokens follow."""
+    vocab = {symbol: byte for byte, symbol in enumerate(_byte_symbols())}
+    for token in (*SPECIAL_TOKENS, *THINK_TOKENS):
+        vocab[token] = len(vocab)
+    return vocab
+
+
+def _token_id(token: str) -> int:
+    return _vocab()[token]

@@ -1,0 +1,106 @@
+"""Preview images while training: PNGs with their settings in text metadata, and a contact sheet.
+
+A preview is exactly what inference produces: on the Turbo path the training adapter is switched off, the user's
+LoRA stays on. Previews draw their noise from their own seeded CPU generator, so sampling never changes training.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
+
+from zimage_lora.lora.io import atomic_write_bytes
+from zimage_lora.sampling.sampler import SampleSettings
+
+SAMPLE_RE = re.compile(r"^(\d{9})_(\d{2})\.png$")
+
+
+@dataclass(frozen=True)
+class PreviewPrompt:
+    prompt: str
+    negative_prompt: str
+    settings: SampleSettings
+    lora_scale: float
+
+
+def preview_prompts(sample_cfg, arch: str, trigger_word: str | None) -> list[PreviewPrompt]:
+    """The job's sample prompts with ``[trigger]`` replaced and the section's settings filled in."""
+    out = []
+    for p in sample_cfg.resolved_prompts(arch):
+        settings = SampleSettings(width=p.width, height=p.height, steps=p.steps, guidance=p.guidance, seed=p.seed)
+        text = p.prompt.replace("[trigger]", trigger_word or "")
+        out.append(PreviewPrompt(text, sample_cfg.negative_prompt, settings, p.lora_scale))
+    return out
+
+
+def save_png(path: Path, image: Image.Image, info: dict) -> None:
+    """A PNG carrying its prompt and settings as text chunks (``parameters`` holds them all as JSON)."""
+    meta = PngInfo()
+    for key, value in info.items():
+        meta.add_text(key, str(value))
+    meta.add_text("parameters", json.dumps(info, sort_keys=True))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=meta)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def png_info(prompt: PreviewPrompt, step: int, arch: str) -> dict:
+    return {
+        "prompt": prompt.prompt,
+        "negative_prompt": prompt.negative_prompt,
+        **asdict(prompt.settings),
+        "lora_scale": prompt.lora_scale,
+        "training_step": step,
+        "arch": arch,
+        "software": "zimage-lora",
+    }
+
+
+def build_contact_sheet(samples_dir: Path, prompts: list[str], thumb: int = 256) -> Path | None:
+    """Grid of every preview: one row per prompt, one column per step. Rebuilt from the files on disk."""
+    found: dict[tuple[int, int], Path] = {}
+    for p in Path(samples_dir).glob("*.png"):
+        if m := SAMPLE_RE.match(p.name):
+            found[(int(m.group(1)), int(m.group(2)))] = p
+    if not found:
+        return None
+    steps = sorted({s for s, _ in found})
+    rows = sorted({i for _, i in found})
+    label_w, head_h = 220, 24
+    sheet = Image.new("RGB", (label_w + thumb * len(steps), head_h + thumb * len(rows)), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for c, step in enumerate(steps):
+        draw.text((label_w + c * thumb + 4, 4), f"step {step}", fill="black", font=font)
+    for r, index in enumerate(rows):
+        text = prompts[index] if index < len(prompts) else f"prompt {index}"
+        draw.multiline_text((4, head_h + r * thumb + 4), _wrap(text, 34), fill="black", font=font)
+        for c, step in enumerate(steps):
+            if (step, index) in found:
+                with Image.open(found[(step, index)]) as im:
+                    im = im.convert("RGB")
+                    im.thumbnail((thumb, thumb))
+                    sheet.paste(im, (label_w + c * thumb, head_h + r * thumb))
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    path = Path(samples_dir) / "contact_sheet.png"
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def _wrap(text: str, width: int, max_lines: int = 12) -> str:
+    words, lines, line = text.split(), [], ""
+    for w in words:
+        if len(line) + len(w) + 1 > width and line:
+            lines.append(line)
+            line = w
+        else:
+            line = f"{line} {w}".strip()
+    lines.append(line)
+    return "\n".join(lines[:max_lines])

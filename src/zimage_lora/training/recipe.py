@@ -1,0 +1,431 @@
+"""The LoRA training recipe for Z-Image: config in, LoRA files, samples and metrics out.
+
+Read top to bottom: ``train`` prepares the run folder, encodes text and latents once, builds the LoRA (and the
+frozen training adapter on the Turbo path), then loops: draw a batch, noise it, predict, step, log, and now and
+then save and sample.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from zimage_lora import __version__
+from zimage_lora.config import JobConfig, dump_yaml, run_dir
+from zimage_lora.data import cache as latent_cache
+from zimage_lora.data.dataset import Sample, build_samples, crop_to_bucket, discover, epoch_batches, load_rgb
+from zimage_lora.errors import NonFiniteLoss, UserError
+from zimage_lora.lora import network
+from zimage_lora.lora.io import read_lora, save_lora
+from zimage_lora.models.arch import ARCHS
+from zimage_lora.models.hub import resolve_file
+from zimage_lora.models.loading import load_components, resolve_device
+from zimage_lora.models.text import encode_prompts
+from zimage_lora.models.vae import decode_latents, encode_latents, pil_to_tensor, tensor_to_pil
+from zimage_lora.sampling.previews import build_contact_sheet, png_info, preview_prompts, save_png
+from zimage_lora.sampling.sampler import denoise
+from zimage_lora.training import flow
+from zimage_lora.training.optim import build_optimizer, build_scheduler
+from zimage_lora.training.run_folder import MetricsLog, RunFolder, environment_facts
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_lora: Path
+    steps: int
+    first_loss: float | None = None
+    last_loss: float | None = None
+    samples: list[Path] = field(default_factory=list)
+    contact_sheet: Path | None = None
+
+
+def train(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> TrainResult:
+    arch = ARCHS[cfg.model.arch]
+    run = RunFolder(run_dir(cfg), cfg.job.name)
+    run.prepare(resume=resume, overwrite=overwrite)
+    log = _Logger(run.root / "train.log", progress)
+
+    # --- devices and precision --------------------------------------------------------------------------------
+    device = resolve_device(cfg.job.device)
+    precision = _precision(cfg.train.mixed_precision, device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
+    device = accelerator.device
+    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    run.write_text("config.yaml", dump_yaml(cfg))
+    run.write_run_json(**environment_facts(), status="running", device=str(device), precision=precision)
+    log(f"zimage-lora {__version__}: job {cfg.job.name!r}, arch {arch.name}, device {device}, precision {precision}")
+    if cfg.model.arch == "zimage_turbo":
+        log("warning: training raw Turbo undoes its distillation (Turbo drift); zimage_turbo_adapter avoids it")
+
+    # --- data -------------------------------------------------------------------------------------------------
+    items = discover(cfg.datasets, cfg.job.trigger_word)
+    samples = build_samples(items, [ds.resolutions for ds in cfg.datasets])
+    buckets = sorted({s.bucket for s in samples})
+    log(f"data: {len(items)} images, {len(samples)} samples in {len(buckets)} buckets "
+        f"({', '.join(f'{w}x{h}' for w, h in buckets)})")
+
+    parts_from = arch.parts_from
+    comps = load_components(
+        cfg.model.name_or_path,
+        text_encoder_path=cfg.model.text_encoder_path,
+        vae_path=cfg.model.vae_path,
+        dtype=weight_dtype,
+        device=device,
+        fallback_ref=parts_from,
+        scheduler_shift=arch.shift if cfg.model.arch == "zimage_base" else None,
+    )
+
+    # --- text: captions, the empty prompt (caption dropout) and the sample prompts ------------------------------
+    previews = preview_prompts(cfg.sample, arch.name, cfg.job.trigger_word)
+    if cfg.train.unload_text_encoder:
+        fixed = [cfg.job.trigger_word or cfg.datasets[it.dataset].default_caption for it in items]
+        items = [type(it)(it.path, caption, it.dataset) for it, caption in zip(items, fixed)]
+        log(f"unload_text_encoder: captions ignored, every step uses {fixed[0]!r}; the text encoder is unloaded")
+    text = _TextConditioner(comps.tokenizer, comps.text_encoder, device)
+    if cfg.train.cache_text_embeddings or cfg.train.unload_text_encoder:
+        prompts = {it.caption for it in items} | {""} | {p.prompt for p in previews} | {cfg.sample.negative_prompt}
+        text.cache(sorted(prompts))
+        text.release()
+        comps.text_encoder = None
+        log(f"text: {len(prompts)} distinct prompts encoded once; the text encoder left the device")
+
+    # --- latents ----------------------------------------------------------------------------------------------
+    comps.vae.to(device)
+    latents = _LatentSource(items, samples, comps.vae, device, cfg.datasets, log)
+    if all(ds.cache_latents for ds in cfg.datasets):
+        comps.vae.to("cpu")
+
+    # --- the network: frozen base, training adapter (Turbo path), trainable LoRA ------------------------------
+    transformer = comps.transformer
+    if arch.uses_adapter:
+        adapter_file = resolve_file(cfg.model.training_adapter)
+        adapter = read_lora(adapter_file, network.linear_module_names(transformer))
+        network.add_training_adapter(transformer, adapter.modules, str(cfg.model.training_adapter))
+        log(f"training adapter: {adapter_file.name}, {len(adapter.modules)} modules, applied at +1 while training")
+    from zimage_lora.config import DEFAULT_TARGET_REGEX
+
+    targets = network.target_module_names(transformer, cfg.target.modules or DEFAULT_TARGET_REGEX)
+    network.add_user_lora(transformer, targets, cfg.target.rank, cfg.target.resolved_alpha, seed=cfg.job.seed)
+    params = network.user_parameters(transformer)
+    log(f"LoRA: rank {cfg.target.rank}, alpha {cfg.target.resolved_alpha:g}, {len(targets)} modules, "
+        f"{sum(p.numel() for p in params) / 1e6:.2f} M trainable parameters")
+    if cfg.train.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+
+    optimizer = build_optimizer(cfg.train.optimizer, params, cfg.train.lr, cfg.train.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.train.lr_scheduler, cfg.train.warmup_steps, cfg.train.steps)
+    model, optimizer = accelerator.prepare(transformer, optimizer)
+
+    # --- state: fresh or resumed -----------------------------------------------------------------------------
+    noise_gen = torch.Generator("cpu").manual_seed(cfg.job.seed)
+    choice_rng = random.Random(cfg.job.seed)
+    position = {"epoch": 0, "batch": 0}
+    start_step = 0
+    if resume:
+        state = run.read_latest_state()
+        if state is None:
+            raise UserError(f"--resume: no readable training state in {run.state_dir}")
+        start_step = _restore(state, transformer, optimizer, scheduler, noise_gen, choice_rng, position)
+        log(f"resumed from step {start_step}")
+
+    def save(step: int, final: bool = False) -> Path:
+        meta = _lora_metadata(cfg, arch, step, comps.source)
+        path = run.final_path if final else run.checkpoint_path(step)
+        save_lora(path, network.user_lora_weights(transformer), cfg.save.dtype, meta)
+        run.write_state(step, _state(step, transformer, optimizer, scheduler, noise_gen, choice_rng, position))
+        run.rotate(cfg.save.keep)
+        return path
+
+    sample_paths: list[Path] = []
+
+    def sample(step: int) -> None:
+        sample_paths.extend(
+            _sample_round(step, previews, model=transformer, comps=comps, text=text, run=run, arch=arch,
+                          accelerator=accelerator, device=device)
+        )
+
+    metrics = MetricsLog(run.root, resume_step=start_step)
+    result = TrainResult(run.root, run.final_path, cfg.train.steps)
+    if start_step == 0 and cfg.sample.prompts:
+        sample(0)
+
+    # --- the loop ---------------------------------------------------------------------------------------------
+    batches = epoch_batches(samples, cfg.train.batch_size, cfg.job.seed, position["epoch"])
+    smoothed = None
+    bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not progress, dynamic_ncols=True, unit="step",
+               file=sys.stderr)
+    for step in range(start_step + 1, cfg.train.steps + 1):
+        started = time.perf_counter()
+        total = 0.0
+        for _ in range(cfg.train.grad_accum):
+            if position["batch"] >= len(batches):
+                position["epoch"] += 1
+                position["batch"] = 0
+                batches = epoch_batches(samples, cfg.train.batch_size, cfg.job.seed, position["epoch"])
+            batch = [samples[i] for i in batches[position["batch"]]]
+            position["batch"] += 1
+            with accelerator.autocast():
+                loss = _batch_loss(batch, cfg, arch, model, latents, text, items, noise_gen, choice_rng, device,
+                                   weight_dtype)
+            accelerator.backward(loss / cfg.train.grad_accum)
+            total += loss.detach().float().item() / cfg.train.grad_accum
+        if not math.isfinite(total):
+            raise NonFiniteLoss(
+                f"step {step}: the loss is {total}; likely causes: learning rate too high ({cfg.train.lr:g}), "
+                "fp16 overflow (use bf16), or a corrupt latent; the last good checkpoint is kept"
+            )
+        max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
+        grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        seconds = time.perf_counter() - started
+        smoothed = total if smoothed is None else 0.9 * smoothed + 0.1 * total
+        metrics.log({"step": step, "loss": total, "lr": lr, "grad_norm": grad_norm, "sec": round(seconds, 4)})
+        if result.first_loss is None:
+            result.first_loss = total
+        result.last_loss = total
+        bar.set_postfix(loss=f"{smoothed:.4f}", refresh=False)
+        bar.update(1)
+
+        if step % cfg.save.every == 0 and step < cfg.train.steps:
+            path = save(step)
+            bar.write(f"saved {path.name}")
+        if cfg.sample.prompts and step % cfg.sample.every == 0 and step < cfg.train.steps:
+            sample(step)
+
+    bar.close()
+    final = save(cfg.train.steps, final=True)
+    if cfg.sample.prompts and cfg.train.steps > start_step:
+        sample(cfg.train.steps)
+    metrics.close()
+    result.samples = sample_paths
+    result.contact_sheet = run.samples_dir / "contact_sheet.png" if sample_paths else None
+    run.write_text("README.md", _model_card(cfg, arch, comps.source, result))
+    run.write_run_json(status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), final_lora=final.name)
+    log(f"done: {final}")
+    return result
+
+
+# --- one training step ---------------------------------------------------------------------------------------
+def _batch_loss(batch: list[Sample], cfg, arch, model, latents, text, items, noise_gen, choice_rng, device, dtype):
+    x0 = latents.get(batch).to(device)
+    captions = []
+    for s in batch:
+        item = items[s.item]
+        dropped = choice_rng.random() < cfg.datasets[item.dataset].caption_dropout
+        captions.append("" if dropped else item.caption)
+    caps = [c.to(device, dtype) for c in text(captions)]
+    noise = torch.randn(x0.shape, generator=noise_gen).to(device)
+    sigma = flow.sample_sigmas(len(batch), cfg.train.timestep_type, cfg.train.timestep_bias, noise_gen, arch.shift)
+    weights = flow.timestep_weights(sigma, cfg.train.timestep_type).to(device)
+    sigma = sigma.to(device)
+    x_t = flow.noisy_latents(x0, noise, sigma)
+    inputs = list(x_t.to(dtype).unsqueeze(2).unbind(0))
+    output = model(inputs, flow.model_time(sigma), caps, return_dict=False)[0]
+    return flow.flow_loss([o.squeeze(1) for o in output], x0, noise, weights)
+
+
+# --- text ----------------------------------------------------------------------------------------------------
+class _TextConditioner:
+    """Prompt embeddings: from the cache when one was built, else encoded on demand."""
+
+    def __init__(self, tokenizer, encoder, device):
+        self.tokenizer, self.encoder, self.device = tokenizer, encoder, device
+        self.cached: dict[str, torch.Tensor] = {}
+        if encoder is not None:
+            encoder.to(device)
+
+    def cache(self, prompts: list[str]) -> None:
+        for prompt, emb in zip(prompts, encode_prompts(self.tokenizer, self.encoder, prompts, device=self.device)):
+            self.cached[prompt] = emb.detach().to("cpu")
+
+    def release(self) -> None:
+        self.encoder.to("cpu")
+        self.encoder = None
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> list[torch.Tensor]:
+        missing = sorted({p for p in prompts if p not in self.cached})
+        if missing and self.encoder is None:
+            raise RuntimeError(f"prompt not cached and the text encoder is gone: {missing[0]!r}")
+        fresh = dict(zip(missing, encode_prompts(self.tokenizer, self.encoder, missing, device=self.device))) \
+            if missing else {}
+        return [self.cached[p] if p in self.cached else fresh[p] for p in prompts]
+
+
+# --- latents -------------------------------------------------------------------------------------------------
+class _LatentSource:
+    """Latents per training sample: from the on-disk cache (encoded once, up front) or encoded per batch."""
+
+    def __init__(self, items, samples: list[Sample], vae, device, datasets, log):
+        self.items, self.samples, self.vae, self.device = items, samples, vae, device
+        self.memory: dict[tuple[Path, tuple[int, int]], torch.Tensor] = {}
+        self.cached_datasets = {i for i, ds in enumerate(datasets) if ds.cache_latents}
+        wanted = sorted({(items[s.item].path, s.bucket, items[s.item].dataset) for s in samples
+                         if items[s.item].dataset in self.cached_datasets}, key=lambda k: (str(k[0]), k[1]))
+        if not wanted:
+            return
+        vae_id = latent_cache.vae_identity(vae)
+        encoded = reused = 0
+        todo: dict[tuple[int, int], list[tuple[Path, Path]]] = {}
+        for path, bucket, ds_index in wanted:
+            entry = Path(datasets[ds_index].cache_dir) / latent_cache.entry_name(
+                latent_cache.file_digest(path), bucket, vae_id)
+            latent = latent_cache.read_entry(entry)
+            if latent is None:
+                todo.setdefault(bucket, []).append((path, entry))
+            else:
+                self.memory[(path, bucket)] = latent
+                reused += 1
+        for bucket, jobs in sorted(todo.items()):
+            for i in range(0, len(jobs), 4):
+                chunk = jobs[i : i + 4]
+                z = self._encode([p for p, _ in chunk], bucket)
+                for (path, entry), latent in zip(chunk, z):
+                    latent_cache.write_entry(entry, latent, path)
+                    self.memory[(path, bucket)] = latent
+                    encoded += 1
+        log(f"latents: {encoded} encoded, {reused} reused from the cache")
+
+    @torch.no_grad()
+    def _encode(self, paths: list[Path], bucket: tuple[int, int]) -> torch.Tensor:
+        pixels = torch.stack([pil_to_tensor(crop_to_bucket(load_rgb(p), bucket)) for p in paths])
+        self.vae.to(self.device)
+        return encode_latents(self.vae, pixels.to(self.device, self.vae.dtype)).float().cpu()
+
+    def get(self, batch: list[Sample]) -> torch.Tensor:
+        out = []
+        for s in batch:
+            key = (self.items[s.item].path, s.bucket)
+            out.append(self.memory[key] if key in self.memory else self._encode([key[0]], s.bucket)[0])
+        return torch.stack(out)
+
+
+# --- sampling ------------------------------------------------------------------------------------------------
+def _sample_round(step, previews, *, model, comps, text, run, arch, accelerator, device) -> list[Path]:
+    paths = []
+    was_training = model.training
+    model.eval()
+    comps.vae.to(device)
+    try:
+        for index, p in enumerate(previews):
+            network.activate(model, adapter_on=False, lora_scale=p.lora_scale)
+            pos, neg = text([p.prompt, p.negative_prompt])
+            z = denoise(model, comps.scheduler.config, pos, neg, p.settings, device, autocast=accelerator.autocast)
+            with torch.no_grad():
+                image = tensor_to_pil(decode_latents(comps.vae, z.to(device, comps.vae.dtype)))[0]
+            path = run.sample_path(step, index)
+            save_png(path, image, png_info(p, step, arch.name))
+            paths.append(path)
+    finally:
+        network.activate(model, adapter_on=arch.uses_adapter)
+        model.train(was_training)
+    build_contact_sheet(run.samples_dir, [p.prompt for p in previews])
+    return paths
+
+
+# --- state ---------------------------------------------------------------------------------------------------
+def _state(step, model, optimizer, scheduler, noise_gen, choice_rng, position) -> dict:
+    return {
+        "step": step,
+        "lora": {k: v.detach().cpu().clone() for k, v in network.named_user_parameters(model).items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "noise_generator": noise_gen.get_state(),
+        "choice_rng": choice_rng.getstate(),
+        "position": dict(position),
+    }
+
+
+def _restore(state, model, optimizer, scheduler, noise_gen, choice_rng, position) -> int:
+    params = network.named_user_parameters(model)
+    if set(params) != set(state["lora"]):
+        raise UserError("--resume: the saved state does not match this job's LoRA (target or rank changed)")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state["lora"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    noise_gen.set_state(state["noise_generator"])
+    choice_rng.setstate(state["choice_rng"])
+    position.update(state["position"])
+    return int(state["step"])
+
+
+# --- files ---------------------------------------------------------------------------------------------------
+def _lora_metadata(cfg: JobConfig, arch, step: int, source: dict) -> dict[str, str]:
+    """Deterministic metadata: what the LoRA is for, never when or where it was made."""
+    return {
+        "zimage_lora.version": __version__,
+        "zimage_lora.arch": arch.name,
+        "zimage_lora.base_model": str(cfg.model.name_or_path),
+        "zimage_lora.training_adapter": str(cfg.model.training_adapter or ""),
+        "zimage_lora.rank": str(cfg.target.rank),
+        "zimage_lora.alpha": f"{cfg.target.resolved_alpha:g}",
+        "zimage_lora.step": str(step),
+        "zimage_lora.trigger_word": cfg.job.trigger_word or "",
+        "zimage_lora.resolutions": json.dumps(sorted({r for ds in cfg.datasets for r in ds.resolutions})),
+        "zimage_lora.format": "diffusion_model.<module>.lora_A/lora_B/alpha (diffusers + ComfyUI)",
+        "zimage_lora.suggested_weight": "0.6-1.0",
+    }
+
+
+def _model_card(cfg: JobConfig, arch, source: dict, result: TrainResult) -> str:
+    trigger = cfg.job.trigger_word
+    lines = [
+        f"# {cfg.job.name}",
+        "",
+        f"A LoRA for **{arch.label}**, trained with zimage-lora {__version__}.",
+        "",
+        f"- Base model: `{cfg.model.name_or_path}`" + (" (trained with the training adapter, which is not part of "
+                                                      "this LoRA)" if arch.uses_adapter else ""),
+        f"- Trigger word: `{trigger}`" if trigger else "- Trigger word: none",
+        "- Suggested LoRA weight: 0.6-1.0",
+        f"- Inference: {arch.sample_steps} steps, " + ("no CFG" if arch.sample_guidance <= 1 else
+                                                        f"CFG {arch.sample_guidance:g}"),
+        f"- Rank {cfg.target.rank}, alpha {cfg.target.resolved_alpha:g}, {result.steps} steps, LR {cfg.train.lr:g}, "
+        f"optimizer {cfg.train.optimizer}, resolutions {sorted({r for d in cfg.datasets for r in d.resolutions})}",
+        "",
+        f"Files: `{result.final_lora.name}` (loads in ComfyUI and in diffusers `load_lora_weights`).",
+        "",
+    ]
+    if result.contact_sheet is not None:
+        lines += ["## Samples", "", "![samples](samples/contact_sheet.png)", ""]
+    lines += ["## Run it", "", "```", f"zimage-lora generate --model {cfg.model.name_or_path} "
+              f"--lora {result.final_lora.name}:0.8 --prompt \"{trigger or 'a photo'}, ...\"", "```", ""]
+    return "\n".join(lines)
+
+
+def _precision(requested: str, device: torch.device) -> str:
+    if requested == "auto":
+        return "bf16" if device.type == "cuda" else "no"
+    if requested == "fp16" and device.type == "cpu":
+        raise UserError("train.mixed_precision: fp16 needs a GPU; use bf16 or no on the CPU")
+    return requested
+
+
+class _Logger:
+    def __init__(self, path: Path, echo: bool):
+        self.path, self.echo = path, echo
+
+    def __call__(self, message: str) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(message + "\n")
+        if self.echo:
+            tqdm.write(message, file=sys.stderr)

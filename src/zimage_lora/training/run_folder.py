@@ -1,0 +1,192 @@
+"""The run folder, a contract shared by the CLI, the web UI and the tests.
+
+```
+output/<name>/
+  config.yaml                      the fully resolved job
+  <name>_<step:09d>.safetensors    LoRA checkpoints every save.every steps (newest save.keep kept)
+  <name>.safetensors               the final LoRA (the only other top-level .safetensors)
+  state/<step:09d>.pt              training state saved with each checkpoint (resume)
+  samples/<step:09d>_<index:02d>.png, samples/contact_sheet.png
+  metrics.jsonl                    one line per step: step, loss, lr, grad_norm, sec
+  run.json                         volatile facts: timestamps, host, versions, status
+  train.log                        what the trainer printed
+  README.md                        model card
+```
+Files are written as ``.tmp`` and renamed into place.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import re
+import socket
+import time
+from pathlib import Path
+
+import torch
+
+from zimage_lora.errors import UserError
+from zimage_lora.lora.io import atomic_write_bytes
+
+STATE_RE = re.compile(r"^(\d{9})\.pt$")
+
+
+class RunFolder:
+    def __init__(self, root: Path, name: str):
+        self.root = Path(root)
+        self.name = name
+        self.state_dir = self.root / "state"
+        self.samples_dir = self.root / "samples"
+
+    # --- layout ------------------------------------------------------------------------------------------------
+    def checkpoint_path(self, step: int) -> Path:
+        return self.root / f"{self.name}_{step:09d}.safetensors"
+
+    @property
+    def final_path(self) -> Path:
+        return self.root / f"{self.name}.safetensors"
+
+    def state_path(self, step: int) -> Path:
+        return self.state_dir / f"{step:09d}.pt"
+
+    def sample_path(self, step: int, index: int) -> Path:
+        return self.samples_dir / f"{step:09d}_{index:02d}.png"
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        pattern = re.compile(rf"^{re.escape(self.name)}_(\d{{9}})\.safetensors$")
+        found = [(int(m.group(1)), p) for p in self.root.glob("*.safetensors") if (m := pattern.match(p.name))]
+        return sorted(found)
+
+    def states(self) -> list[tuple[int, Path]]:
+        if not self.state_dir.is_dir():
+            return []
+        return sorted((int(m.group(1)), p) for p in self.state_dir.iterdir() if (m := STATE_RE.match(p.name)))
+
+    # --- start of a run -----------------------------------------------------------------------------------------
+    def prepare(self, resume: bool, overwrite: bool) -> None:
+        """Check the folder before any model loads: state needs a decision, the folder must be writable."""
+        if resume and overwrite:
+            raise UserError("--resume and --overwrite exclude each other; pick one")
+        has_state = bool(self.states()) or self.final_path.exists() or bool(self.checkpoints())
+        if has_state and not (resume or overwrite):
+            raise UserError(
+                f"{self.root} already holds a run; pass --resume to continue it or --overwrite to start afresh"
+            )
+        if resume and not self.states():
+            raise UserError(f"--resume: {self.root} holds no saved training state to resume from")
+        if overwrite and self.root.exists():
+            self._clear()
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self.samples_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.root / ".write_test.tmp"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"job.output_dir: cannot write to {self.root} ({e.strerror}); choose a writable folder")
+
+    def _clear(self) -> None:
+        for _, p in self.checkpoints():
+            p.unlink()
+        for _, p in self.states():
+            p.unlink()
+        for p in [self.final_path, self.root / "metrics.jsonl", self.root / "README.md", self.root / "train.log"]:
+            if p.exists():
+                p.unlink()
+        if self.samples_dir.is_dir():
+            for p in self.samples_dir.glob("*.png"):
+                p.unlink()
+
+    # --- writes -------------------------------------------------------------------------------------------------
+    def write_text(self, relative: str, text: str) -> None:
+        atomic_write_bytes(self.root / relative, text.encode("utf-8"))
+
+    def write_state(self, step: int, state: dict) -> Path:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        path = self.state_path(step)
+        atomic_write_bytes(path, buffer.getvalue())
+        return path
+
+    def read_latest_state(self) -> dict | None:
+        """The newest state that loads completely; a damaged one is skipped, never trusted."""
+        for _, path in reversed(self.states()):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=False)
+            except Exception:  # noqa: BLE001 - any unreadable state file is skipped
+                continue
+        return None
+
+    def rotate(self, keep: int) -> None:
+        """Keep the newest ``keep`` checkpoints and states."""
+        for _, p in self.checkpoints()[:-keep]:
+            p.unlink(missing_ok=True)
+        for _, p in self.states()[:-keep]:
+            p.unlink(missing_ok=True)
+
+    def write_run_json(self, **facts) -> None:
+        path = self.root / "run.json"
+        current = json.loads(path.read_text()) if path.exists() else {}
+        current.update(facts)
+        self.write_text("run.json", json.dumps(current, indent=2, sort_keys=True) + "\n")
+
+
+def environment_facts() -> dict:
+    import diffusers
+    import peft
+    import transformers
+
+    from zimage_lora import __version__
+
+    return {
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {
+            "zimage_lora": __version__,
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+        },
+        "pid": os.getpid(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (one JSON object per step) and TensorBoard events when tensorboard is installed."""
+
+    def __init__(self, root: Path, resume_step: int = 0):
+        self.path = Path(root) / "metrics.jsonl"
+        if resume_step and self.path.exists():
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
+            atomic_write_bytes(self.path, ("\n".join(kept) + "\n" if kept else "").encode())
+        self.file = open(self.path, "a", encoding="utf-8")
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(root) / "tensorboard"))
+        except ImportError:
+            pass
+
+    def log(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()

@@ -11,8 +11,12 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Train and run LoRAs for Z-Image (Turbo + training adapter, De-Turbo, Base).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Train and run LoRAs for Z-Image (Turbo + training adapter, De-Turbo, Base).",
+)
 
 
 @app.command()
@@ -20,7 +24,9 @@ def train(
     job: Path = typer.Argument(..., help="The job file (YAML)."),
     set_: list[str] = typer.Option([], "--set", help="Override a key, e.g. --set train.lr=5e-5 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the job's run folder."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Discard the run folder's previous run and start afresh."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Discard the run folder's previous run and start afresh."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     """Train a LoRA from a job file."""
@@ -85,8 +91,10 @@ def demo(
     from zimage_lora.config import load_job, preset_yaml
     from zimage_lora.models.tiny import build_tiny_model
     from zimage_lora.models.tiny_adapter import write_random_adapter
+    from zimage_lora.quiet import quiet_libraries
     from zimage_lora.training.recipe import train as run_training
 
+    quiet_libraries()
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "model" / "model_index.json").is_file():
         build_tiny_model(out / "model", seed=0)
@@ -106,7 +114,9 @@ def demo(
 
 def _report(result) -> None:
     if result.first_loss is not None:
-        typer.echo(f"loss: {result.first_loss:.4f} at the first step, {result.last_loss:.4f} at the last")
+        typer.echo(
+            f"loss: {result.first_loss:.4f} at the start, {result.last_loss:.4f} at the end (means of up to 20 steps)"
+        )
     typer.echo(f"LoRA: {result.final_lora}")
     if result.samples:
         typer.echo(f"samples: {result.samples[0].parent} ({len(result.samples)} images)")
@@ -116,6 +126,9 @@ def _report(result) -> None:
 
 def main() -> None:
     from zimage_lora.errors import NonFiniteLoss, UserError
+    from zimage_lora.quiet import quiet_libraries
+
+    quiet_libraries()
 
     try:
         app(standalone_mode=False)
@@ -143,4 +156,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
-from zimage_lora.lora.io import atomic_write_bytes
+from zimage_lora.lora.io import atomic_write_bytes, serialize_safetensors
 
 CACHE_VERSION = "1"
 
@@ -56,5 +55,5 @@ def read_entry(path: Path) -> torch.Tensor | None:
 
 def write_entry(path: Path, latent: torch.Tensor, source: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = st_save({"latent": latent.detach().to("cpu").contiguous()}, metadata={"source": source.name})
+    data = serialize_safetensors({"latent": latent}, {"source": source.name})
     atomic_write_bytes(path, data)

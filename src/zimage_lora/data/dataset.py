@@ -54,8 +54,10 @@ def read_caption(image: Path, caption_ext: str, default_caption: str, trigger_wo
         caption = default_caption
     if "[trigger]" in caption:
         if not trigger_word:
-            raise UserError(f"{sidecar.name if sidecar.is_file() else image.name} uses [trigger] but job.trigger_word "
-                            "is not set; set job.trigger_word")
+            raise UserError(
+                f"{sidecar.name if sidecar.is_file() else image.name} uses [trigger] but job.trigger_word "
+                "is not set; set job.trigger_word"
+            )
         caption = caption.replace("[trigger]", trigger_word)
     return caption
 
@@ -94,10 +96,10 @@ def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
     """(width, height) pairs of about ``resolution**2`` pixels, sides multiples of 16, aspect 1:4 .. 4:1."""
     area = resolution * resolution
     sizes = set()
-    for w in range(16, 4 * resolution + 1, 16):
-        h = max(16, round(area / w / 16) * 16)
-        if 1 / MAX_ASPECT <= w / h <= MAX_ASPECT:
-            sizes.add((w, h))
+    for long_side in range(resolution, 4 * resolution + 1, 16):
+        short = max(16, round(area / long_side / 16) * 16)
+        if short <= long_side and long_side / short <= MAX_ASPECT:
+            sizes.update({(long_side, short), (short, long_side)})  # a portrait image gets the mirrored bucket
     return sorted(sizes)
 
 

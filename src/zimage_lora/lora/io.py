@@ -12,8 +12,10 @@ or kill leaves either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,6 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from zimage_lora.errors import UserError
 
@@ -92,11 +93,53 @@ def lora_state_dict(modules: Mapping[str, LoraWeights], dtype: torch.dtype) -> d
     return out
 
 
-def save_lora(path: Path, modules: Mapping[str, LoraWeights], dtype: str | torch.dtype, metadata: Mapping[str, str]) -> None:
+def save_lora(
+    path: Path, modules: Mapping[str, LoraWeights], dtype: str | torch.dtype, metadata: Mapping[str, str]
+) -> None:
     """Write a LoRA file atomically. Same weights and metadata give the same bytes."""
     torch_dtype = SAVE_DTYPES[dtype] if isinstance(dtype, str) else dtype
     meta = {str(k): str(v) for k, v in sorted(metadata.items())}
-    atomic_write_bytes(Path(path), st_save(lora_state_dict(modules, torch_dtype), metadata=meta))
+    atomic_write_bytes(Path(path), serialize_safetensors(lora_state_dict(modules, torch_dtype), meta))
+
+
+_ST_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def serialize_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The safetensors byte layout with a sorted header, so equal inputs give equal bytes.
+
+    (``safetensors.torch.save`` orders the metadata by hash, which differs from one process to the next.)
+    """
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {
+            "dtype": _ST_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        chunks.append(data)
+        offset += len(data)
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob + b"".join(chunks)
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -114,9 +157,6 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:
-    import json
-    import struct
-
     n = struct.unpack("<Q", data[:8])[0]
     header = json.loads(data[8 : 8 + n])
     return dict(header.get("__metadata__") or {})
@@ -151,6 +191,7 @@ def parse_lora_tensors(
     layout = "diffusion_model"
     kohya_map = None
     for key, value in tensors.items():
+        key = re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", key)  # peft: lora_A.<adapter>.weight
         suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
         if suffix is None:
             if key.endswith(".dora_scale") or ".lokr_" in key or ".hada_" in key:
@@ -175,7 +216,6 @@ def parse_lora_tensors(
                     module = module[len(prefix) :]
                     layout = "diffusers"
                     break
-            module = re.sub(r"\.default$", "", module)
         parts.setdefault(module, {})[_SUFFIXES[suffix]] = value
     modules: dict[str, LoraWeights] = {}
     for module, p in sorted(parts.items()):
@@ -184,9 +224,7 @@ def parse_lora_tensors(
             raise UserError(f"{source}: module {module} has no {missing} weight; the file is incomplete")
         down, up = p["down"], p["up"]
         if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-            raise UserError(
-                f"{source}: module {module} has mismatched shapes A{tuple(down.shape)} B{tuple(up.shape)}"
-            )
+            raise UserError(f"{source}: module {module} has mismatched shapes A{tuple(down.shape)} B{tuple(up.shape)}")
         alpha = float(p["alpha"].float().item()) if "alpha" in p else float(down.shape[0])
         modules[module] = LoraWeights(down=down, up=up, alpha=alpha)
     return modules, layout

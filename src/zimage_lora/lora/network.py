@@ -75,42 +75,49 @@ def add_user_lora(model: nn.Module, names: list[str], rank: int, alpha: float, s
 
 
 def check_adapter_fits(model: nn.Module, modules: Mapping[str, LoraWeights], source: str) -> None:
-    """A wrong file or a wrong model must fail loudly, never train on raw Turbo by accident."""
+    """A wrong file or a wrong model must fail loudly (never train on raw Turbo by accident)."""
     layers = dict(model.named_modules())
     if not modules:
-        raise UserError(f"training adapter {source} holds no LoRA weights; pass the Z-Image Turbo training adapter")
+        raise UserError(f"{source} holds no LoRA weights")
     for name, w in modules.items():
         layer = layers.get(name)
         if isinstance(layer, LoraLayer):
             layer = layer.get_base_layer()
         if not isinstance(layer, nn.Linear):
             raise UserError(
-                f"training adapter {source} names {name!r}, which is not a Linear layer of this transformer "
+                f"{source} names {name!r}, which is not a Linear layer of this transformer "
                 "(wrong file, or an adapter for another model)"
             )
         if w.down.shape[1] != layer.in_features or w.up.shape[0] != layer.out_features:
             raise UserError(
-                f"training adapter {source} does not fit this transformer: {name} is {layer.out_features}x"
+                f"{source} does not fit this transformer: {name} is {layer.out_features}x"
                 f"{layer.in_features} but the adapter is {w.up.shape[0]}x{w.down.shape[1]} (wrong model size?)"
             )
 
 
 def add_training_adapter(model: nn.Module, modules: Mapping[str, LoraWeights], source: str) -> None:
     """Attach the frozen training adapter as its own fp32 branch, at strength +1."""
-    check_adapter_fits(model, modules, source)
+    check_adapter_fits(model, modules, f"training adapter {source}")
+    add_frozen_lora(model, modules, ADAPTER)
+    activate(model, adapter_on=True)
+
+
+def add_frozen_lora(model: nn.Module, modules: Mapping[str, LoraWeights], adapter_name: str) -> None:
+    """Attach LoRA weights read from a file as a frozen fp32 peft adapter named ``adapter_name``."""
     names = sorted(modules)
     first = modules[names[0]]
-    model.add_adapter(_lora_config(names, first.rank, first.alpha, patterns=modules), adapter_name=ADAPTER)
+    model.add_adapter(_lora_config(names, first.rank, first.alpha, patterns=modules), adapter_name=adapter_name)
     layers = dict(model.named_modules())
     with torch.no_grad():
         for name in names:
             layer = layers[name]
-            a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+            a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
             a.data = modules[name].down.to(a.device, torch.float32).clone()
             b.data = modules[name].up.to(b.device, torch.float32).clone()
-            if abs(layer.scaling[ADAPTER] - modules[name].scale) > 1e-12:
+            if abs(layer.scaling[adapter_name] - modules[name].scale) > 1e-9 * max(1.0, modules[name].scale):
                 raise RuntimeError(f"peft scaling mismatch for {name}")
-    activate(model, adapter_on=True)
+            a.requires_grad_(False)
+            b.requires_grad_(False)
 
 
 def has_training_adapter(model: nn.Module) -> bool:

@@ -12,7 +12,9 @@ from torch import nn
 from zimage_lora.errors import UserError
 from zimage_lora.lora.io import LoraWeights, save_lora
 
-ADAPTER_TARGETS = r"^(layers|noise_refiner|context_refiner)\.\d+\.(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.(w1|w2|w3))$"
+ADAPTER_TARGETS = (
+    r"^(layers|noise_refiner|context_refiner)\.\d+\.(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.(w1|w2|w3))$"
+)
 
 
 def write_random_adapter(model_dir: Path, out: Path, rank: int = 4, seed: int = 0, std: float = 0.05) -> Path:

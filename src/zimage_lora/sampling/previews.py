@@ -84,14 +84,20 @@ def build_contact_sheet(samples_dir: Path, prompts: list[str], thumb: int = 256)
         for c, step in enumerate(steps):
             if (step, index) in found:
                 with Image.open(found[(step, index)]) as im:
-                    im = im.convert("RGB")
-                    im.thumbnail((thumb, thumb))
-                    sheet.paste(im, (label_w + c * thumb, head_h + r * thumb))
+                    sheet.paste(_fit(im.convert("RGB"), thumb), (label_w + c * thumb, head_h + r * thumb))
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG")
     path = Path(samples_dir) / "contact_sheet.png"
     atomic_write_bytes(path, buffer.getvalue())
     return path
+
+
+def _fit(image: Image.Image, box: int) -> Image.Image:
+    """Scale to fit a square cell: smooth when shrinking, nearest-neighbour when enlarging small previews."""
+    scale = box / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.NEAREST
+    return image.resize(size, resample)
 
 
 def _wrap(text: str, width: int, max_lines: int = 12) -> str:

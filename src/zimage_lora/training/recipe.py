@@ -31,11 +31,14 @@ from zimage_lora.models.hub import resolve_file
 from zimage_lora.models.loading import load_components, resolve_device
 from zimage_lora.models.text import encode_prompts
 from zimage_lora.models.vae import decode_latents, encode_latents, pil_to_tensor, tensor_to_pil
+from zimage_lora.quiet import quiet_libraries
 from zimage_lora.sampling.previews import build_contact_sheet, png_info, preview_prompts, save_png
 from zimage_lora.sampling.sampler import denoise
 from zimage_lora.training import flow
 from zimage_lora.training.optim import build_optimizer, build_scheduler
 from zimage_lora.training.run_folder import MetricsLog, RunFolder, environment_facts
+
+LOSS_WINDOW = 20
 
 
 @dataclass
@@ -43,17 +46,18 @@ class TrainResult:
     run_dir: Path
     final_lora: Path
     steps: int
-    first_loss: float | None = None
-    last_loss: float | None = None
+    first_loss: float | None = None  # mean over the first LOSS_WINDOW steps of this run
+    last_loss: float | None = None  # mean over the last LOSS_WINDOW steps
     samples: list[Path] = field(default_factory=list)
     contact_sheet: Path | None = None
 
 
 def train(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> TrainResult:
+    quiet_libraries()
     arch = ARCHS[cfg.model.arch]
     run = RunFolder(run_dir(cfg), cfg.job.name)
     run.prepare(resume=resume, overwrite=overwrite)
-    log = _Logger(run.root / "train.log", progress)
+    log = _Logger(run.root / "train.log", echo=True)
 
     # --- devices and precision --------------------------------------------------------------------------------
     device = resolve_device(cfg.job.device)
@@ -73,8 +77,10 @@ def train(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False, prog
     items = discover(cfg.datasets, cfg.job.trigger_word)
     samples = build_samples(items, [ds.resolutions for ds in cfg.datasets])
     buckets = sorted({s.bucket for s in samples})
-    log(f"data: {len(items)} images, {len(samples)} samples in {len(buckets)} buckets "
-        f"({', '.join(f'{w}x{h}' for w, h in buckets)})")
+    log(
+        f"data: {len(items)} images, {len(samples)} samples in {len(buckets)} buckets "
+        f"({', '.join(f'{w}x{h}' for w, h in buckets)})"
+    )
 
     parts_from = arch.parts_from
     comps = load_components(
@@ -91,7 +97,7 @@ def train(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False, prog
     previews = preview_prompts(cfg.sample, arch.name, cfg.job.trigger_word)
     if cfg.train.unload_text_encoder:
         fixed = [cfg.job.trigger_word or cfg.datasets[it.dataset].default_caption for it in items]
-        items = [type(it)(it.path, caption, it.dataset) for it, caption in zip(items, fixed)]
+        items = [type(it)(it.path, caption, it.dataset) for it, caption in zip(items, fixed, strict=False)]
         log(f"unload_text_encoder: captions ignored, every step uses {fixed[0]!r}; the text encoder is unloaded")
     text = _TextConditioner(comps.tokenizer, comps.text_encoder, device)
     if cfg.train.cache_text_embeddings or cfg.train.unload_text_encoder:
@@ -119,8 +125,10 @@ def train(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False, prog
     targets = network.target_module_names(transformer, cfg.target.modules or DEFAULT_TARGET_REGEX)
     network.add_user_lora(transformer, targets, cfg.target.rank, cfg.target.resolved_alpha, seed=cfg.job.seed)
     params = network.user_parameters(transformer)
-    log(f"LoRA: rank {cfg.target.rank}, alpha {cfg.target.resolved_alpha:g}, {len(targets)} modules, "
-        f"{sum(p.numel() for p in params) / 1e6:.2f} M trainable parameters")
+    log(
+        f"LoRA: rank {cfg.target.rank}, alpha {cfg.target.resolved_alpha:g}, {len(targets)} modules, "
+        f"{sum(p.numel() for p in params) / 1e6:.2f} M trainable parameters"
+    )
     if cfg.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
@@ -153,8 +161,17 @@ def train(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False, prog
 
     def sample(step: int) -> None:
         sample_paths.extend(
-            _sample_round(step, previews, model=transformer, comps=comps, text=text, run=run, arch=arch,
-                          accelerator=accelerator, device=device)
+            _sample_round(
+                step,
+                previews,
+                model=transformer,
+                comps=comps,
+                text=text,
+                run=run,
+                arch=arch,
+                accelerator=accelerator,
+                device=device,
+            )
         )
 
     metrics = MetricsLog(run.root, resume_step=start_step)
@@ -165,8 +182,15 @@ def train(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False, prog
     # --- the loop ---------------------------------------------------------------------------------------------
     batches = epoch_batches(samples, cfg.train.batch_size, cfg.job.seed, position["epoch"])
     smoothed = None
-    bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not progress, dynamic_ncols=True, unit="step",
-               file=sys.stderr)
+    losses: list[float] = []
+    bar = tqdm(
+        total=cfg.train.steps,
+        initial=start_step,
+        disable=not progress,
+        dynamic_ncols=True,
+        unit="step",
+        file=sys.stderr,
+    )
     for step in range(start_step + 1, cfg.train.steps + 1):
         started = time.perf_counter()
         total = 0.0
@@ -178,8 +202,9 @@ def train(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False, prog
             batch = [samples[i] for i in batches[position["batch"]]]
             position["batch"] += 1
             with accelerator.autocast():
-                loss = _batch_loss(batch, cfg, arch, model, latents, text, items, noise_gen, choice_rng, device,
-                                   weight_dtype)
+                loss = _batch_loss(
+                    batch, cfg, arch, model, latents, text, items, noise_gen, choice_rng, device, weight_dtype
+                )
             accelerator.backward(loss / cfg.train.grad_accum)
             total += loss.detach().float().item() / cfg.train.grad_accum
         if not math.isfinite(total):
@@ -197,9 +222,7 @@ def train(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False, prog
         seconds = time.perf_counter() - started
         smoothed = total if smoothed is None else 0.9 * smoothed + 0.1 * total
         metrics.log({"step": step, "loss": total, "lr": lr, "grad_norm": grad_norm, "sec": round(seconds, 4)})
-        if result.first_loss is None:
-            result.first_loss = total
-        result.last_loss = total
+        losses.append(total)
         bar.set_postfix(loss=f"{smoothed:.4f}", refresh=False)
         bar.update(1)
 
@@ -210,6 +233,10 @@ def train(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False, prog
             sample(step)
 
     bar.close()
+    if losses:
+        window = min(LOSS_WINDOW, len(losses))
+        result.first_loss = sum(losses[:window]) / window
+        result.last_loss = sum(losses[-window:]) / window
     final = save(cfg.train.steps, final=True)
     if cfg.sample.prompts and cfg.train.steps > start_step:
         sample(cfg.train.steps)
@@ -252,7 +279,9 @@ class _TextConditioner:
             encoder.to(device)
 
     def cache(self, prompts: list[str]) -> None:
-        for prompt, emb in zip(prompts, encode_prompts(self.tokenizer, self.encoder, prompts, device=self.device)):
+        for prompt, emb in zip(
+            prompts, encode_prompts(self.tokenizer, self.encoder, prompts, device=self.device), strict=False
+        ):
             self.cached[prompt] = emb.detach().to("cpu")
 
     def release(self) -> None:
@@ -264,8 +293,11 @@ class _TextConditioner:
         missing = sorted({p for p in prompts if p not in self.cached})
         if missing and self.encoder is None:
             raise RuntimeError(f"prompt not cached and the text encoder is gone: {missing[0]!r}")
-        fresh = dict(zip(missing, encode_prompts(self.tokenizer, self.encoder, missing, device=self.device))) \
-            if missing else {}
+        fresh = (
+            dict(zip(missing, encode_prompts(self.tokenizer, self.encoder, missing, device=self.device), strict=False))
+            if missing
+            else {}
+        )
         return [self.cached[p] if p in self.cached else fresh[p] for p in prompts]
 
 
@@ -277,8 +309,14 @@ class _LatentSource:
         self.items, self.samples, self.vae, self.device = items, samples, vae, device
         self.memory: dict[tuple[Path, tuple[int, int]], torch.Tensor] = {}
         self.cached_datasets = {i for i, ds in enumerate(datasets) if ds.cache_latents}
-        wanted = sorted({(items[s.item].path, s.bucket, items[s.item].dataset) for s in samples
-                         if items[s.item].dataset in self.cached_datasets}, key=lambda k: (str(k[0]), k[1]))
+        wanted = sorted(
+            {
+                (items[s.item].path, s.bucket, items[s.item].dataset)
+                for s in samples
+                if items[s.item].dataset in self.cached_datasets
+            },
+            key=lambda k: (str(k[0]), k[1]),
+        )
         if not wanted:
             return
         vae_id = latent_cache.vae_identity(vae)
@@ -286,7 +324,8 @@ class _LatentSource:
         todo: dict[tuple[int, int], list[tuple[Path, Path]]] = {}
         for path, bucket, ds_index in wanted:
             entry = Path(datasets[ds_index].cache_dir) / latent_cache.entry_name(
-                latent_cache.file_digest(path), bucket, vae_id)
+                latent_cache.file_digest(path), bucket, vae_id
+            )
             latent = latent_cache.read_entry(entry)
             if latent is None:
                 todo.setdefault(bucket, []).append((path, entry))
@@ -297,7 +336,7 @@ class _LatentSource:
             for i in range(0, len(jobs), 4):
                 chunk = jobs[i : i + 4]
                 z = self._encode([p for p, _ in chunk], bucket)
-                for (path, entry), latent in zip(chunk, z):
+                for (path, entry), latent in zip(chunk, z, strict=False):
                     latent_cache.write_entry(entry, latent, path)
                     self.memory[(path, bucket)] = latent
                     encoded += 1
@@ -374,8 +413,8 @@ def _lora_metadata(cfg: JobConfig, arch, step: int, source: dict) -> dict[str, s
     return {
         "zimage_lora.version": __version__,
         "zimage_lora.arch": arch.name,
-        "zimage_lora.base_model": str(cfg.model.name_or_path),
-        "zimage_lora.training_adapter": str(cfg.model.training_adapter or ""),
+        "zimage_lora.base_model": _portable_ref(cfg.model.name_or_path),
+        "zimage_lora.training_adapter": _portable_ref(cfg.model.training_adapter) if arch.uses_adapter else "",
         "zimage_lora.rank": str(cfg.target.rank),
         "zimage_lora.alpha": f"{cfg.target.resolved_alpha:g}",
         "zimage_lora.step": str(step),
@@ -386,6 +425,14 @@ def _lora_metadata(cfg: JobConfig, arch, step: int, source: dict) -> dict[str, s
     }
 
 
+def _portable_ref(ref: str | None) -> str:
+    """A hub id as given; a local path by its name only (the same file trained elsewhere gives the same bytes)."""
+    if not ref:
+        return ""
+    path = Path(ref).expanduser()
+    return path.name if path.exists() else ref
+
+
 def _model_card(cfg: JobConfig, arch, source: dict, result: TrainResult) -> str:
     trigger = cfg.job.trigger_word
     lines = [
@@ -393,12 +440,12 @@ def _model_card(cfg: JobConfig, arch, source: dict, result: TrainResult) -> str:
         "",
         f"A LoRA for **{arch.label}**, trained with zimage-lora {__version__}.",
         "",
-        f"- Base model: `{cfg.model.name_or_path}`" + (" (trained with the training adapter, which is not part of "
-                                                      "this LoRA)" if arch.uses_adapter else ""),
+        f"- Base model: `{cfg.model.name_or_path}`"
+        + (" (trained with the training adapter, which is not part of this LoRA)" if arch.uses_adapter else ""),
         f"- Trigger word: `{trigger}`" if trigger else "- Trigger word: none",
         "- Suggested LoRA weight: 0.6-1.0",
-        f"- Inference: {arch.sample_steps} steps, " + ("no CFG" if arch.sample_guidance <= 1 else
-                                                        f"CFG {arch.sample_guidance:g}"),
+        f"- Inference: {arch.sample_steps} steps, "
+        + ("no CFG" if arch.sample_guidance <= 1 else f"CFG {arch.sample_guidance:g}"),
         f"- Rank {cfg.target.rank}, alpha {cfg.target.resolved_alpha:g}, {result.steps} steps, LR {cfg.train.lr:g}, "
         f"optimizer {cfg.train.optimizer}, resolutions {sorted({r for d in cfg.datasets for r in d.resolutions})}",
         "",
@@ -407,8 +454,15 @@ def _model_card(cfg: JobConfig, arch, source: dict, result: TrainResult) -> str:
     ]
     if result.contact_sheet is not None:
         lines += ["## Samples", "", "![samples](samples/contact_sheet.png)", ""]
-    lines += ["## Run it", "", "```", f"zimage-lora generate --model {cfg.model.name_or_path} "
-              f"--lora {result.final_lora.name}:0.8 --prompt \"{trigger or 'a photo'}, ...\"", "```", ""]
+    lines += [
+        "## Run it",
+        "",
+        "```",
+        f"zimage-lora generate --model {cfg.model.name_or_path} "
+        f'--lora {result.final_lora.name}:0.8 --prompt "{trigger or "a photo"}, ..."',
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -86,7 +86,8 @@ class RunFolder:
             probe.write_bytes(b"ok")
             probe.unlink()
         except OSError as e:
-            raise UserError(f"job.output_dir: cannot write to {self.root} ({e.strerror}); choose a writable folder")
+            message = f"job.output_dir: cannot write to {self.root} ({e.strerror}); choose a writable folder"
+            raise UserError(message) from None
 
     def _clear(self) -> None:
         for _, p in self.checkpoints():

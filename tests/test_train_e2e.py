@@ -1,0 +1,213 @@
+"""End-to-end: a tiny Turbo + adapter job through the real recipe, and its files checked against diffusers."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from torch import nn
+
+from zimage_lora.config import DEFAULT_TARGET_REGEX, load_job
+from zimage_lora.lora import network
+from zimage_lora.lora.io import comfyui_target, read_lora
+from zimage_lora.models.loading import load_components
+from zimage_lora.training.recipe import train
+
+
+def run_job(path, **kwargs):
+    return train(load_job(path), progress=False, **kwargs)
+
+
+def transformer_inputs(model, seed=0, batch=2, caption_len=(5, 9)):
+    g = torch.Generator().manual_seed(seed)
+    x = [torch.randn(16, 1, 8, 8, generator=g) for _ in range(batch)]
+    caps = [torch.randn(n, model.config.cap_feat_dim, generator=g) for n in caption_len[:batch]]
+    t = torch.rand(batch, generator=g)
+    return x, t, caps
+
+
+def forward(model, inputs):
+    x, t, caps = inputs
+    with torch.no_grad():
+        return torch.stack(model([xi.clone() for xi in x], t.clone(), [c.clone() for c in caps], return_dict=False)[0])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir, tiny_adapter):
+    """One tiny Turbo + adapter run shared by the checks below (lr high enough that the LoRA matters)."""
+    import yaml
+    from conftest import BASE_JOB, demo_dataset, merge
+
+    root = tmp_path_factory.mktemp("run")
+    demo_dataset(root / "dataset", 3)
+    data = merge(
+        BASE_JOB,
+        {
+            "model": {"name_or_path": str(tiny_model_dir), "training_adapter": str(tiny_adapter)},
+            "save": {"every": 2, "keep": 1},
+            "train": {"lr": 2e-2},
+            "sample": {"every": 3, "prompts": ["[trigger], a cartoon fox head", {"prompt": "a red car", "seed": 3}]},
+        },
+    )
+    (root / "job.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    result = run_job(root / "job.yaml")
+    return root, result
+
+
+def test_run_folder_layout_and_rotation(trained):
+    root, result = trained
+    run = root / "output" / "tiny"
+    top = sorted(p.name for p in run.glob("*.safetensors"))
+    # every 2 steps with keep 1: step 2 was rotated away, step 4 stays; step 6 is the final file
+    assert top == ["tiny.safetensors", "tiny_000000004.safetensors"]
+    assert sorted(p.name for p in (run / "state").iterdir()) == ["000000006.pt"]
+    assert not list(run.rglob("*.tmp"))
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
+    assert all({"step", "loss", "lr", "grad_norm", "sec"} <= set(r) for r in lines)
+    cfg = load_job(run / "config.yaml")
+    assert cfg.train.steps == 6 and cfg.target.alpha == 4.0
+    assert "tiny.safetensors" in (run / "README.md").read_text()
+    assert json.loads((run / "run.json").read_text())["status"] == "done"
+
+
+def test_samples_carry_settings_and_contact_sheet(trained):
+    root, result = trained
+    samples = root / "output" / "tiny" / "samples"
+    names = sorted(p.name for p in samples.glob("0*.png"))
+    assert names == [
+        "000000000_00.png",
+        "000000000_01.png",
+        "000000003_00.png",
+        "000000003_01.png",
+        "000000006_00.png",
+        "000000006_01.png",
+    ]
+    with Image.open(samples / "000000003_01.png") as im:
+        info = json.loads(im.text["parameters"])
+    assert info["prompt"] == "a red car" and info["seed"] == 3 and info["steps"] == 8 and info["guidance"] == 1.0
+    with Image.open(samples / "000000000_00.png") as im:
+        assert json.loads(im.text["parameters"])["prompt"] == "zfox, a cartoon fox head"
+    with Image.open(samples / "contact_sheet.png") as sheet:
+        assert sheet.width > 3 * 64 and sheet.height > 2 * 64  # 3 steps x 2 prompts
+
+
+def test_lora_file_holds_only_targeted_modules_with_comfyui_names(trained, tiny_model_dir):
+    root, _ = trained
+    path = root / "output" / "tiny" / "tiny.safetensors"
+    base = load_components(str(tiny_model_dir), parts=("transformer",)).transformer
+    linears = {name: m for name, m in base.named_modules() if isinstance(m, nn.Linear)}
+    targeted = {name for name in linears if re.fullmatch(DEFAULT_TARGET_REGEX, name)}
+    dim = base.config.dim
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in keys}
+    modules = set()
+    for key in keys:
+        m = re.fullmatch(r"diffusion_model\.(.+)\.(lora_A\.weight|lora_B\.weight|alpha)", key)
+        assert m, key
+        modules.add(m.group(1))
+    assert modules == targeted  # the adapter's refiner modules never leak into the user's LoRA
+    for name in modules:
+        layer = linears[name]
+        a, b = tensors[f"diffusion_model.{name}.lora_A.weight"], tensors[f"diffusion_model.{name}.lora_B.weight"]
+        assert a.shape == (4, layer.in_features) and b.shape == (layer.out_features, 4)
+        assert a.dtype == torch.float32 and float(tensors[f"diffusion_model.{name}.alpha"]) == 4.0
+        # ComfyUI maps this diffusers path onto its own weights; the LoRA's output rows must fit there
+        target = comfyui_target(name, dim)
+        assert target is not None, name
+        comfy_key, rows = target
+        assert comfy_key.startswith("diffusion_model.") and not comfy_key.endswith((".to_q", ".to_k", ".to_v"))
+        if rows is not None:
+            assert rows[1] - rows[0] == b.shape[0] and rows[1] <= 3 * dim
+    assert meta["zimage_lora.rank"] == "4" and meta["zimage_lora.arch"] == "zimage_turbo_adapter"
+    assert meta["zimage_lora.trigger_word"] == "zfox" and meta["zimage_lora.step"] == "6"
+
+
+def test_diffusers_load_lora_weights_equals_our_lora(trained, tiny_model_dir):
+    from diffusers import ZImagePipeline
+
+    root, _ = trained
+    path = root / "output" / "tiny" / "tiny.safetensors"
+    pipe = ZImagePipeline.from_pretrained(str(tiny_model_dir), torch_dtype=torch.float32)
+    inputs = transformer_inputs(pipe.transformer)
+    before = forward(pipe.transformer, inputs)
+    pipe.load_lora_weights(str(path))
+    theirs = forward(pipe.transformer, inputs)
+    assert (theirs - before).abs().max() > 1e-3  # the LoRA changes the output
+
+    ours_model = load_components(str(tiny_model_dir), parts=("transformer",)).transformer
+    lora = read_lora(path)
+    network.add_frozen_lora(ours_model, lora.modules, "check")
+    ours = forward(ours_model, inputs)
+    assert (ours - theirs).abs().max() < 1e-5
+
+    # and both equal the plain math: W + alpha/rank * B @ A merged into a fresh copy of the base weights
+    merged = load_components(str(tiny_model_dir), parts=("transformer",)).transformer
+    layers = dict(merged.named_modules())
+    with torch.no_grad():
+        for name, w in lora.modules.items():
+            layers[name].weight += w.delta()
+    assert (forward(merged, inputs) - theirs).abs().max() < 1e-5
+
+
+def test_adapter_off_is_exactly_turbo(tiny_model_dir, tiny_adapter):
+    base = load_components(str(tiny_model_dir), parts=("transformer",)).transformer
+    inputs = transformer_inputs(base)
+    turbo = forward(base, inputs)
+    model = load_components(str(tiny_model_dir), parts=("transformer",)).transformer
+    adapter = read_lora(tiny_adapter)
+    network.add_training_adapter(model, adapter.modules, str(tiny_adapter))
+    network.add_user_lora(model, network.target_module_names(model, DEFAULT_TARGET_REGEX), 4, 4.0, seed=0)
+    with_adapter = forward(model, inputs)
+    assert (with_adapter - turbo).abs().max() > 1e-3
+    network.activate(model, adapter_on=False)
+    assert torch.equal(forward(model, inputs), turbo)  # bit for bit: nothing was merged
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == list(network.named_user_parameters(model))
+
+
+def test_same_seed_same_bytes_and_sampling_does_not_disturb_training(make_job, tmp_path):
+    override = {"train": {"optimizer": "adamw8bit", "steps": 4}, "save": {"every": 2}}
+    a = run_job(make_job(override, folder=tmp_path / "a"))
+    b = run_job(make_job(override, folder=tmp_path / "b"))
+    sampled = merge_sample(override)
+    c = run_job(make_job(sampled, folder=tmp_path / "c"))
+    final = a.final_lora.read_bytes()
+    assert final == b.final_lora.read_bytes()
+    assert final == c.final_lora.read_bytes()
+    assert c.samples  # sampling did run in the third job
+    ckpt = "tiny_000000002.safetensors"
+    assert (a.run_dir / ckpt).read_bytes() == (b.run_dir / ckpt).read_bytes()
+
+
+def merge_sample(override):
+    from conftest import merge
+
+    return merge(override, {"sample": {"every": 1, "prompts": ["[trigger] on snow"]}})
+
+
+def test_existing_run_needs_resume_or_overwrite(make_job):
+    from zimage_lora.errors import UserError
+
+    job = make_job({"train": {"steps": 2}})
+    first = run_job(job)
+    with pytest.raises(UserError, match="--resume.*--overwrite"):
+        run_job(job)
+    again = run_job(job, overwrite=True)
+    assert again.final_lora.read_bytes() == first.final_lora.read_bytes()
+
+
+def test_resume_continues_to_the_same_lora(make_job, tmp_path):
+    from conftest import merge
+
+    base = {"train": {"steps": 6}, "save": {"every": 2, "keep": 3}}
+    straight = run_job(make_job(base, folder=tmp_path / "straight"))
+    job = make_job(merge(base, {"train": {"steps": 4}}), folder=tmp_path / "split")
+    run_job(job)
+    resumed = train(load_job(job, ["train.steps=6"]), resume=True, progress=False)
+    assert resumed.final_lora.read_bytes() == straight.final_lora.read_bytes()

@@ -95,9 +95,15 @@ def tiny_text_encoder() -> Qwen3Model:
     return Qwen3Model(config).eval()
 
 
+# A random encoder squeezes every image into nearly the same latent (std ~0.13 after scale/shift), so images would
+# be indistinguishable from one another next to unit noise. The real VAE's scaled latents have std ~1; scaling the
+# mean half of the encoder's output layer by this factor gives the tiny one that property too.
+TINY_VAE_LATENT_GAIN = 8.0
+
+
 def tiny_vae() -> AutoencoderKL:
     """The real VAE class with 4 blocks of 16 channels (so 8x down-sampling) and the FLUX VAE's latent scaling."""
-    return AutoencoderKL(
+    vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -112,6 +118,11 @@ def tiny_vae() -> AutoencoderKL:
         use_quant_conv=False,
         use_post_quant_conv=False,
     ).eval()
+    with torch.no_grad():
+        mean = vae.encoder.conv_out
+        mean.weight[: vae.config.latent_channels] *= TINY_VAE_LATENT_GAIN
+        mean.bias[: vae.config.latent_channels] *= TINY_VAE_LATENT_GAIN
+    return vae
 
 
 def tiny_tokenizer() -> Qwen2Tokenizer:

@@ -211,3 +211,28 @@ def test_resume_continues_to_the_same_lora(make_job, tmp_path):
     run_job(job)
     resumed = train(load_job(job, ["train.steps=6"]), resume=True, progress=False)
     assert resumed.final_lora.read_bytes() == straight.final_lora.read_bytes()
+
+
+def test_gradient_accumulation_averages(make_job, tmp_path):
+    """Batch 2 and batch 1 x 2 accumulation steps see the same samples and noise: same loss, same gradient."""
+    from importlib import resources
+
+    from conftest import merge
+
+    def square_dataset(root):
+        bundled = resources.files("zimage_lora") / "demo" / "dataset"
+        (root / "dataset").mkdir(parents=True)
+        for name in ("fox_01.png", "fox_04.JPG", "fox_07.png"):  # all square: one 64x64 bucket
+            (root / "dataset" / name).write_bytes((bundled / name).read_bytes())
+        return root
+
+    base = {"train": {"steps": 1, "max_grad_norm": 0.0}, "datasets": [{"path": "./dataset", "resolutions": [64]}]}
+    runs = {}
+    for name, batch, accum in [("batch", 2, 1), ("accum", 1, 2)]:
+        folder = square_dataset(tmp_path / name)
+        job = make_job(merge(base, {"train": {"batch_size": batch, "grad_accum": accum}}), folder=folder)
+        result = run_job(job)
+        runs[name] = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert runs["batch"]["loss"] == pytest.approx(runs["accum"]["loss"], rel=1e-5)
+    assert runs["batch"]["grad_norm"] == pytest.approx(runs["accum"]["grad_norm"], rel=1e-4)
+    assert runs["batch"]["grad_norm"] > 0

@@ -133,15 +133,21 @@ def build_samples(items: list[ImageItem], resolutions_of: list[list[int]]) -> li
 
 
 def epoch_batches(samples: list[Sample], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Batches of sample indices for one epoch: one bucket per batch, order reproducible from (seed, epoch)."""
-    rng = random.Random(f"{seed}:{epoch}")
-    by_bucket: dict[tuple[int, int], list[int]] = {}
-    for index, s in enumerate(samples):
-        by_bucket.setdefault(s.bucket, []).append(index)
+    """Batches of sample indices for one epoch: one bucket per batch, order reproducible from (seed, epoch).
+
+    One shuffle of all samples per epoch; each sample joins the open batch of its bucket, and a batch is emitted
+    when it fills (the unfilled rest at the end). So the sample order does not depend on the batch size: within a
+    bucket, batch size 2 sees the same samples as batch size 1 with two accumulation steps.
+    """
+    order = list(range(len(samples)))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    open_batches: dict[tuple[int, int], list[int]] = {}
     batches = []
-    for bucket in sorted(by_bucket):
-        members = by_bucket[bucket]
-        rng.shuffle(members)
-        batches.extend(members[i : i + batch_size] for i in range(0, len(members), batch_size))
-    rng.shuffle(batches)
+    for index in order:
+        batch = open_batches.setdefault(samples[index].bucket, [])
+        batch.append(index)
+        if len(batch) == batch_size:
+            batches.append(batch)
+            del open_batches[samples[index].bucket]
+    batches.extend(open_batches.values())
     return batches

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from zimage_lora import __version__
-from zimage_lora.config import JobConfig, dump_yaml, run_dir
+from zimage_lora.config import DEFAULT_TARGET_REGEX, JobConfig, dump_yaml, run_dir
 from zimage_lora.data import cache as latent_cache
 from zimage_lora.data.dataset import Sample, build_samples, crop_to_bucket, discover, epoch_batches, load_rgb
 from zimage_lora.errors import NonFiniteLoss, UserError
@@ -93,6 +93,26 @@ def train(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False, prog
         scheduler_shift=arch.shift if cfg.model.arch == "zimage_base" else None,
     )
 
+    # --- the network first (a wrong adapter or target must fail before minutes of caching) ---------------------
+    # frozen base, training adapter at +1 (Turbo path), trainable LoRA
+    transformer = comps.transformer
+    if arch.uses_adapter:
+        adapter_file = resolve_file(cfg.model.training_adapter)
+        adapter = read_lora(adapter_file, network.linear_module_names(transformer))
+        network.add_training_adapter(transformer, adapter.modules, str(cfg.model.training_adapter))
+        log(f"training adapter: {adapter_file.name}, {len(adapter.modules)} modules, applied at +1 while training")
+
+    targets = network.target_module_names(transformer, cfg.target.modules or DEFAULT_TARGET_REGEX)
+    network.add_user_lora(transformer, targets, cfg.target.rank, cfg.target.resolved_alpha, seed=cfg.job.seed)
+    params = network.user_parameters(transformer)
+    log(
+        f"LoRA: rank {cfg.target.rank}, alpha {cfg.target.resolved_alpha:g}, {len(targets)} modules, "
+        f"{sum(p.numel() for p in params) / 1e6:.2f} M trainable parameters"
+    )
+    if cfg.train.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+
     # --- text: captions, the empty prompt (caption dropout) and the sample prompts ------------------------------
     previews = preview_prompts(cfg.sample, arch.name, cfg.job.trigger_word)
     if cfg.train.unload_text_encoder:
@@ -112,26 +132,6 @@ def train(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False, prog
     latents = _LatentSource(items, samples, comps.vae, device, cfg.datasets, log)
     if all(ds.cache_latents for ds in cfg.datasets):
         comps.vae.to("cpu")
-
-    # --- the network: frozen base, training adapter (Turbo path), trainable LoRA ------------------------------
-    transformer = comps.transformer
-    if arch.uses_adapter:
-        adapter_file = resolve_file(cfg.model.training_adapter)
-        adapter = read_lora(adapter_file, network.linear_module_names(transformer))
-        network.add_training_adapter(transformer, adapter.modules, str(cfg.model.training_adapter))
-        log(f"training adapter: {adapter_file.name}, {len(adapter.modules)} modules, applied at +1 while training")
-    from zimage_lora.config import DEFAULT_TARGET_REGEX
-
-    targets = network.target_module_names(transformer, cfg.target.modules or DEFAULT_TARGET_REGEX)
-    network.add_user_lora(transformer, targets, cfg.target.rank, cfg.target.resolved_alpha, seed=cfg.job.seed)
-    params = network.user_parameters(transformer)
-    log(
-        f"LoRA: rank {cfg.target.rank}, alpha {cfg.target.resolved_alpha:g}, {len(targets)} modules, "
-        f"{sum(p.numel() for p in params) / 1e6:.2f} M trainable parameters"
-    )
-    if cfg.train.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    transformer.train()
 
     optimizer = build_optimizer(cfg.train.optimizer, params, cfg.train.lr, cfg.train.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.train.lr_scheduler, cfg.train.warmup_steps, cfg.train.steps)
@@ -258,8 +258,16 @@ def _batch_loss(batch: list[Sample], cfg, arch, model, latents, text, items, noi
         dropped = choice_rng.random() < cfg.datasets[item.dataset].caption_dropout
         captions.append("" if dropped else item.caption)
     caps = [c.to(device, dtype) for c in text(captions)]
-    noise = torch.randn(x0.shape, generator=noise_gen).to(device)
-    sigma = flow.sample_sigmas(len(batch), cfg.train.timestep_type, cfg.train.timestep_bias, noise_gen, arch.shift)
+    # per sample, in order: a sample's noise does not depend on what else shares its batch
+    draws = [
+        (
+            torch.randn(x0.shape[1:], generator=noise_gen),
+            flow.sample_sigmas(1, cfg.train.timestep_type, cfg.train.timestep_bias, noise_gen, arch.shift),
+        )
+        for _ in batch
+    ]
+    noise = torch.stack([n for n, _ in draws]).to(device)
+    sigma = torch.cat([s for _, s in draws])
     weights = flow.timestep_weights(sigma, cfg.train.timestep_type).to(device)
     sigma = sigma.to(device)
     x_t = flow.noisy_latents(x0, noise, sigma)

@@ -1,0 +1,152 @@
+"""The command line as a user meets it: exit codes, one-line errors without tracebacks, the demo."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zimage_lora.config import load_job_text, preset_names
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "zimage_lora.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr  # progress log may precede it
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def edit(job: Path, change) -> Path:
+    data = yaml.safe_load(job.read_text())
+    change(data)
+    job.write_text(yaml.safe_dump(data, sort_keys=False))
+    return job
+
+
+@pytest.mark.parametrize(
+    "change, needles",
+    [
+        (lambda d: d["train"].update(lrr=1e-4), ["train.lrr", "did you mean 'lr'"]),
+        (lambda d: d["train"].update(lr="fast"), ["train.lr"]),
+        (lambda d: d["train"].update(optimizer="adam"), ["train.optimizer", "adamw8bit"]),
+        (lambda d: d["datasets"][0].update(path="./nowhere"), ["datasets[0].path", "not found"]),
+        (lambda d: d["model"].pop("training_adapter"), ["model.training_adapter", "required"]),
+        (
+            lambda d: (
+                d["quantization"].update(transformer="float8")
+                if "quantization" in d
+                else d.update(quantization={"transformer": "float8"})
+            ),
+            ["quantization.transformer", "not supported yet"],
+        ),
+        (lambda d: d["target"].update(type="lokr"), ["target.type", "not supported yet"]),
+        (lambda d: d["train"].update(ema={"enabled": True}), ["train.ema.enabled", "not supported yet"]),
+        (lambda d: d["datasets"][0].update(resolutions=[500]), ["datasets[0].resolutions"]),
+    ],
+)
+def test_config_mistakes_exit_2_with_one_line(make_job, change, needles):
+    job = edit(make_job(), change)
+    assert_user_error(cli("train", str(job), "--no-progress"), *needles)
+
+
+def test_empty_dataset_folder(make_job, tmp_path):
+    job = make_job()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    edit(job, lambda d: d["datasets"][0].update(path=str(empty)))
+    assert_user_error(cli("train", str(job)), "datasets[0].path", "no images")
+
+
+def test_unreadable_job_files(tmp_path):
+    assert_user_error(cli("train", str(tmp_path / "missing.yaml")), "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("job:\n  name: [unclosed\n")
+    assert_user_error(cli("train", str(bad)), "bad.yaml")
+    bad.write_text("- just\n- a list\n")
+    assert_user_error(cli("train", str(bad)))
+
+
+def test_wrong_adapter_for_the_model(make_job, tmp_path):
+    import torch
+
+    from zimage_lora.lora.io import LoraWeights, save_lora
+
+    # an adapter made for a bigger model: the right key names with the wrong shapes
+    wrong = tmp_path / "wrong_adapter.safetensors"
+    save_lora(
+        wrong, {"layers.0.attention.to_q": LoraWeights(torch.ones(4, 3840), torch.ones(3840, 4), 4.0)}, "fp32", {}
+    )
+    job = edit(make_job(), lambda d: d["model"].update(training_adapter=str(wrong)))
+    assert_user_error(cli("train", str(job), "--no-progress"), "training adapter", "does not fit")
+    # and a file that is not an adapter of this architecture at all
+    alien = tmp_path / "alien.safetensors"
+    save_lora(alien, {"down_blocks.0.conv": LoraWeights(torch.ones(4, 8), torch.ones(8, 4), 4.0)}, "fp32", {})
+    edit(job, lambda d: d["model"].update(training_adapter=str(alien)))
+    assert_user_error(cli("train", str(job), "--no-progress"), "not a Linear layer")
+
+
+def test_train_override_rerun_and_nan(make_job):
+    job = make_job({"train": {"steps": 2}})
+    done = cli("train", str(job), "--no-progress", "--set", "train.lr=5e-4")
+    assert done.returncode == 0, done.stderr
+    assert "LoRA:" in done.stdout and "loss:" in done.stdout
+    assert "lr: 0.0005" in (job.parent / "output" / "tiny" / "config.yaml").read_text()
+    # the run folder now holds a run: a second start must name both ways forward
+    assert_user_error(cli("train", str(job), "--no-progress"), "--resume", "--overwrite")
+    # an absurd learning rate blows the loss up: exit 3, the message names the step
+    nan = cli(
+        "train",
+        str(job),
+        "--no-progress",
+        "--overwrite",
+        "--set",
+        "train.lr=1e30",
+        "--set",
+        "train.steps=6",
+        "--set",
+        "train.max_grad_norm=0",
+    )
+    assert nan.returncode == 3, nan.stderr
+    assert "step" in nan.stderr and "learning rate" in nan.stderr and "Traceback" not in nan.stderr
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_init_prints_presets_that_validate(name, tmp_path):
+    proc = cli("init", "--preset", name)
+    assert proc.returncode == 0, proc.stderr
+    cfg = load_job_text(proc.stdout, tmp_path, check_paths=False)
+    assert cfg.target.rank in (8, 16)
+
+
+def test_unknown_preset():
+    assert_user_error(cli("init", "--preset", "nope"), "--preset", "turbo-adapter-v2")
+
+
+def test_demo_runs_offline(tmp_path):
+    proc = cli("demo", "--out", str(tmp_path / "demo"), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "demo" / "output" / "demo"
+    assert (run / "demo.safetensors").is_file() and (run / "samples" / "contact_sheet.png").is_file()
+    start, end = (float(x) for x in proc.stdout.split("loss: ")[1].split(" at the end")[0].split(" at the start, "))
+    assert end < start  # the demo learns
+    assert str(run / "demo.safetensors") in proc.stdout

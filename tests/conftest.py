@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import shutil
 from importlib import resources
 from pathlib import Path
 
@@ -68,9 +67,15 @@ def merge(base: dict, override: dict) -> dict:
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = merge(out[key], value)
+        elif _dict_list(value) and _dict_list(out.get(key)) and len(value) == len(out[key]):
+            out[key] = [merge(a, b) for a, b in zip(out[key], value, strict=True)]  # datasets: item by item
         else:
             out[key] = value
     return out
+
+
+def _dict_list(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
 
 
 @pytest.fixture
@@ -90,8 +95,3 @@ def make_job(tmp_path, tiny_model_dir, tiny_adapter):
         return path
 
     return build
-
-
-def copy_tree(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst

@@ -61,6 +61,10 @@ def edit(job: Path, change) -> Path:
         (lambda d: d["target"].update(type="lokr"), ["target.type", "not supported yet"]),
         (lambda d: d["train"].update(ema={"enabled": True}), ["train.ema.enabled", "not supported yet"]),
         (lambda d: d["datasets"][0].update(resolutions=[500]), ["datasets[0].resolutions"]),
+        (
+            lambda d: (d["job"].pop("trigger_word"), d["sample"].update(prompts=["a", "[trigger] b"])),
+            ["sample.prompts[1]", "job.trigger_word"],
+        ),
     ],
 )
 def test_config_mistakes_exit_2_with_one_line(make_job, change, needles):
@@ -150,3 +154,21 @@ def test_demo_runs_offline(tmp_path):
     start, end = (float(x) for x in proc.stdout.split("loss: ")[1].split(" at the end")[0].split(" at the start, "))
     assert end < start  # the demo learns
     assert str(run / "demo.safetensors") in proc.stdout
+
+
+def test_tiny_model_and_adapter_commands(tmp_path):
+    import torch
+    from diffusers import ZImagePipeline
+
+    from zimage_lora.lora.io import read_lora
+    from zimage_lora.lora.network import check_adapter_fits
+
+    assert cli("tiny-model", str(tmp_path / "m"), "--seed", "3").returncode == 0
+    proc = cli("tiny-adapter", str(tmp_path / "m"), str(tmp_path / "a.safetensors"), "--rank", "2")
+    assert proc.returncode == 0, proc.stderr
+    pipe = ZImagePipeline.from_pretrained(str(tmp_path / "m"))
+    adapter = read_lora(tmp_path / "a.safetensors")
+    assert adapter.modules and all(w.rank == 2 and w.alpha == 2.0 for w in adapter.modules.values())
+    assert all(torch.count_nonzero(w.down) and torch.count_nonzero(w.up) for w in adapter.modules.values())
+    check_adapter_fits(pipe.transformer, adapter.modules, "tiny adapter")  # raises if a key or shape is off
+    assert_user_error(cli("tiny-adapter", str(tmp_path / "nothing"), str(tmp_path / "b.safetensors")), "nothing")

@@ -71,7 +71,9 @@ def test_run_folder_layout_and_rotation(trained):
     assert all({"step", "loss", "lr", "grad_norm", "sec"} <= set(r) for r in lines)
     cfg = load_job(run / "config.yaml")
     assert cfg.train.steps == 6 and cfg.target.alpha == 4.0
-    assert "tiny.safetensors" in (run / "README.md").read_text()
+    card = (run / "README.md").read_text()
+    assert "tiny.safetensors" in card and "zfox" in card and "0.6-1.0" in card
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))  # tensorboard is a dev dependency
     assert json.loads((run / "run.json").read_text())["status"] == "done"
 
 
@@ -168,7 +170,9 @@ def test_adapter_off_is_exactly_turbo(tiny_model_dir, tiny_adapter):
     assert (with_adapter - turbo).abs().max() > 1e-3
     network.activate(model, adapter_on=False)
     assert torch.equal(forward(model, inputs), turbo)  # bit for bit: nothing was merged
-    assert [n for n, p in model.named_parameters() if p.requires_grad] == list(network.named_user_parameters(model))
+    trainable = network.named_user_parameters(model)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == list(trainable)
+    assert all(p.dtype == torch.float32 for p in trainable.values())
 
 
 def test_same_seed_same_bytes_and_sampling_does_not_disturb_training(make_job, tmp_path):
@@ -236,3 +240,49 @@ def test_gradient_accumulation_averages(make_job, tmp_path):
     assert runs["batch"]["loss"] == pytest.approx(runs["accum"]["loss"], rel=1e-5)
     assert runs["batch"]["grad_norm"] == pytest.approx(runs["accum"]["grad_norm"], rel=1e-4)
     assert runs["batch"]["grad_norm"] > 0
+
+
+def test_bf16_base_weights_train_an_fp32_lora(make_job):
+    """The GPU setting on the CPU: base weights in bf16 under autocast, the LoRA kept and saved in fp32."""
+    result = run_job(make_job({"train": {"steps": 3, "mixed_precision": "bf16"}, "save": {"dtype": "bf16"}}))
+    lines = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) and r["grad_norm"] > 0 for r in lines)
+    assert json.loads((result.run_dir / "run.json").read_text())["precision"] == "bf16"
+    state = torch.load(result.run_dir / "state" / "000000003.pt", weights_only=False)
+    assert all(t.dtype == torch.float32 for t in state["lora"].values())  # the master copy stays fp32
+    with safe_open(str(result.final_lora), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # saved as save.dtype asks
+
+
+def test_text_and_latent_caches_change_nothing_but_the_work(make_job, tmp_path):
+    plain = {"train": {"steps": 3, "cache_text_embeddings": False}, "datasets": [{"cache_latents": False}]}
+    a = run_job(make_job(plain, folder=tmp_path / "plain"))
+    cached = {"train": {"steps": 3, "cache_text_embeddings": True}, "datasets": [{"cache_latents": True}]}
+    b = run_job(make_job(cached, folder=tmp_path / "cached"))
+    assert a.final_lora.read_bytes() == b.final_lora.read_bytes()
+    log = (b.run_dir / "train.log").read_text()
+    assert "the text encoder left the device" in log and "latents: 3 encoded, 0 reused" in log
+    assert "latents:" not in (a.run_dir / "train.log").read_text()
+    # a second job on the same data reuses every cached latent
+    c = run_job(make_job(cached, folder=tmp_path / "cached"), overwrite=True)
+    assert "latents: 0 encoded, 3 reused" in (c.run_dir / "train.log").read_text()
+    assert c.final_lora.read_bytes() == b.final_lora.read_bytes()
+
+
+def test_unload_text_encoder_trains_on_the_trigger_word_alone(make_job, tmp_path):
+    unloaded = run_job(
+        make_job(
+            {"train": {"steps": 3, "cache_text_embeddings": False, "unload_text_encoder": True}},
+            folder=tmp_path / "unload",
+        )
+    )
+    assert "captions ignored" in (unloaded.run_dir / "train.log").read_text()
+    # the same images whose captions say only the trigger word, with ordinary caching
+    folder = tmp_path / "trigger_only"
+    job = make_job({"train": {"steps": 3}}, folder=folder)
+    for caption in (folder / "dataset").glob("*.txt"):
+        caption.write_text("[trigger]")
+    trigger_only = run_job(job)
+    normal = run_job(make_job({"train": {"steps": 3}}, folder=tmp_path / "normal"))
+    assert unloaded.final_lora.read_bytes() == trigger_only.final_lora.read_bytes()
+    assert unloaded.final_lora.read_bytes() != normal.final_lora.read_bytes()

@@ -846,6 +846,9 @@ def check_job(cfg: JobConfig, *, check_paths: bool = True) -> list[str]:
         )
     if cfg.train.dop.enabled and not cfg.job.trigger_word:
         errors.append("train.dop.enabled: needs job.trigger_word (DOP contrasts the trigger with the class word)")
+    for index, prompt in enumerate(cfg.sample.prompts):
+        if "[trigger]" in prompt.prompt and not cfg.job.trigger_word:
+            errors.append(f"sample.prompts[{index}]: uses [trigger] but job.trigger_word is not set; set it")
     if check_paths:
         errors += _check_model_paths(cfg)
         for index, dataset in enumerate(cfg.datasets):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from tqdm import tqdm
 
 from zimage_lora import __version__
@@ -64,6 +65,7 @@ def train(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False, prog
     precision = _precision(cfg.train.mixed_precision, device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
+    AcceleratorState._reset_state(reset_partial_state=True)  # each run chooses its own precision, even in one process
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
     device = accelerator.device
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
@@ -462,13 +464,20 @@ def _model_card(cfg: JobConfig, arch, source: dict, result: TrainResult) -> str:
     ]
     if result.contact_sheet is not None:
         lines += ["## Samples", "", "![samples](samples/contact_sheet.png)", ""]
+    guidance = 0.0 if arch.sample_guidance <= 1 else arch.sample_guidance - 1.0  # diffusers counts CFG from 0
     lines += [
-        "## Run it",
+        "## Run it (diffusers)",
         "",
+        "```python",
+        "from diffusers import ZImagePipeline",
+        f'pipe = ZImagePipeline.from_pretrained("{_portable_ref(cfg.model.name_or_path)}")',
+        f'pipe.load_lora_weights("{result.final_lora.name}", adapter_name="lora")',
+        'pipe.set_adapters(["lora"], [0.8])',
+        f'image = pipe("{trigger or "a photo"}, ...", num_inference_steps={arch.sample_steps}, '
+        f"guidance_scale={guidance:g}).images[0]",
         "```",
-        f"zimage-lora generate --model {cfg.model.name_or_path} "
-        f'--lora {result.final_lora.name}:0.8 --prompt "{trigger or "a photo"}, ..."',
-        "```",
+        "",
+        "In ComfyUI: put the file in `models/loras` and load it on the Z-Image model.",
         "",
     ]
     return "\n".join(lines)

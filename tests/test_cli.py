@@ -66,6 +66,18 @@ def edit(job: Path, change) -> Path:
             ["sample.prompts[1]", "job.trigger_word"],
         ),
     ],
+    ids=[
+        "unknown-key",
+        "wrong-type",
+        "bad-choice",
+        "missing-dataset",
+        "no-adapter",
+        "quantization-not-yet",
+        "lokr-not-yet",
+        "ema-not-yet",
+        "resolution-not-16",
+        "trigger-without-word",
+    ],
 )
 def test_config_mistakes_exit_2_with_one_line(make_job, change, needles):
     job = edit(make_job(), change)

@@ -356,6 +356,14 @@ def test_dataset_without_images(tmp_path):
     assert error_of(c.load_job, path) == f"datasets[0].path: no images (png, jpg, webp, bmp) in {tmp_path / 'empty'}"
 
 
+def test_dataset_with_images_only_in_sub_folders(tmp_path):
+    make_dataset(tmp_path / "top" / "sub", "a.png")
+    path = write_job(tmp_path, minimal(datasets=[{"path": "top"}]))
+    assert "set recursive: true" in error_of(c.load_job, path)
+    path = write_job(tmp_path, minimal(datasets=[{"path": "top", "recursive": True}]))
+    assert c.load_job(path).datasets[0].recursive
+
+
 @pytest.mark.parametrize("name", ["a.PNG", "b.jpeg", "c.Jpg", "d.webp", "e.BMP"])
 def test_image_suffixes_in_any_case(tmp_path, name):
     make_dataset(tmp_path / "imgs", name)

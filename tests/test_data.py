@@ -293,19 +293,19 @@ def test_truncated_image_is_a_user_error_naming_the_file(tmp_path):
 
 def test_build_samples_makes_one_sample_per_item_and_resolution(tmp_path):
     wide = save_image(tmp_path / "wide.png", size=(300, 200))
-    square = save_image(tmp_path / "square.png", size=(100, 100))
+    square = save_image(tmp_path / "square.png", size=(200, 200))
     exif = Image.Exif()
     exif[0x0112] = 6
     rotated = save_image(tmp_path / "rotated.jpg", size=(300, 200), exif=exif.tobytes())  # displays as 200 x 300
     items = [ImageItem(wide, "", 0), ImageItem(square, "", 0), ImageItem(rotated, "", 1), ImageItem(wide, "", 1)]
-    samples = build_samples(items, [[512, 768], [1024]])
+    samples = build_samples(items, [[128, 192], [224]])
     assert samples == [
-        Sample(0, 512, nearest_bucket(300, 200, 512)),
-        Sample(0, 768, nearest_bucket(300, 200, 768)),
-        Sample(1, 512, (512, 512)),
-        Sample(1, 768, (768, 768)),
-        Sample(2, 1024, nearest_bucket(200, 300, 1024)),
-        Sample(3, 1024, nearest_bucket(300, 200, 1024)),
+        Sample(0, 128, nearest_bucket(300, 200, 128)),
+        Sample(0, 192, nearest_bucket(300, 200, 192)),
+        Sample(1, 128, (128, 128)),
+        Sample(1, 192, (192, 192)),
+        Sample(2, 224, nearest_bucket(200, 300, 224)),
+        Sample(3, 224, nearest_bucket(300, 200, 224)),
     ]
     assert samples[4].bucket[1] > samples[4].bucket[0]  # the rotated image trains in portrait
 

@@ -19,6 +19,10 @@ app = typer.Typer(
 )
 
 
+dataset_app = typer.Typer(no_args_is_help=True, help="Inspect dataset folders.")
+app.add_typer(dataset_app, name="dataset")
+
+
 @app.command()
 def train(
     job: Path = typer.Argument(..., help="The job file (YAML)."),
@@ -112,6 +116,30 @@ def demo(
     _report(result)
 
 
+@dataset_app.command("check")
+def dataset_check(
+    folder: Path = typer.Argument(..., help="The dataset folder."),
+    resolutions: str = typer.Option("512,768,1024", help="Training resolutions, comma-separated."),
+    trigger: str = typer.Option(None, help="The trigger word, to find captions that lack it."),
+    caption_ext: str = typer.Option("txt", help="Extension of the caption files."),
+    recursive: bool = typer.Option(False, help="Also look in sub-folders."),
+) -> None:
+    """Report a dataset's images, captions, duplicates and buckets; exit 2 only if it cannot train."""
+    from zimage_lora.data.check import check_dataset, format_report
+    from zimage_lora.errors import UserError
+
+    try:
+        sizes = [int(r) for r in resolutions.split(",") if r.strip()]
+    except ValueError:
+        raise UserError(f"--resolutions: expected numbers like 512,768,1024, got {resolutions!r}") from None
+    if not sizes or any(r < 64 or r % 16 for r in sizes):
+        raise UserError(f"--resolutions: each must be a multiple of 16 from 64 up, got {resolutions!r}")
+    report = check_dataset(folder, sizes, trigger, caption_ext.lstrip("."), recursive)
+    typer.echo(format_report(report, trigger))
+    if not report.trainable:
+        raise typer.Exit(2)
+
+
 def _report(result) -> None:
     if result.first_loss is not None:
         typer.echo(
@@ -131,7 +159,9 @@ def main() -> None:
     quiet_libraries()
 
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a command's typer.Exit(n) comes back as n
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -334,6 +334,7 @@ class DatasetSection(_Section):
         [512, 768, 1024], min_length=1, description="Training resolutions (multiples of 16, >= 64), bucketed by aspect."
     )
     repeats: int = Field(1, ge=1, description="How many times each image counts per epoch (balances datasets).")
+    recursive: bool = Field(False, description="Also take images from sub-folders (the cache folder is skipped).")
 
     @field_validator("caption_ext", mode="before")
     @classmethod
@@ -852,7 +853,7 @@ def check_job(cfg: JobConfig, *, check_paths: bool = True) -> list[str]:
     if check_paths:
         errors += _check_model_paths(cfg)
         for index, dataset in enumerate(cfg.datasets):
-            problem = _check_image_folder(Path(dataset.path))
+            problem = _check_image_folder(Path(dataset.path), dataset.recursive)
             if problem:
                 errors.append(f"datasets[{index}].path: {problem}")
     _raise_first(errors)
@@ -875,12 +876,17 @@ def _check_model_paths(cfg: JobConfig) -> list[str]:
     ]
 
 
-def _check_image_folder(folder: Path) -> str | None:
+def _check_image_folder(folder: Path, recursive: bool = False) -> str | None:
     if not folder.is_dir():
         return f"folder not found: {folder}"
-    with os.scandir(folder) as entries:
-        if any(e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES) for e in entries):
-            return None
+
+    def has_images(files) -> bool:
+        return any(p.name.lower().endswith(IMAGE_SUFFIXES) and p.is_file() for p in files)
+
+    if has_images(folder.rglob("*") if recursive else folder.iterdir()):
+        return None
+    if not recursive and has_images(folder.rglob("*")):
+        return f"no images in {folder} itself, only in its sub-folders; set recursive: true to use them"
     return f"no images (png, jpg, webp, bmp) in {folder}"
 
 

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
+from zimage_lora.data.dataset import crop_to_bucket, load_rgb
 from zimage_lora.lora.io import atomic_write_bytes, serialize_safetensors
+from zimage_lora.models.vae import encode_latents, pil_to_tensor
 
 CACHE_VERSION = "1"
 
@@ -57,3 +60,58 @@ def write_entry(path: Path, latent: torch.Tensor, source: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = serialize_safetensors({"latent": latent}, {"source": source.name})
     atomic_write_bytes(path, data)
+
+
+Bucket = tuple[int, int]
+
+
+class LatentStore:
+    """Latents by (image file, bucket): read from the cache, or encoded in batches and written to it.
+
+    ``prepare`` does the one caching pass (call it before training); ``get`` serves latents afterwards and encodes
+    on demand for data that is not cached (``cache_latents: false``).
+    """
+
+    def __init__(self, vae, device, batch_size: int = 4, log: Callable[[str], None] = print):
+        self.vae, self.device, self.batch_size, self.log = vae, device, batch_size, log
+        self.memory: dict[tuple[Path, Bucket], torch.Tensor] = {}
+        self._vae_id: str | None = None
+
+    @property
+    def vae_id(self) -> str:
+        if self._vae_id is None:
+            self._vae_id = vae_identity(self.vae)
+        return self._vae_id
+
+    def prepare(self, wanted: Iterable[tuple[Path, Bucket, Path]]) -> tuple[int, int]:
+        """Make sure every (image, bucket) has a cache entry in its cache folder; returns (encoded, reused)."""
+        todo: dict[Bucket, list[tuple[Path, Path]]] = {}
+        reused = 0
+        for path, bucket, cache_dir in sorted(set(wanted), key=lambda w: (str(w[0]), w[1])):
+            entry = Path(cache_dir) / entry_name(file_digest(path), bucket, self.vae_id)
+            latent = read_entry(entry)
+            if latent is None:
+                todo.setdefault(bucket, []).append((path, entry))
+            else:
+                self.memory[(path, bucket)] = latent
+                reused += 1
+        encoded = 0
+        for bucket, jobs in sorted(todo.items()):
+            for i in range(0, len(jobs), self.batch_size):
+                chunk = jobs[i : i + self.batch_size]
+                for (path, entry), latent in zip(chunk, self.encode([p for p, _ in chunk], bucket), strict=True):
+                    write_entry(entry, latent, path)
+                    self.memory[(path, bucket)] = latent
+                    encoded += 1
+        return encoded, reused
+
+    @torch.no_grad()
+    def encode(self, paths: list[Path], bucket: Bucket) -> torch.Tensor:
+        """VAE latents (float32, on the CPU) of images cropped to ``bucket``, in one batch."""
+        pixels = torch.stack([pil_to_tensor(crop_to_bucket(load_rgb(p), bucket)) for p in paths])
+        self.vae.to(self.device)
+        return encode_latents(self.vae, pixels.to(self.device, self.vae.dtype)).float().cpu()
+
+    def get(self, path: Path, bucket: Bucket) -> torch.Tensor:
+        latent = self.memory.get((path, bucket))
+        return latent if latent is not None else self.encode([path], bucket)[0]

@@ -1,13 +1,17 @@
 """Images and captions from dataset folders, aspect buckets and the order of batches.
 
-A dataset folder holds images (png, jpg/jpeg, webp, bmp) with optional sidecar captions (``image.txt``).
-Each image trains at every listed resolution, cropped to the aspect bucket nearest to its own shape.
+A dataset folder holds images (png, jpg/jpeg, webp, bmp, in any case) with optional sidecar captions
+(``image.txt``). Each image trains at every listed resolution it can fill, cropped to the aspect bucket nearest to
+its own shape. Problems that need not stop training (a corrupt image, a caption that is not UTF-8, an image too
+small for a resolution) are reported through ``warn`` by file name; a dataset left with nothing to train on is an
+error.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +21,13 @@ from zimage_lora.errors import UserError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MAX_ASPECT = 4.0
+MAX_UPSCALE = 1.05  # a resolution that needs more than 5% upscaling is dropped for that image
+
+Warn = Callable[[str], None]
+
+
+def _ignore(message: str) -> None:
+    pass
 
 
 @dataclass(frozen=True)
@@ -35,44 +46,69 @@ class Sample:
     bucket: tuple[int, int]
 
 
-def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+def list_images(folder: Path, recursive: bool = False, skip: Path | None = None) -> list[Path]:
+    """Image files of a folder (and its sub-folders when ``recursive``), sorted; ``skip`` is left out (the cache)."""
+    folder = Path(folder)
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    skip = Path(skip).resolve() if skip is not None else None
+    found = []
+    for p in candidates:
+        if p.suffix.lower() not in IMAGE_EXTS or not p.is_file():
+            continue
+        if any(part.startswith(".") for part in p.relative_to(folder).parts[:-1]):
+            continue  # hidden folders, our own .zimage_cache among them
+        if skip is not None and skip in p.resolve().parents:
+            continue
+        found.append(p)
+    return sorted(found)
 
 
-def read_caption(image: Path, caption_ext: str, default_caption: str, trigger_word: str | None) -> str:
-    """The sidecar caption (or the default), with ``[trigger]`` replaced by the trigger word."""
+def read_caption_text(sidecar: Path, warn: Warn = _ignore) -> str:
+    """A caption file's text, whitespace collapsed. Not UTF-8: reported by name, read as Latin-1."""
+    raw = sidecar.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+        warn(f"caption {sidecar} is not valid UTF-8; read it as Latin-1 (save it as UTF-8 to be sure)")
+    return " ".join(text.split())
+
+
+def read_caption(
+    image: Path, caption_ext: str, default_caption: str, trigger_word: str | None, warn: Warn = _ignore
+) -> str:
+    """The sidecar caption (or the default when it is missing or empty), ``[trigger]`` replaced."""
     sidecar = image.with_suffix("." + caption_ext.lstrip("."))
-    caption = ""
-    if sidecar.is_file():
-        raw = sidecar.read_bytes()
-        try:
-            caption = raw.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            caption = raw.decode("latin-1")
-        caption = " ".join(caption.split())
+    caption = read_caption_text(sidecar, warn) if sidecar.is_file() else ""
+    source = sidecar if caption else image
     if not caption:
         caption = default_caption
     if "[trigger]" in caption:
         if not trigger_word:
-            raise UserError(
-                f"{sidecar.name if sidecar.is_file() else image.name} uses [trigger] but job.trigger_word "
-                "is not set; set job.trigger_word"
-            )
+            raise UserError(f"{source.name} uses [trigger] but job.trigger_word is not set; set job.trigger_word")
         caption = caption.replace("[trigger]", trigger_word)
     return caption
 
 
-def discover(datasets, trigger_word: str | None) -> list[ImageItem]:
+def discover(datasets, trigger_word: str | None, warn: Warn = _ignore) -> list[ImageItem]:
     """Every image of every dataset with its caption, ``repeats`` times."""
     items: list[ImageItem] = []
     for index, ds in enumerate(datasets):
-        images = list_images(Path(ds.path))
+        folder = Path(ds.path)
+        if not folder.is_dir():
+            raise UserError(f"datasets[{index}].path: folder not found: {folder}")
+        images = list_images(folder, getattr(ds, "recursive", False), getattr(ds, "cache_dir", None))
         if not images:
-            raise UserError(f"datasets[{index}].path: no images (png, jpg, webp, bmp) in {ds.path}")
+            raise UserError(f"datasets[{index}].path: no images (png, jpg, webp, bmp) in {folder}")
         for image in images:
-            caption = read_caption(image, ds.caption_ext, ds.default_caption, trigger_word)
+            caption = read_caption(image, ds.caption_ext, ds.default_caption, trigger_word, warn)
             items.extend(ImageItem(image, caption, index) for _ in range(ds.repeats))
     return items
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) after EXIF rotation; the whole image is decoded, so a truncated file fails here."""
+    return load_rgb(path).size
 
 
 def load_rgb(path: Path) -> Image.Image:
@@ -118,18 +154,50 @@ def crop_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> Image.Image:
     return resized.crop((left, top, left + bw, top + bh))
 
 
-def build_samples(items: list[ImageItem], resolutions_of: list[list[int]]) -> list[Sample]:
-    """Each image at each resolution of its dataset, in its nearest bucket."""
-    sizes: dict[Path, tuple[int, int]] = {}
+def build_samples(items: list[ImageItem], resolutions_of: list[list[int]], warn: Warn = _ignore) -> list[Sample]:
+    """Each readable image at each resolution of its dataset that it can fill, in its nearest bucket.
+
+    A corrupt image is skipped with a warning naming it; a resolution needing more than 5% upscaling is dropped for
+    that image (warned); a dataset with no trainable image left is an error.
+    """
+    sizes: dict[Path, tuple[int, int] | None] = {}
     samples = []
     for i, item in enumerate(items):
         if item.path not in sizes:
-            with Image.open(item.path) as im:
-                sizes[item.path] = ImageOps.exif_transpose(im).size
-        w, h = sizes[item.path]
+            try:
+                sizes[item.path] = image_size(item.path)
+            except UserError as e:
+                sizes[item.path] = None
+                warn(f"skipped: {e}")
+                continue
+            w, h = sizes[item.path]
+            too_big = [r for r in resolutions_of[item.dataset] if upscale_needed(w, h, r) > MAX_UPSCALE]
+            if too_big:
+                kept = [r for r in resolutions_of[item.dataset] if r not in too_big]
+                what = f"trains at {', '.join(map(str, kept))} only" if kept else "is skipped"
+                warn(
+                    f"{item.path.name} ({w}x{h}) is too small for resolution {', '.join(map(str, too_big))} "
+                    f"(more than 5% upscaling); it {what}"
+                )
+        size = sizes[item.path]
+        if size is None:
+            continue
         for res in resolutions_of[item.dataset]:
-            samples.append(Sample(i, res, nearest_bucket(w, h, res)))
+            if upscale_needed(*size, res) <= MAX_UPSCALE:
+                samples.append(Sample(i, res, nearest_bucket(*size, res)))
+    for index in sorted({it.dataset for it in items}):
+        if not any(items[s.item].dataset == index for s in samples):
+            raise UserError(
+                f"datasets[{index}]: no image can train (all unreadable or smaller than every resolution); "
+                "add larger images or lower datasets[{index}].resolutions".replace("{index}", str(index))
+            )
     return samples
+
+
+def upscale_needed(width: int, height: int, resolution: int) -> float:
+    """How much an image must be enlarged to cover its bucket at ``resolution`` (1.0 = no enlargement)."""
+    bw, bh = nearest_bucket(width, height, resolution)
+    return max(bw / width, bh / height)
 
 
 def epoch_batches(samples: list[Sample], batch_size: int, seed: int, epoch: int) -> list[list[int]]:

@@ -22,16 +22,16 @@ from tqdm import tqdm
 
 from zimage_lora import __version__
 from zimage_lora.config import DEFAULT_TARGET_REGEX, JobConfig, dump_yaml, run_dir
-from zimage_lora.data import cache as latent_cache
-from zimage_lora.data.dataset import Sample, build_samples, crop_to_bucket, discover, epoch_batches, load_rgb
+from zimage_lora.data.cache import LatentStore
+from zimage_lora.data.dataset import Sample, build_samples, discover, epoch_batches
+from zimage_lora.data.text_cache import PromptEmbeddings
 from zimage_lora.errors import NonFiniteLoss, UserError
 from zimage_lora.lora import network
 from zimage_lora.lora.io import read_lora, save_lora
 from zimage_lora.models.arch import ARCHS
 from zimage_lora.models.hub import resolve_file
 from zimage_lora.models.loading import load_components, resolve_device
-from zimage_lora.models.text import encode_prompts
-from zimage_lora.models.vae import decode_latents, encode_latents, pil_to_tensor, tensor_to_pil
+from zimage_lora.models.vae import decode_latents, tensor_to_pil
 from zimage_lora.quiet import quiet_libraries
 from zimage_lora.sampling.previews import build_contact_sheet, png_info, preview_prompts, save_png
 from zimage_lora.sampling.sampler import denoise
@@ -76,8 +76,9 @@ def train(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False, prog
         log("warning: training raw Turbo undoes its distillation (Turbo drift); zimage_turbo_adapter avoids it")
 
     # --- data -------------------------------------------------------------------------------------------------
-    items = discover(cfg.datasets, cfg.job.trigger_word)
-    samples = build_samples(items, [ds.resolutions for ds in cfg.datasets])
+    warn = lambda message: log(f"warning: {message}")  # noqa: E731
+    items = discover(cfg.datasets, cfg.job.trigger_word, warn)
+    samples = build_samples(items, [ds.resolutions for ds in cfg.datasets], warn)
     buckets = sorted({s.bucket for s in samples})
     log(
         f"data: {len(items)} images, {len(samples)} samples in {len(buckets)} buckets "
@@ -121,7 +122,7 @@ def train(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False, prog
         fixed = [cfg.job.trigger_word or cfg.datasets[it.dataset].default_caption for it in items]
         items = [type(it)(it.path, caption, it.dataset) for it, caption in zip(items, fixed, strict=False)]
         log(f"unload_text_encoder: captions ignored, every step uses {fixed[0]!r}; the text encoder is unloaded")
-    text = _TextConditioner(comps.tokenizer, comps.text_encoder, device)
+    text = PromptEmbeddings(comps.tokenizer, comps.text_encoder, device)
     if cfg.train.cache_text_embeddings or cfg.train.unload_text_encoder:
         prompts = {it.caption for it in items} | {""} | {p.prompt for p in previews} | {cfg.sample.negative_prompt}
         text.cache(sorted(prompts))
@@ -129,9 +130,16 @@ def train(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False, prog
         comps.text_encoder = None
         log(f"text: {len(prompts)} distinct prompts encoded once; the text encoder left the device")
 
-    # --- latents ----------------------------------------------------------------------------------------------
-    comps.vae.to(device)
-    latents = _LatentSource(items, samples, comps.vae, device, cfg.datasets, log)
+    # --- latents: one caching pass, then the VAE leaves the device ---------------------------------------------
+    latents = LatentStore(comps.vae, device, log=log)
+    cached = [
+        (items[s.item].path, s.bucket, Path(cfg.datasets[items[s.item].dataset].cache_dir))
+        for s in samples
+        if cfg.datasets[items[s.item].dataset].cache_latents
+    ]
+    if cached:
+        encoded, reused = latents.prepare(cached)
+        log(f"latents: {encoded} encoded, {reused} reused from the cache")
     if all(ds.cache_latents for ds in cfg.datasets):
         comps.vae.to("cpu")
 
@@ -253,7 +261,7 @@ def train(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False, prog
 
 # --- one training step ---------------------------------------------------------------------------------------
 def _batch_loss(batch: list[Sample], cfg, arch, model, latents, text, items, noise_gen, choice_rng, device, dtype):
-    x0 = latents.get(batch).to(device)
+    x0 = torch.stack([latents.get(items[s.item].path, s.bucket) for s in batch]).to(device)
     captions = []
     for s in batch:
         item = items[s.item]
@@ -276,94 +284,6 @@ def _batch_loss(batch: list[Sample], cfg, arch, model, latents, text, items, noi
     inputs = list(x_t.to(dtype).unsqueeze(2).unbind(0))
     output = model(inputs, flow.model_time(sigma), caps, return_dict=False)[0]
     return flow.flow_loss([o.squeeze(1) for o in output], x0, noise, weights)
-
-
-# --- text ----------------------------------------------------------------------------------------------------
-class _TextConditioner:
-    """Prompt embeddings: from the cache when one was built, else encoded on demand."""
-
-    def __init__(self, tokenizer, encoder, device):
-        self.tokenizer, self.encoder, self.device = tokenizer, encoder, device
-        self.cached: dict[str, torch.Tensor] = {}
-        if encoder is not None:
-            encoder.to(device)
-
-    def cache(self, prompts: list[str]) -> None:
-        for prompt, emb in zip(
-            prompts, encode_prompts(self.tokenizer, self.encoder, prompts, device=self.device), strict=False
-        ):
-            self.cached[prompt] = emb.detach().to("cpu")
-
-    def release(self) -> None:
-        self.encoder.to("cpu")
-        self.encoder = None
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[str]) -> list[torch.Tensor]:
-        missing = sorted({p for p in prompts if p not in self.cached})
-        if missing and self.encoder is None:
-            raise RuntimeError(f"prompt not cached and the text encoder is gone: {missing[0]!r}")
-        fresh = (
-            dict(zip(missing, encode_prompts(self.tokenizer, self.encoder, missing, device=self.device), strict=False))
-            if missing
-            else {}
-        )
-        return [self.cached[p] if p in self.cached else fresh[p] for p in prompts]
-
-
-# --- latents -------------------------------------------------------------------------------------------------
-class _LatentSource:
-    """Latents per training sample: from the on-disk cache (encoded once, up front) or encoded per batch."""
-
-    def __init__(self, items, samples: list[Sample], vae, device, datasets, log):
-        self.items, self.samples, self.vae, self.device = items, samples, vae, device
-        self.memory: dict[tuple[Path, tuple[int, int]], torch.Tensor] = {}
-        self.cached_datasets = {i for i, ds in enumerate(datasets) if ds.cache_latents}
-        wanted = sorted(
-            {
-                (items[s.item].path, s.bucket, items[s.item].dataset)
-                for s in samples
-                if items[s.item].dataset in self.cached_datasets
-            },
-            key=lambda k: (str(k[0]), k[1]),
-        )
-        if not wanted:
-            return
-        vae_id = latent_cache.vae_identity(vae)
-        encoded = reused = 0
-        todo: dict[tuple[int, int], list[tuple[Path, Path]]] = {}
-        for path, bucket, ds_index in wanted:
-            entry = Path(datasets[ds_index].cache_dir) / latent_cache.entry_name(
-                latent_cache.file_digest(path), bucket, vae_id
-            )
-            latent = latent_cache.read_entry(entry)
-            if latent is None:
-                todo.setdefault(bucket, []).append((path, entry))
-            else:
-                self.memory[(path, bucket)] = latent
-                reused += 1
-        for bucket, jobs in sorted(todo.items()):
-            for i in range(0, len(jobs), 4):
-                chunk = jobs[i : i + 4]
-                z = self._encode([p for p, _ in chunk], bucket)
-                for (path, entry), latent in zip(chunk, z, strict=False):
-                    latent_cache.write_entry(entry, latent, path)
-                    self.memory[(path, bucket)] = latent
-                    encoded += 1
-        log(f"latents: {encoded} encoded, {reused} reused from the cache")
-
-    @torch.no_grad()
-    def _encode(self, paths: list[Path], bucket: tuple[int, int]) -> torch.Tensor:
-        pixels = torch.stack([pil_to_tensor(crop_to_bucket(load_rgb(p), bucket)) for p in paths])
-        self.vae.to(self.device)
-        return encode_latents(self.vae, pixels.to(self.device, self.vae.dtype)).float().cpu()
-
-    def get(self, batch: list[Sample]) -> torch.Tensor:
-        out = []
-        for s in batch:
-            key = (self.items[s.item].path, s.bucket)
-            out.append(self.memory[key] if key in self.memory else self._encode([key[0]], s.bucket)[0])
-        return torch.stack(out)
 
 
 # --- sampling ------------------------------------------------------------------------------------------------

@@ -86,9 +86,12 @@ class LatentStore:
     def prepare(self, wanted: Iterable[tuple[Path, Bucket, Path]]) -> tuple[int, int]:
         """Make sure every (image, bucket) has a cache entry in its cache folder; returns (encoded, reused)."""
         todo: dict[Bucket, list[tuple[Path, Path]]] = {}
+        digests: dict[Path, str] = {}  # each file is read and hashed once, whatever its number of buckets
         reused = 0
         for path, bucket, cache_dir in sorted(set(wanted), key=lambda w: (str(w[0]), w[1])):
-            entry = Path(cache_dir) / entry_name(file_digest(path), bucket, self.vae_id)
+            if path not in digests:
+                digests[path] = file_digest(path)
+            entry = Path(cache_dir) / entry_name(digests[path], bucket, self.vae_id)
             latent = read_entry(entry)
             if latent is None:
                 todo.setdefault(bucket, []).append((path, entry))

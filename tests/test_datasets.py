@@ -398,3 +398,18 @@ def test_dataset_check_fails_only_when_nothing_can_train(tmp_path):
     )
     assert proc.returncode == 2
     assert "cannot train" in proc.stdout and "unreadable: b.png" in proc.stdout
+
+
+@pytest.mark.parametrize("res", [512, 768, 1024])
+def test_the_chosen_bucket_is_the_nearest_in_aspect_ratio(res):
+    import math
+
+    from zimage_lora.data.dataset import bucket_sizes, nearest_bucket
+
+    rng = np.random.default_rng(res)
+    buckets = bucket_sizes(res)
+    for w, h in rng.integers(100, 6000, size=(300, 2)):
+        chosen = nearest_bucket(int(w), int(h), res)
+        gap = abs(math.log(chosen[0] / chosen[1]) - math.log(w / h))
+        assert all(gap <= abs(math.log(bw / bh) - math.log(w / h)) + 1e-12 for bw, bh in buckets)
+        assert abs(chosen[0] * chosen[1] - res * res) <= 0.1 * res * res

@@ -140,8 +140,8 @@ def train(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False, prog
     if cached:
         encoded, reused = latents.prepare(cached)
         log(f"latents: {encoded} encoded, {reused} reused from the cache")
-    if all(ds.cache_latents for ds in cfg.datasets):
-        comps.vae.to("cpu")
+    vae_home = torch.device("cpu") if all(ds.cache_latents for ds in cfg.datasets) else device
+    comps.vae.to(vae_home)  # with every latent cached, the VAE only visits the device to decode previews
 
     optimizer = build_optimizer(cfg.train.optimizer, params, cfg.train.lr, cfg.train.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.train.lr_scheduler, cfg.train.warmup_steps, cfg.train.steps)
@@ -174,6 +174,7 @@ def train(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False, prog
             _sample_round(
                 step,
                 previews,
+                vae_home=vae_home,
                 model=transformer,
                 comps=comps,
                 text=text,
@@ -287,7 +288,7 @@ def _batch_loss(batch: list[Sample], cfg, arch, model, latents, text, items, noi
 
 
 # --- sampling ------------------------------------------------------------------------------------------------
-def _sample_round(step, previews, *, model, comps, text, run, arch, accelerator, device) -> list[Path]:
+def _sample_round(step, previews, *, vae_home, model, comps, text, run, arch, accelerator, device) -> list[Path]:
     paths = []
     was_training = model.training
     model.eval()
@@ -305,6 +306,7 @@ def _sample_round(step, previews, *, model, comps, text, run, arch, accelerator,
     finally:
         network.activate(model, adapter_on=arch.uses_adapter)
         model.train(was_training)
+        comps.vae.to(vae_home)
     build_contact_sheet(run.samples_dir, [p.prompt for p in previews])
     return paths
 

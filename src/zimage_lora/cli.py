@@ -116,6 +116,66 @@ def demo(
     _report(result)
 
 
+@app.command()
+def generate(
+    model: str = typer.Option(..., help="Base model: hub id (optionally @revision) or a diffusers-layout folder."),
+    arch: str = typer.Option("zimage_turbo", help="zimage_turbo (8 steps, no CFG), zimage_deturbo or zimage_base."),
+    lora: list[str] = typer.Option([], help="LoRA file, optionally FILE:WEIGHT (repeatable)."),
+    prompt: str = typer.Option(..., help="The prompt."),
+    negative: str = typer.Option("", help="Negative prompt (used when guidance > 1)."),
+    steps: int = typer.Option(None, min=1, help="Transformer forwards; default from the arch."),
+    guidance: float = typer.Option(None, min=0, help="Classic CFG scale (<= 1: none); default from the arch."),
+    width: int = typer.Option(1024),
+    height: int = typer.Option(1024),
+    seed: int = typer.Option(42),
+    count: int = typer.Option(1, min=1, help="Images to make, with seeds seed, seed+1, ..."),
+    out: Path = typer.Option(Path("generated"), help="Folder for the PNGs (settings in their text metadata)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Generate images with a base model and LoRAs (the guide's "Run LoRA")."""
+    from zimage_lora.quiet import quiet_libraries
+    from zimage_lora.sampling.generate import LoraSpec
+    from zimage_lora.sampling.generate import generate as run_generate
+
+    quiet_libraries()
+    specs = [LoraSpec.parse(text) for text in lora]
+    paths = run_generate(
+        model,
+        arch,
+        specs,
+        prompt,
+        negative,
+        steps,
+        guidance,
+        width,
+        height,
+        seed,
+        count,
+        out,
+        device=device,
+        progress=progress,
+    )
+    for path in paths:
+        typer.echo(str(path))
+
+
+@app.command()
+def compare(
+    job: Path = typer.Argument(..., help="The job file (YAML)."),
+    vary: list[str] = typer.Option(..., help="One variant: KEY=VALUE, or several joined by ';' (repeat, 2+)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Train the job once per variant and put their previews side by side (the guide's A/B test)."""
+    from zimage_lora.training.compare import compare as run_compare
+
+    result = run_compare(job, vary, progress=progress)
+    for label, run in zip(result.variants, result.runs, strict=True):
+        typer.echo(f"{label}: {run.final_lora} (final loss {run.last_loss:.4f})")
+    typer.echo(f"grids: {result.folder} ({len(result.grids)} steps)")
+    typer.echo(f"summary: {result.summary}")
+
+
 @dataset_app.command("check")
 def dataset_check(
     folder: Path = typer.Argument(..., help="The dataset folder."),

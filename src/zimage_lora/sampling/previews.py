@@ -50,7 +50,7 @@ def save_png(path: Path, image: Image.Image, info: dict) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def png_info(prompt: PreviewPrompt, step: int, arch: str) -> dict:
+def png_info(prompt: PreviewPrompt, step: int, arch: str, shift: float) -> dict:
     return {
         "prompt": prompt.prompt,
         "negative_prompt": prompt.negative_prompt,
@@ -58,38 +58,54 @@ def png_info(prompt: PreviewPrompt, step: int, arch: str) -> dict:
         "lora_scale": prompt.lora_scale,
         "training_step": step,
         "arch": arch,
+        "shift": shift,
         "software": "zimage-lora",
     }
 
 
 def build_contact_sheet(samples_dir: Path, prompts: list[str], thumb: int = 256) -> Path | None:
     """Grid of every preview: one row per prompt, one column per step. Rebuilt from the files on disk."""
-    found: dict[tuple[int, int], Path] = {}
-    for p in Path(samples_dir).glob("*.png"):
-        if m := SAMPLE_RE.match(p.name):
-            found[(int(m.group(1)), int(m.group(2)))] = p
+    found = preview_files(samples_dir)
     if not found:
         return None
     steps = sorted({s for s, _ in found})
     rows = sorted({i for _, i in found})
+    cells = [[found.get((step, index)) for step in steps] for index in rows]
+    labels = [prompts[i] if i < len(prompts) else f"prompt {i}" for i in rows]
+    path = Path(samples_dir) / "contact_sheet.png"
+    save_grid(path, cells, labels, [f"step {step}" for step in steps], thumb)
+    return path
+
+
+def preview_files(samples_dir: Path) -> dict[tuple[int, int], Path]:
+    """Preview PNGs of a run by (step, prompt index)."""
+    found = {}
+    for p in Path(samples_dir).glob("*.png"):
+        if m := SAMPLE_RE.match(p.name):
+            found[(int(m.group(1)), int(m.group(2)))] = p
+    return found
+
+
+def save_grid(
+    path: Path, cells: list[list[Path | None]], row_labels: list[str], col_labels: list[str], thumb: int = 256
+) -> None:
+    """A labelled grid of images (missing cells left white), written atomically."""
     label_w, head_h = 220, 24
-    sheet = Image.new("RGB", (label_w + thumb * len(steps), head_h + thumb * len(rows)), "white")
+    n_cols = max((len(r) for r in cells), default=0)
+    sheet = Image.new("RGB", (label_w + thumb * n_cols, head_h + thumb * len(cells)), "white")
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
-    for c, step in enumerate(steps):
-        draw.text((label_w + c * thumb + 4, 4), f"step {step}", fill="black", font=font)
-    for r, index in enumerate(rows):
-        text = prompts[index] if index < len(prompts) else f"prompt {index}"
-        draw.multiline_text((4, head_h + r * thumb + 4), _wrap(text, 34), fill="black", font=font)
-        for c, step in enumerate(steps):
-            if (step, index) in found:
-                with Image.open(found[(step, index)]) as im:
+    for c, label in enumerate(col_labels):
+        draw.text((label_w + c * thumb + 4, 4), _wrap(label, 40, 1), fill="black", font=font)
+    for r, row in enumerate(cells):
+        draw.multiline_text((4, head_h + r * thumb + 4), _wrap(row_labels[r], 34), fill="black", font=font)
+        for c, cell in enumerate(row):
+            if cell is not None:
+                with Image.open(cell) as im:
                     sheet.paste(_fit(im.convert("RGB"), thumb), (label_w + c * thumb, head_h + r * thumb))
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG")
-    path = Path(samples_dir) / "contact_sheet.png"
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    atomic_write_bytes(Path(path), buffer.getvalue())
 
 
 def _fit(image: Image.Image, box: int) -> Image.Image:

@@ -301,7 +301,7 @@ def _sample_round(step, previews, *, vae_home, model, comps, text, run, arch, ac
             with torch.no_grad():
                 image = tensor_to_pil(decode_latents(comps.vae, z.to(device, comps.vae.dtype)))[0]
             path = run.sample_path(step, index)
-            save_png(path, image, png_info(p, step, arch.name))
+            save_png(path, image, png_info(p, step, arch.name, comps.scheduler.config.shift))
             paths.append(path)
     finally:
         network.activate(model, adapter_on=arch.uses_adapter)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -50,7 +51,14 @@ def trained(tmp_path_factory, tiny_model_dir, tiny_adapter):
             "model": {"name_or_path": str(tiny_model_dir), "training_adapter": str(tiny_adapter)},
             "save": {"every": 2, "keep": 1},
             "train": {"lr": 2e-2},
-            "sample": {"every": 3, "prompts": ["[trigger], a cartoon fox head", {"prompt": "a red car", "seed": 3}]},
+            "sample": {
+                "every": 3,
+                "prompts": [
+                    "[trigger], a cartoon fox head",
+                    {"prompt": "a red car", "seed": 3},
+                    {"prompt": "[trigger], a cartoon fox head", "lora_scale": 0.0},
+                ],
+            },
         },
     )
     (root / "job.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
@@ -81,21 +89,39 @@ def test_samples_carry_settings_and_contact_sheet(trained):
     root, result = trained
     samples = root / "output" / "tiny" / "samples"
     names = sorted(p.name for p in samples.glob("0*.png"))
-    assert names == [
-        "000000000_00.png",
-        "000000000_01.png",
-        "000000003_00.png",
-        "000000003_01.png",
-        "000000006_00.png",
-        "000000006_01.png",
-    ]
+    assert names == [f"{step:09d}_{i:02d}.png" for step in (0, 3, 6) for i in range(3)]
     with Image.open(samples / "000000003_01.png") as im:
         info = json.loads(im.text["parameters"])
     assert info["prompt"] == "a red car" and info["seed"] == 3 and info["steps"] == 8 and info["guidance"] == 1.0
     with Image.open(samples / "000000000_00.png") as im:
         assert json.loads(im.text["parameters"])["prompt"] == "zfox, a cartoon fox head"
     with Image.open(samples / "contact_sheet.png") as sheet:
-        assert sheet.width > 3 * 64 and sheet.height > 2 * 64  # 3 steps x 2 prompts
+        assert sheet.size == (220 + 3 * 256, 24 + 3 * 256)  # 3 steps x 3 prompts
+
+
+def test_preview_lora_scale_and_the_adapter_off(trained, tiny_model_dir):
+    """Previews run without the adapter: at lora_scale 0 the last preview is the step-0 (plain Turbo) image."""
+    from diffusers import ZImagePipeline
+
+    root, _ = trained
+    pipe = ZImagePipeline.from_pretrained(str(tiny_model_dir))
+    turbo = pipe(
+        "zfox, a cartoon fox head",
+        width=64,
+        height=64,
+        num_inference_steps=8,
+        guidance_scale=0.0,
+        generator=torch.Generator().manual_seed(42),
+    ).images[0]
+    samples = root / "output" / "tiny" / "samples"
+    pixels = {
+        name: np.asarray(Image.open(samples / name))
+        for name in ("000000000_00.png", "000000006_00.png", "000000006_02.png", "000000000_02.png")
+    }
+    assert np.abs(pixels["000000000_00.png"].astype(int) - np.asarray(turbo).astype(int)).max() <= 1  # plain Turbo
+    assert np.array_equal(pixels["000000006_02.png"], pixels["000000000_00.png"])
+    assert np.array_equal(pixels["000000000_02.png"], pixels["000000000_00.png"])
+    assert not np.array_equal(pixels["000000006_00.png"], pixels["000000000_00.png"])  # the LoRA shows at scale 1
 
 
 def test_lora_file_holds_only_targeted_modules_with_comfyui_names(trained, tiny_model_dir):

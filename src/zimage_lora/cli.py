@@ -201,6 +201,9 @@ def dataset_check(
 
 
 def _report(result) -> None:
+    if result.stopped_at is not None:
+        typer.echo(f"stopped at step {result.stopped_at}, saved in {result.run_dir}; continue with --resume")
+        return
     if result.first_loss is not None:
         typer.echo(
             f"loss: {result.first_loss:.4f} at the start, {result.last_loss:.4f} at the end (means of up to 20 steps)"

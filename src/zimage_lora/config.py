@@ -62,7 +62,10 @@ TimestepBias = Literal["balanced", "high_noise", "low_noise"]
 MixedPrecision = Literal["auto", "bf16", "fp16", "no"]
 
 # Image sides must be multiples of 16: the VAE downsamples by 8 and the transformer patchifies latents 2x2.
-ImageSide = Annotated[int, Field(ge=64, multiple_of=16)]
+ImageSide = Annotated[int, Field(ge=64, le=4096, multiple_of=16)]
+# Generous ceilings: past them a value is a typo, not a plan.
+MAX_STEPS = 10_000_000
+MAX_BATCH = 1024
 
 
 # Per-architecture facts (default weights, preview steps and guidance, shift) live in one place.
@@ -97,15 +100,22 @@ def _local_path(value: str | None, info: ValidationInfo) -> str | None:
     return os.path.abspath(path if path.is_absolute() else base / path)
 
 
+HUB_REF = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?(/[\w./ -]+)?$")
+
+
 def _hub_or_local(value: str | None, info: ValidationInfo) -> str | None:
     """A hub id (``owner/name[@revision]`` or ``owner/name/file``) or a local path; only local ones are resolved."""
     base = _base_dir(info)
+    if value == "":
+        return None  # an empty entry means "not set" (the arch's default model, no adapter)
     if value is None or base is None:
         return value
     path = Path(value).expanduser()
     explicit = path.is_absolute() or value.startswith(("./", "../", ".\\", "..\\", "~")) or value in (".", "..")
     if explicit or (base / path).exists():
         return os.path.abspath(path if path.is_absolute() else base / path)
+    if not HUB_REF.match(value):
+        raise ValueError(f"{value!r} is neither an existing path nor a hub id like owner/name[@revision]")
     return value
 
 
@@ -128,6 +138,17 @@ class _Section(BaseModel):
     def _empty_section(cls, data: Any) -> Any:
         # `train:` with every key commented out reads as null; treat it as an empty section.
         return {} if data is None else data
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_number_mixups(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic would read `every: true` as 1 and `gradient_checkpointing: 0` as false: both are typos.
+        annotation = cls.model_fields[info.field_name].annotation
+        if annotation is bool and not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        if isinstance(value, bool) and annotation in (int, float, int | None, float | None):
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
 
 
 class JobSection(_Section):
@@ -207,7 +228,7 @@ class TargetSection(_Section):
     model_config = ConfigDict(extra="forbid")
 
     type: NetworkType = Field("lora", description="Kind of trainable network.")
-    rank: int = Field(16, ge=1, description="Rank of the low-rank update: capacity (and file size).")
+    rank: int = Field(16, ge=1, le=1024, description="Rank of the low-rank update: capacity (and file size).")
     alpha: float | None = Field(None, gt=0, description="Scale numerator (update x alpha/rank); empty = rank.")
     modules: str | None = Field(
         None,
@@ -243,8 +264,10 @@ class SaveSection(_Section):
     model_config = ConfigDict(extra="forbid")
 
     dtype: SaveDtype = Field("bf16", description="Precision of the saved LoRA weights.")
-    every: int = Field(250, ge=1, description="Save a checkpoint every this many steps.")
-    keep: int = Field(4, ge=1, description="How many intermediate checkpoints to keep (older ones are deleted).")
+    every: int = Field(250, ge=1, le=MAX_STEPS, description="Save a checkpoint every this many steps.")
+    keep: int = Field(
+        4, ge=1, le=10_000, description="How many intermediate checkpoints to keep (older ones are deleted)."
+    )
 
 
 class EmaSection(_Section):
@@ -266,7 +289,7 @@ class ValidationSection(_Section):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(False, description="Measure loss on held-out images at fixed noise levels.")
-    every: int = Field(250, ge=1, description="Run validation every this many steps.")
+    every: int = Field(250, ge=1, le=MAX_STEPS, description="Run validation every this many steps.")
     sigmas: list[Annotated[float, Field(gt=0, le=1)]] = Field(
         [0.25, 0.5, 0.75], min_length=1, description="Noise levels (0..1] at which validation loss is measured."
     )
@@ -281,16 +304,16 @@ class ValidationSection(_Section):
 class TrainSection(_Section):
     model_config = ConfigDict(extra="forbid")
 
-    batch_size: int = Field(1, ge=1, description="Images per forward pass.")
-    grad_accum: int = Field(1, ge=1, description="Forward passes per optimizer step.")
-    steps: int = Field(3000, ge=1, description="Optimizer steps in the run.")
+    batch_size: int = Field(1, ge=1, le=MAX_BATCH, description="Images per forward pass.")
+    grad_accum: int = Field(1, ge=1, le=MAX_BATCH, description="Forward passes per optimizer step.")
+    steps: int = Field(3000, ge=1, le=MAX_STEPS, description="Optimizer steps in the run.")
     optimizer: Optimizer = Field(
         "adamw8bit", description="Optimizer (adamw8bit keeps its state in 8 bits to save memory)."
     )
     lr: float = Field(1e-4, gt=0, description="Learning rate.")
     weight_decay: float = Field(1e-4, ge=0, description="Decoupled weight decay.")
     lr_scheduler: Scheduler = Field("constant", description="Learning-rate schedule after warmup.")
-    warmup_steps: int = Field(0, ge=0, description="Steps of linear warmup from 0 to lr.")
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Steps of linear warmup from 0 to lr.")
     max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm to this value (0 = no clipping).")
     loss: Literal["mse"] = Field("mse", description="Loss between predicted and target velocity.")
     timestep_type: TimestepType = Field("weighted", description="How training noise levels are drawn.")
@@ -333,7 +356,9 @@ class DatasetSection(_Section):
     resolutions: list[ImageSide] = Field(
         [512, 768, 1024], min_length=1, description="Training resolutions (multiples of 16, >= 64), bucketed by aspect."
     )
-    repeats: int = Field(1, ge=1, description="How many times each image counts per epoch (balances datasets).")
+    repeats: int = Field(
+        1, ge=1, le=10_000, description="How many times each image counts per epoch (balances datasets)."
+    )
     recursive: bool = Field(False, description="Also take images from sub-folders (the cache folder is skipped).")
 
     @field_validator("caption_ext", mode="before")
@@ -375,7 +400,7 @@ class SamplePrompt(_Section):
 class SampleSection(_Section):
     model_config = ConfigDict(extra="forbid")
 
-    every: int = Field(250, ge=1, description="Render previews every this many steps.")
+    every: int = Field(250, ge=1, le=MAX_STEPS, description="Render previews every this many steps.")
     width: ImageSide = Field(1024, description="Preview width (multiple of 16).")
     height: ImageSide = Field(1024, description="Preview height (multiple of 16).")
     steps: int | None = Field(None, ge=1, description="Transformer forwards per preview; empty = the arch's default.")

@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
+from zimage_lora import faults
 from zimage_lora.data.dataset import crop_to_bucket, load_rgb
 from zimage_lora.lora.io import atomic_write_bytes, serialize_safetensors
 from zimage_lora.models.vae import encode_latents, pil_to_tensor
@@ -106,6 +107,7 @@ class LatentStore:
                     write_entry(entry, latent, path)
                     self.memory[(path, bucket)] = latent
                     encoded += 1
+                    faults.fire("cache.entry", encoded)
         return encoded, reused
 
     @torch.no_grad()

@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
+from zimage_lora import faults
 from zimage_lora.errors import UserError
 
 PREFIX = "diffusion_model."
@@ -57,16 +58,28 @@ class LoraFile:
     layout: str  # "diffusion_model" | "diffusers" | "kohya"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash at any moment leaves the old file or the new one."""
+def atomic_write_bytes(path: Path, data: bytes, fault: str | None = None, index: int | None = None) -> None:
+    """Write ``data`` to ``path`` so that a crash at any moment leaves the old file or the new one.
+
+    ``fault`` names the write for fault injection (``<fault>.tmp`` after the temporary file is on disk,
+    ``<fault>.renamed`` after it replaced the target); see ``zimage_lora.faults``.
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if fault:
+            faults.fire(f"{fault}.tmp", index)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full, Ctrl-C) leaves the old file and no debris
+        raise
     fsync_dir(path.parent)
+    if fault:
+        faults.fire(f"{fault}.renamed", index)
 
 
 def fsync_dir(folder: Path) -> None:
@@ -94,12 +107,17 @@ def lora_state_dict(modules: Mapping[str, LoraWeights], dtype: torch.dtype) -> d
 
 
 def save_lora(
-    path: Path, modules: Mapping[str, LoraWeights], dtype: str | torch.dtype, metadata: Mapping[str, str]
+    path: Path,
+    modules: Mapping[str, LoraWeights],
+    dtype: str | torch.dtype,
+    metadata: Mapping[str, str],
+    fault: str | None = None,
+    index: int | None = None,
 ) -> None:
     """Write a LoRA file atomically. Same weights and metadata give the same bytes."""
     torch_dtype = SAVE_DTYPES[dtype] if isinstance(dtype, str) else dtype
     meta = {str(k): str(v) for k, v in sorted(metadata.items())}
-    atomic_write_bytes(Path(path), serialize_safetensors(lora_state_dict(modules, torch_dtype), meta))
+    atomic_write_bytes(Path(path), serialize_safetensors(lora_state_dict(modules, torch_dtype), meta), fault, index)
 
 
 _ST_DTYPES = {

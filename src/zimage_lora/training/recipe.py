@@ -7,21 +7,25 @@ then save and sample.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from tqdm import tqdm
 
-from zimage_lora import __version__
-from zimage_lora.config import DEFAULT_TARGET_REGEX, JobConfig, dump_yaml, run_dir
+from zimage_lora import __version__, faults
+from zimage_lora.config import DEFAULT_TARGET_REGEX, JobConfig, dump_yaml, job_to_dict, run_dir
 from zimage_lora.data.cache import LatentStore
 from zimage_lora.data.dataset import Sample, build_samples, discover, epoch_batches
 from zimage_lora.data.text_cache import PromptEmbeddings
@@ -51,13 +55,50 @@ class TrainResult:
     last_loss: float | None = None  # mean over the last LOSS_WINDOW steps
     samples: list[Path] = field(default_factory=list)
     contact_sheet: Path | None = None
+    stopped_at: int | None = None  # set when a signal stopped the run early (saved; resume with --resume)
 
 
 def train(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> TrainResult:
+    """Run a job. Out of memory and a full disk end in one sentence saying what to change; nothing saved is lost."""
+    try:
+        return _train(cfg, resume=resume, overwrite=overwrite, progress=progress)
+    except torch.OutOfMemoryError as e:
+        raise UserError(out_of_memory_advice(cfg, str(e).splitlines()[0])) from None
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise UserError(
+            f"disk full while writing in {run_dir(cfg)} ({e.strerror}); the files saved before are intact: free "
+            "some space (or lower save.keep), then continue with --resume"
+        ) from None
+
+
+def out_of_memory_advice(cfg: JobConfig, what: str) -> str:
+    """The config changes that lower memory, from the ones that help most, leaving out what the job already does."""
+    tips = []
+    if not cfg.train.gradient_checkpointing:
+        tips.append("train.gradient_checkpointing: true")
+    if not (cfg.train.cache_text_embeddings or cfg.train.unload_text_encoder):
+        tips.append("train.cache_text_embeddings: true (frees the 8 GB text encoder)")
+    biggest = max(r for ds in cfg.datasets for r in ds.resolutions)
+    if biggest > 512:
+        tips.append(f"drop resolution {biggest} from datasets[].resolutions")
+    if cfg.train.batch_size > 1:
+        tips.append(f"train.batch_size: 1 with train.grad_accum: {cfg.train.batch_size * cfg.train.grad_accum}")
+    if cfg.target.rank > 16:
+        tips.append("a lower target.rank")
+    tips.append("float8 quantization and layer offloading (planned; not built yet)")
+    return f"out of memory ({what}); to fit, try: " + "; ".join(tips)
+
+
+def _train(cfg: JobConfig, *, resume: bool, overwrite: bool, progress: bool) -> TrainResult:
     quiet_libraries()
     arch = ARCHS[cfg.model.arch]
     run = RunFolder(run_dir(cfg), cfg.job.name)
     run.prepare(resume=resume, overwrite=overwrite)
+    saved_config = run.root / "config.yaml"
+    if resume and run.states() and saved_config.is_file():  # before any model loads: a refusal must be quick
+        check_resumable(yaml.safe_load(saved_config.read_text()) or {}, job_to_dict(cfg), run.states()[-1][0])
     log = _Logger(run.root / "train.log", echo=True)
 
     # --- devices and precision --------------------------------------------------------------------------------
@@ -152,19 +193,21 @@ def train(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False, prog
     choice_rng = random.Random(cfg.job.seed)
     position = {"epoch": 0, "batch": 0}
     start_step = 0
-    if resume:
-        state = run.read_latest_state()
-        if state is None:
-            raise UserError(f"--resume: no readable training state in {run.state_dir}")
+    state = run.read_latest_state() if resume else None
+    if state is not None:
         start_step = _restore(state, transformer, optimizer, scheduler, noise_gen, choice_rng, position)
         log(f"resumed from step {start_step}")
+    elif resume:
+        log("--resume: nothing was saved yet; starting from step 0")
 
     def save(step: int, final: bool = False) -> Path:
         meta = _lora_metadata(cfg, arch, step, comps.source)
         path = run.final_path if final else run.checkpoint_path(step)
-        save_lora(path, network.user_lora_weights(transformer), cfg.save.dtype, meta)
-        run.write_state(step, _state(step, transformer, optimizer, scheduler, noise_gen, choice_rng, position))
+        save_lora(path, network.user_lora_weights(transformer), cfg.save.dtype, meta, fault="save.lora", index=step)
+        state = _state(step, transformer, optimizer, scheduler, noise_gen, choice_rng, position)
+        run.write_state(step, state)
         run.rotate(cfg.save.keep)
+        faults.fire("save.rotated", step)
         return path
 
     sample_paths: list[Path] = []
@@ -194,6 +237,7 @@ def train(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False, prog
     batches = epoch_batches(samples, cfg.train.batch_size, cfg.job.seed, position["epoch"])
     smoothed = None
     losses: list[float] = []
+    stopped_at = None
     bar = tqdm(
         total=cfg.train.steps,
         initial=start_step,
@@ -202,52 +246,72 @@ def train(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False, prog
         unit="step",
         file=sys.stderr,
     )
-    for step in range(start_step + 1, cfg.train.steps + 1):
-        started = time.perf_counter()
-        total = 0.0
-        for _ in range(cfg.train.grad_accum):
-            if position["batch"] >= len(batches):
-                position["epoch"] += 1
-                position["batch"] = 0
-                batches = epoch_batches(samples, cfg.train.batch_size, cfg.job.seed, position["epoch"])
-            batch = [samples[i] for i in batches[position["batch"]]]
-            position["batch"] += 1
-            with accelerator.autocast():
-                loss = _batch_loss(
-                    batch, cfg, arch, model, latents, text, items, noise_gen, choice_rng, device, weight_dtype
+    stop = _StopRequests(log)
+    stop.install()
+    try:
+        for step in range(start_step + 1, cfg.train.steps + 1):
+            started = time.perf_counter()
+            total = 0.0
+            for _ in range(cfg.train.grad_accum):
+                if position["batch"] >= len(batches):
+                    position["epoch"] += 1
+                    position["batch"] = 0
+                    batches = epoch_batches(samples, cfg.train.batch_size, cfg.job.seed, position["epoch"])
+                batch = [samples[i] for i in batches[position["batch"]]]
+                position["batch"] += 1
+                with accelerator.autocast():
+                    loss = _batch_loss(
+                        batch, cfg, arch, model, latents, text, items, noise_gen, choice_rng, device, weight_dtype
+                    )
+                accelerator.backward(loss / cfg.train.grad_accum)
+                total += loss.detach().float().item() / cfg.train.grad_accum
+            if faults.fire("loss", step):
+                total = float("nan")
+            if not math.isfinite(total):
+                raise NonFiniteLoss(
+                    f"step {step}: the loss is {total}; likely causes: learning rate too high ({cfg.train.lr:g}), "
+                    "fp16 overflow (use bf16), or a corrupt latent; the last good checkpoint is kept"
                 )
-            accelerator.backward(loss / cfg.train.grad_accum)
-            total += loss.detach().float().item() / cfg.train.grad_accum
-        if not math.isfinite(total):
-            raise NonFiniteLoss(
-                f"step {step}: the loss is {total}; likely causes: learning rate too high ({cfg.train.lr:g}), "
-                "fp16 overflow (use bf16), or a corrupt latent; the last good checkpoint is kept"
-            )
-        max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
-        grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
+            grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            faults.fire("step", step)
 
-        seconds = time.perf_counter() - started
-        smoothed = total if smoothed is None else 0.9 * smoothed + 0.1 * total
-        metrics.log({"step": step, "loss": total, "lr": lr, "grad_norm": grad_norm, "sec": round(seconds, 4)})
-        losses.append(total)
-        bar.set_postfix(loss=f"{smoothed:.4f}", refresh=False)
-        bar.update(1)
+            seconds = time.perf_counter() - started
+            smoothed = total if smoothed is None else 0.9 * smoothed + 0.1 * total
+            metrics.log({"step": step, "loss": total, "lr": lr, "grad_norm": grad_norm, "sec": round(seconds, 4)})
+            losses.append(total)
+            bar.set_postfix(loss=f"{smoothed:.4f}", refresh=False)
+            bar.update(1)
 
-        if step % cfg.save.every == 0 and step < cfg.train.steps:
-            path = save(step)
-            bar.write(f"saved {path.name}")
-        if cfg.sample.prompts and step % cfg.sample.every == 0 and step < cfg.train.steps:
-            sample(step)
+            saved = False
+            if step % cfg.save.every == 0 and step < cfg.train.steps:
+                bar.write(f"saved {save(step).name}")
+                saved = True
+            if stop.requested and step < cfg.train.steps:
+                if not saved:
+                    save(step)
+                stopped_at = step
+                break
+            if cfg.sample.prompts and step % cfg.sample.every == 0 and step < cfg.train.steps:
+                sample(step)
+    finally:
+        stop.restore()
+        bar.close()
 
-    bar.close()
     if losses:
         window = min(LOSS_WINDOW, len(losses))
         result.first_loss = sum(losses[:window]) / window
         result.last_loss = sum(losses[-window:]) / window
+    if stopped_at is not None:
+        metrics.close()
+        run.write_run_json(status="stopped", stopped_at=stopped_at, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        log(f"stopped at step {stopped_at} and saved; continue with: zimage-lora train JOB.yaml --resume")
+        result.stopped_at = stopped_at
+        return result
     final = save(cfg.train.steps, final=True)
     if cfg.sample.prompts and cfg.train.steps > start_step:
         sample(cfg.train.steps)
@@ -258,6 +322,34 @@ def train(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False, prog
     run.write_run_json(status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), final_lora=final.name)
     log(f"done: {final}")
     return result
+
+
+class _StopRequests:
+    """Ctrl-C or SIGTERM: finish the current step, save, stop (exit 0). A second Ctrl-C stops at once (exit 130);
+    every write is atomic, so even that leaves no damaged file."""
+
+    def __init__(self, log):
+        self.log, self.requested, self.previous = log, False, {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals reach only the main thread; a caller on another thread stops us another way
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.log(
+            f"{signal.Signals(signum).name}: finishing this step, then saving and stopping "
+            "(Ctrl-C again to stop at once)"
+        )
 
 
 # --- one training step ---------------------------------------------------------------------------------------
@@ -337,6 +429,40 @@ def _restore(state, model, optimizer, scheduler, noise_gen, choice_rng, position
     choice_rng.setstate(state["choice_rng"])
     position.update(state["position"])
     return int(state["step"])
+
+
+# Keys a resumed run may change: length, saving and previews. Anything else would make the run a different one.
+RESUMABLE_CHANGES = ("train.steps", "save.", "sample.", "job.device", "train.gradient_checkpointing")
+
+
+def check_resumable(saved: dict, current: dict, saved_step: int) -> None:
+    """Refuse a resume whose job changed in a way that breaks the run, naming the key."""
+    old, new = _flatten(saved), _flatten(current)
+    for key in [*old, *(k for k in new if k not in old)]:  # panel order: a key the user set before what follows
+        if key.startswith(RESUMABLE_CHANGES) or old.get(key) == new.get(key):
+            continue
+        raise UserError(
+            f"--resume: {key} changed ({old.get(key)!r} -> {new.get(key)!r}) since the run was saved; restore it, "
+            "or start afresh with --overwrite"
+        )
+    if new.get("train.steps", 0) <= saved_step:
+        raise UserError(
+            f"--resume: train.steps ({new.get('train.steps')}) must be more than the saved step ({saved_step})"
+        )
+
+
+def _flatten(data, prefix: str = "") -> dict:
+    if isinstance(data, dict):
+        out = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    if isinstance(data, list):
+        out = {}
+        for index, value in enumerate(data):
+            out.update(_flatten(value, f"{prefix}{index}."))
+        return out if data else {prefix.rstrip("."): []}
+    return {prefix.rstrip("."): data}
 
 
 # --- files ---------------------------------------------------------------------------------------------------

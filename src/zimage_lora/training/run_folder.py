@@ -75,10 +75,11 @@ class RunFolder:
             raise UserError(
                 f"{self.root} already holds a run; pass --resume to continue it or --overwrite to start afresh"
             )
-        if resume and not self.states():
-            raise UserError(f"--resume: {self.root} holds no saved training state to resume from")
         if overwrite and self.root.exists():
             self._clear()
+        if self.root.exists():  # debris of a write that a kill interrupted: never a checkpoint, so remove it
+            for debris in [*self.root.glob("*.tmp"), *self.state_dir.glob("*.tmp")]:
+                debris.unlink(missing_ok=True)
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             self.samples_dir.mkdir(parents=True, exist_ok=True)
@@ -109,7 +110,7 @@ class RunFolder:
         buffer = io.BytesIO()
         torch.save(state, buffer)
         path = self.state_path(step)
-        atomic_write_bytes(path, buffer.getvalue())
+        atomic_write_bytes(path, buffer.getvalue(), fault="save.state", index=step)
         return path
 
     def read_latest_state(self) -> dict | None:

@@ -1,0 +1,278 @@
+"""Never lose work: the trainer is interrupted, killed and starved on purpose, then resumed.
+
+Failures are placed deterministically with ``ZIMAGE_LORA_FAULT`` (see ``zimage_lora.faults``), except the random
+SIGKILL test, which kills a real process at random moments.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zimage_lora.config import load_job
+from zimage_lora.errors import ConfigError
+from zimage_lora.lora.io import read_lora
+
+STEPS = 8
+OVERRIDE = {"train": {"steps": STEPS, "optimizer": "adamw8bit"}, "save": {"every": 2, "keep": 2}}
+
+
+def cli(*args, fault: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("ZIMAGE_LORA_FAULT", None)
+    if fault:
+        env["ZIMAGE_LORA_FAULT"] = fault
+    return subprocess.run(
+        [sys.executable, "-m", "zimage_lora.cli", *args, "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def run_folder(job: Path) -> Path:
+    return job.parent / "output" / "tiny"
+
+
+def final_bytes(job: Path) -> bytes:
+    return (run_folder(job) / "tiny.safetensors").read_bytes()
+
+
+def every_top_level_file_loads(job: Path) -> None:
+    for path in run_folder(job).glob("*.safetensors"):
+        assert read_lora(path).modules, path  # a half-written file would fail here
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir, tiny_adapter):
+    """The uninterrupted run every interrupted one must reproduce, byte for byte."""
+    from conftest import BASE_JOB, demo_dataset, merge
+
+    root = tmp_path_factory.mktemp("reference")
+    demo_dataset(root / "dataset", 3)
+    data = merge(BASE_JOB, {"model": {"name_or_path": str(tiny_model_dir), "training_adapter": str(tiny_adapter)}})
+    (root / "job.yaml").write_text(yaml.safe_dump(merge(data, OVERRIDE), sort_keys=False))
+    proc = cli("train", str(root / "job.yaml"))
+    assert proc.returncode == 0, proc.stderr
+    return final_bytes(root / "job.yaml")
+
+
+def test_sigint_saves_and_resume_gives_the_same_lora(make_job, reference):
+    job = make_job(OVERRIDE)
+    stopped = cli("train", str(job), fault="sigint@step:3")
+    assert stopped.returncode == 0, stopped.stderr
+    assert "stopped at step 3" in stopped.stdout and "--resume" in stopped.stdout
+    assert (run_folder(job) / "state" / "000000003.pt").is_file()
+    assert not (run_folder(job) / "tiny.safetensors").exists()
+    every_top_level_file_loads(job)
+    resumed = cli("train", str(job), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert final_bytes(job) == reference
+
+
+@pytest.mark.parametrize(
+    "point", ["save.lora.tmp", "save.lora.renamed", "save.state.tmp", "save.state.renamed", "save.rotated"]
+)
+def test_killed_in_any_save_phase_resumes_to_the_same_lora(point, make_job, reference):
+    job = make_job(OVERRIDE)
+    killed = cli("train", str(job), fault=f"kill@{point}:4")
+    assert killed.returncode == -signal.SIGKILL
+    every_top_level_file_loads(job)  # a .tmp is never taken for a checkpoint
+    resumed = cli("train", str(job), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert final_bytes(job) == reference
+    assert not list(run_folder(job).rglob("*.tmp"))
+
+
+def test_second_sigint_exits_at_once_without_damage(make_job, reference):
+    job = make_job(OVERRIDE)
+    proc = cli("train", str(job), fault="sigint2@step:3")
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr
+    every_top_level_file_loads(job)
+    assert cli("train", str(job), "--resume").returncode == 0
+    assert final_bytes(job) == reference
+
+
+def test_killed_while_caching_latents(make_job, reference):
+    job = make_job(OVERRIDE)
+    assert cli("train", str(job), fault="kill@cache.entry:2").returncode == -signal.SIGKILL
+    cache = job.parent / "dataset" / ".zimage_cache"
+    assert len(list(cache.glob("*.safetensors"))) == 2 and not list(cache.glob("*.tmp"))
+    proc = cli("train", str(job), "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert "1 encoded, 2 reused" in proc.stderr
+    assert final_bytes(job) == reference
+
+
+def test_random_sigkills_always_resume_and_finish(make_job, tmp_path):
+    override = {**OVERRIDE, "train": {**OVERRIDE["train"], "steps": 60}, "save": {"every": 3, "keep": 2}}
+    straight = make_job(override, folder=tmp_path / "straight")
+    assert cli("train", str(straight)).returncode == 0
+    job = make_job(override, folder=tmp_path / "killed")
+    rng = random.Random(1234)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("ZIMAGE_LORA_FAULT", None)
+    kills = 0
+    for _attempt in range(40):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "zimage_lora.cli", "train", str(job), "--resume", "--no-progress"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        if kills < 10:
+            time.sleep(rng.uniform(2.5, 6.0))  # start-up takes ~2-3 s; the 60 steps a few more
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+        _, err = proc.communicate(timeout=300)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, err.decode()
+        every_top_level_file_loads(job)
+    assert proc.returncode == 0 and kills == 10
+    assert final_bytes(job) == final_bytes(straight)  # ten kills later, the very same LoRA
+    every_top_level_file_loads(job)
+
+
+def test_out_of_memory_disk_full_and_nan(make_job):
+    job = make_job(OVERRIDE)
+    oom = cli("train", str(job), fault="oom@step:2")
+    assert oom.returncode == 2 and "out of memory" in oom.stderr and "try:" in oom.stderr
+    assert "Traceback" not in oom.stderr
+    full = cli("train", str(job), "--overwrite", fault="diskfull@save.lora.tmp:4")
+    assert full.returncode == 2 and "disk full" in full.stderr and "--resume" in full.stderr
+    assert (run_folder(job) / "tiny_000000002.safetensors").is_file()  # the earlier save is intact
+    assert not list(run_folder(job).glob("*.tmp"))
+    every_top_level_file_loads(job)
+    nan = cli("train", str(job), "--overwrite", fault="nan@loss:5")
+    assert nan.returncode == 3 and "step 5" in nan.stderr and "learning rate" in nan.stderr
+    assert sorted(p.name for p in run_folder(job).glob("*.safetensors")) == [
+        "tiny_000000002.safetensors",
+        "tiny_000000004.safetensors",
+    ]
+    every_top_level_file_loads(job)
+
+
+def test_resume_refuses_changes_that_break_the_run(make_job):
+    job = make_job(OVERRIDE)
+    assert cli("train", str(job), fault="sigint@step:3").returncode == 0
+    for override, key in [
+        ("target.rank=8", "target.rank"),
+        ("train.lr=0.5", "train.lr"),
+        ("datasets.0.resolutions=[96]", "datasets.0.resolutions"),
+    ]:
+        proc = cli("train", str(job), "--resume", "--set", override)
+        assert proc.returncode == 2 and f"--resume: {key}" in proc.stderr, proc.stderr
+    accepted = cli("train", str(job), "--resume", "--set", "train.steps=10", "--set", "sample.every=5")
+    assert accepted.returncode == 0, accepted.stderr
+
+
+def test_unwritable_output_folder_is_reported_before_loading(make_job):
+    job = make_job()
+    (job.parent / "output").write_text("a file where the output folder should be")
+    start = time.perf_counter()
+    proc = cli("train", str(job))
+    assert proc.returncode == 2 and "job.output_dir" in proc.stderr and "Traceback" not in proc.stderr
+    assert "zimage-lora 0.1.0: job" not in proc.stderr  # stopped before any model work began
+    assert time.perf_counter() - start < 60
+
+
+# --- config fuzz ------------------------------------------------------------------------------------------------
+def malformed_jobs(base: dict) -> list[tuple[str, bytes]]:
+    """At least 200 broken job files: wrong types, out-of-range values, unknown keys at every level, bad bytes."""
+    rng = random.Random(7)
+    cases: list[tuple[str, bytes]] = [
+        ("empty", b""),
+        ("list", b"- a\n- b\n"),
+        ("scalar", b"42\n"),
+        ("non-utf8", b"job:\n  name: \xff\xfe\n"),
+        ("tabs", b"job:\n\tname: x\n"),
+        ("unclosed", b"job: {name: x\n"),
+        ("duplicate", b"version: 1\nversion: 1\n"),
+        ("binary", bytes(range(256))),
+    ]
+    bad_values = [None, -1, 0, 10**12, -(10**12), 1e309, "x", "", [], {}, [1, 2], {"a": 1}, True, 3.5, "nan"]
+    paths = []
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                paths.append(path + [key])
+                walk(value, path + [key])
+        elif isinstance(node, list) and node and isinstance(node[0], dict):
+            walk(node[0], path + [0])
+
+    walk(base, [])
+    for path in paths:
+        for value in rng.sample(bad_values, 7):
+            cases.append((f"{'.'.join(map(str, path))}={value!r}", _with(base, path, value)))
+    containers = [p for p in [[]] + paths if isinstance(_get(base, p), dict)]
+    for path in containers:
+        cases.append((f"{'.'.join(map(str, path))}.bogus", _with(base, path + ["bogus_key"], 1)))
+    return cases
+
+
+def _get(node, path):
+    for key in path:
+        node = node[key]
+    return node
+
+
+def _with(base, path, value) -> bytes:
+    import copy
+
+    data = copy.deepcopy(base)
+    node = data
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return yaml.safe_dump(data, allow_unicode=True).encode()
+
+
+def test_config_fuzz_every_malformed_job_is_one_line(make_job, tmp_path):
+    base = yaml.safe_load(make_job().read_text())
+    cases = malformed_jobs(base)
+    assert len(cases) >= 200
+    accepted = []
+    for name, content in cases:
+        path = tmp_path / "fuzz.yaml"
+        path.write_bytes(content)
+        try:
+            load_job(path)
+        except ConfigError as e:
+            message = str(e)
+            assert message and "\n" not in message and "Traceback" not in message, (name, message)
+            continue
+        accepted.append(name)
+    # some "bad" values are legal for some keys: any text is a name, trigger word or folder; 0 or 10^12 is a seed;
+    # an empty or null section means its defaults, an empty model means the arch's default; lr 3.5 is silly, not wrong
+    legal = (
+        "job.name=",
+        "job.trigger_word=",
+        "job.output_dir=",
+        "job.seed=",
+        "model.name_or_path=''",
+        "target={}",
+        "save=None",
+        "save={}",
+        "train=None",
+        "train.lr=3.5",
+    )
+    assert all(name.startswith(legal) for name in accepted), accepted
+    for name, content in cases[:8]:
+        path = tmp_path / "cli.yaml"
+        path.write_bytes(content)
+        proc = cli("train", str(path))
+        assert proc.returncode == 2, (name, proc.stderr)
+        assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1 and "Traceback" not in proc.stderr

@@ -276,3 +276,27 @@ def test_config_fuzz_every_malformed_job_is_one_line(make_job, tmp_path):
         proc = cli("train", str(path))
         assert proc.returncode == 2, (name, proc.stderr)
         assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1 and "Traceback" not in proc.stderr
+
+
+def test_sigterm_from_outside_stops_and_saves(make_job):
+    job = make_job({**OVERRIDE, "train": {**OVERRIDE["train"], "steps": 5000}})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("ZIMAGE_LORA_FAULT", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zimage_lora.cli", "train", str(job), "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    for line in proc.stderr:  # wait until training has begun
+        if line.startswith("latents:"):
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "stopped at step" in out
+    step = int(out.split("stopped at step ")[1].split(",")[0])
+    assert 0 < step < 5000 and (run_folder(job) / "state" / f"{step:09d}.pt").is_file()
+    every_top_level_file_loads(job)

@@ -1,8 +1,9 @@
 """The LoRA training recipe for Z-Image: config in, LoRA files, samples and metrics out.
 
-Read top to bottom: ``train`` prepares the run folder, encodes text and latents once, builds the LoRA (and the
-frozen training adapter on the Turbo path), then loops: draw a batch, noise it, predict, step, log, and now and
-then save and sample.
+Read top to bottom: ``train`` prepares the run folder, builds the network first (the frozen training adapter on the
+Turbo path, then the LoRA) so that a wrong file fails before any slow work, encodes text and latents once, then
+loops: draw a batch, noise it, predict, step, log, and now and then save and sample. A signal stops it after the
+current step with everything saved; out of memory and a full disk end in one sentence.
 """
 
 from __future__ import annotations
@@ -201,7 +202,7 @@ def _train(cfg: JobConfig, *, resume: bool, overwrite: bool, progress: bool) -> 
         log("--resume: nothing was saved yet; starting from step 0")
 
     def save(step: int, final: bool = False) -> Path:
-        meta = _lora_metadata(cfg, arch, step, comps.source)
+        meta = _lora_metadata(cfg, arch, step)
         path = run.final_path if final else run.checkpoint_path(step)
         save_lora(path, network.user_lora_weights(transformer), cfg.save.dtype, meta, fault="save.lora", index=step)
         state = _state(step, transformer, optimizer, scheduler, noise_gen, choice_rng, position)
@@ -318,7 +319,7 @@ def _train(cfg: JobConfig, *, resume: bool, overwrite: bool, progress: bool) -> 
     metrics.close()
     result.samples = sample_paths
     result.contact_sheet = run.samples_dir / "contact_sheet.png" if sample_paths else None
-    run.write_text("README.md", _model_card(cfg, arch, comps.source, result))
+    run.write_text("README.md", _model_card(cfg, arch, result))
     run.write_run_json(status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), final_lora=final.name)
     log(f"done: {final}")
     return result
@@ -466,7 +467,7 @@ def _flatten(data, prefix: str = "") -> dict:
 
 
 # --- files ---------------------------------------------------------------------------------------------------
-def _lora_metadata(cfg: JobConfig, arch, step: int, source: dict) -> dict[str, str]:
+def _lora_metadata(cfg: JobConfig, arch, step: int) -> dict[str, str]:
     """Deterministic metadata: what the LoRA is for, never when or where it was made."""
     return {
         "zimage_lora.version": __version__,
@@ -491,7 +492,7 @@ def _portable_ref(ref: str | None) -> str:
     return path.name if path.exists() else ref
 
 
-def _model_card(cfg: JobConfig, arch, source: dict, result: TrainResult) -> str:
+def _model_card(cfg: JobConfig, arch, result: TrainResult) -> str:
     trigger = cfg.job.trigger_word
     lines = [
         f"# {cfg.job.name}",

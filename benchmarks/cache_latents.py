@@ -31,9 +31,18 @@ from zimage_lora.models.tiny import tiny_vae
 def full_vae() -> AutoencoderKL:
     """The FLUX VAE's architecture as Z-Image uses it (16 latent channels, 8x), random weights."""
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
-        norm_num_groups=32, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        norm_num_groups=32,
+        sample_size=1024,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
         use_post_quant_conv=False,
     ).eval()
 
@@ -91,11 +100,15 @@ def main() -> None:
         _, reused = LatentStore(vae, device, batch_size=args.batch, log=lambda m: None).prepare(wanted)
         second = time.perf_counter() - start
     params = sum(p.numel() for p in vae.parameters()) / 1e6
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, device {device}, VAE {args.vae} ({params:.1f} M params, {args.dtype})")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, device {device}, VAE {args.vae} ({params:.1f} M params, {args.dtype})"
+    )
     print(f"{args.count} source images {size[0]}x{size[1]} JPEG, resolutions {resolutions}, batch {args.batch}")
-    print(f"first pass : {encoded} encodes in {first:.2f} s = {encoded / first:.2f} images/s "
-          f"(VAE {vae_seconds:.2f} s = {100 * vae_seconds / first:.0f}%, the rest {first - vae_seconds:.2f} s)")
+    print(
+        f"first pass : {encoded} encodes in {first:.2f} s = {encoded / first:.2f} images/s "
+        f"(VAE {vae_seconds:.2f} s = {100 * vae_seconds / first:.0f}%, the rest {first - vae_seconds:.2f} s)"
+    )
     print(f"second pass: {reused} cached in {second:.3f} s = {reused / second:.1f} images/s (no VAE call)")
 
 

@@ -59,7 +59,7 @@ def edit(job: Path, change) -> Path:
             ["quantization.transformer", "not supported yet"],
         ),
         (lambda d: d["target"].update(type="lokr"), ["target.type", "not supported yet"]),
-        (lambda d: d["train"].update(ema={"enabled": True}), ["train.ema.enabled", "not supported yet"]),
+        (lambda d: d["train"].update(compile=True), ["train.compile", "not supported yet"]),
         (lambda d: d["datasets"][0].update(resolutions=[500]), ["datasets[0].resolutions"]),
         (
             lambda d: (d["job"].pop("trigger_word"), d["sample"].update(prompts=["a", "[trigger] b"])),
@@ -74,7 +74,7 @@ def edit(job: Path, change) -> Path:
         "no-adapter",
         "quantization-not-yet",
         "lokr-not-yet",
-        "ema-not-yet",
+        "compile-not-yet",
         "resolution-not-16",
         "trigger-without-word",
     ],

@@ -388,11 +388,12 @@ def test_cache_text_embeddings_and_unload_text_encoder_conflict(tmp_path):
     assert error_of(c.load_job, write_job(tmp_path, data)).startswith("train.unload_text_encoder: cannot be combined")
 
 
-def test_dop_needs_a_trigger_word():
-    # DOP is not supported yet, so check_job is called directly on a schema-valid config.
+def test_dop_needs_a_trigger_word_and_a_class_word():
     cfg = c.JobConfig.model_validate(minimal(train={"dop": {"enabled": True}}))
     assert error_of(c.check_job, cfg, check_paths=False).startswith("train.dop.enabled: needs job.trigger_word")
     cfg.job.trigger_word = "sks"
+    assert error_of(c.check_job, cfg, check_paths=False).startswith("train.dop.class_word: needed with DOP")
+    cfg.train.dop.class_word = "fox"
     assert c.check_job(cfg, check_paths=False) == []
 
 
@@ -428,10 +429,6 @@ TURNED_ON = {
     "model.layer_offload": "0.5",
     "model.low_vram": "true",
     "train.compile": "true",
-    "train.ema.enabled": "true",
-    "train.dop.enabled": "true",
-    "train.validation.enabled": "true",
-    "advanced.differential_guidance.enabled": "true",
 }
 
 

@@ -275,6 +275,7 @@ class EmaSection(_Section):
 
     enabled: bool = Field(False, description="Keep an exponential moving average of the LoRA weights.")
     decay: float = Field(0.999, gt=0, lt=1, description="EMA decay per step (closer to 1 = smoother).")
+    save_raw: bool = Field(False, description="Also save the raw (non-EMA) weights, in raw/ of the run folder.")
 
 
 class DopSection(_Section):
@@ -822,10 +823,6 @@ NOT_SUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
     ("model.layer_offload", lambda v: v > 0, "set it to 0"),
     ("model.low_vram", bool, "set it to false"),
     ("train.compile", bool, "set it to false"),
-    ("train.ema.enabled", bool, "set it to false"),
-    ("train.dop.enabled", bool, "set it to false"),
-    ("train.validation.enabled", bool, "set it to false; watch the preview samples instead"),
-    ("advanced.differential_guidance.enabled", bool, "set it to false"),
 ]
 
 
@@ -872,6 +869,10 @@ def check_job(cfg: JobConfig, *, check_paths: bool = True) -> list[str]:
         )
     if cfg.train.dop.enabled and not cfg.job.trigger_word:
         errors.append("train.dop.enabled: needs job.trigger_word (DOP contrasts the trigger with the class word)")
+    if cfg.train.dop.enabled and not cfg.train.dop.class_word:
+        errors.append("train.dop.class_word: needed with DOP: the word the trigger stands for (e.g. woman, dog)")
+    if cfg.train.dop.enabled and cfg.train.unload_text_encoder:
+        errors.append("train.dop.enabled: needs captions; it cannot be combined with train.unload_text_encoder")
     for index, prompt in enumerate(cfg.sample.prompts):
         if "[trigger]" in prompt.prompt and not cfg.job.trigger_word:
             errors.append(f"sample.prompts[{index}]: uses [trigger] but job.trigger_word is not set; set it")

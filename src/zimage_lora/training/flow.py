@@ -118,7 +118,37 @@ def flow_loss(
     output: list[torch.Tensor] | torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
     """Weighted MSE between the predicted velocity (``-output``) and ``noise - x0``, mean over the batch."""
+    return guided_flow_loss(output, x0, noise, weights, None)[0]
+
+
+def stack_velocity(output: list[torch.Tensor] | torch.Tensor, shape: torch.Size) -> torch.Tensor:
     pred = torch.stack([o.float() for o in output]) if isinstance(output, list) else output.float()
-    pred = velocity_from_output(pred.reshape(x0.shape))
-    per_item = ((pred - flow_target(x0.float(), noise.float())) ** 2).flatten(1).mean(1)
+    return velocity_from_output(pred.reshape(shape))
+
+
+def guided_flow_loss(
+    output: list[torch.Tensor] | torch.Tensor,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    weights: torch.Tensor,
+    guidance_scale: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to back-propagate, plain loss to log). With differential guidance (scale ``k``) the target becomes
+    ``pred + k * (target - pred)`` (pred detached): the same loss value direction, ``k`` times its gradient."""
+    pred = stack_velocity(output, x0.shape)
+    target = flow_target(x0.float(), noise.float())
+    plain = _weighted_mse(pred, target, weights)
+    if guidance_scale is None:
+        return plain, plain
+    guided_target = differential_guidance_target(pred, target, guidance_scale)
+    return _weighted_mse(pred, guided_target, weights), plain.detach()
+
+
+def differential_guidance_target(pred: torch.Tensor, target: torch.Tensor, scale: float) -> torch.Tensor:
+    fixed = pred.detach()
+    return fixed + scale * (target - fixed)
+
+
+def _weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    per_item = ((pred - target) ** 2).flatten(1).mean(1)
     return (per_item * weights.to(per_item)).mean()

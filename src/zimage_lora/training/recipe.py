@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,8 +42,10 @@ from zimage_lora.quiet import quiet_libraries
 from zimage_lora.sampling.previews import build_contact_sheet, png_info, preview_prompts, save_png
 from zimage_lora.sampling.sampler import denoise
 from zimage_lora.training import flow
+from zimage_lora.training.ema import LoraEMA
 from zimage_lora.training.optim import build_optimizer, build_scheduler
 from zimage_lora.training.run_folder import MetricsLog, RunFolder, environment_facts
+from zimage_lora.training.validation import Validator, validation_images
 
 LOSS_WINDOW = 20
 
@@ -164,9 +167,16 @@ def _train(cfg: JobConfig, *, resume: bool, overwrite: bool, progress: bool) -> 
         fixed = [cfg.job.trigger_word or cfg.datasets[it.dataset].default_caption for it in items]
         items = [type(it)(it.path, caption, it.dataset) for it, caption in zip(items, fixed, strict=False)]
         log(f"unload_text_encoder: captions ignored, every step uses {fixed[0]!r}; the text encoder is unloaded")
+    val_images = validation_images(cfg, items) if cfg.train.validation.enabled else []
+    dop = cfg.train.dop
+    if dop.enabled:
+        log(f"DOP: '{cfg.job.trigger_word}' -> '{dop.class_word}' in preservation prompts, x{dop.multiplier:g}")
     text = PromptEmbeddings(comps.tokenizer, comps.text_encoder, device)
     if cfg.train.cache_text_embeddings or cfg.train.unload_text_encoder:
         prompts = {it.caption for it in items} | {""} | {p.prompt for p in previews} | {cfg.sample.negative_prompt}
+        prompts |= {v.caption for v in val_images}
+        if dop.enabled:
+            prompts |= {class_caption(it.caption, cfg) for it in items}
         text.cache(sorted(prompts))
         text.release()
         comps.text_encoder = None
@@ -179,6 +189,7 @@ def _train(cfg: JobConfig, *, resume: bool, overwrite: bool, progress: bool) -> 
         for s in samples
         if cfg.datasets[items[s.item].dataset].cache_latents
     ]
+    cached += [(v.path, v.bucket, Path(cfg.datasets[0].cache_dir)) for v in val_images]
     if cached:
         encoded, reused = latents.prepare(cached)
         log(f"latents: {encoded} encoded, {reused} reused from the cache")
@@ -188,6 +199,19 @@ def _train(cfg: JobConfig, *, resume: bool, overwrite: bool, progress: bool) -> 
     optimizer = build_optimizer(cfg.train.optimizer, params, cfg.train.lr, cfg.train.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.train.lr_scheduler, cfg.train.warmup_steps, cfg.train.steps)
     model, optimizer = accelerator.prepare(transformer, optimizer)
+    ema = LoraEMA(network.named_user_parameters(transformer), cfg.train.ema.decay) if cfg.train.ema.enabled else None
+    validator = (
+        Validator(val_images, cfg.train.validation.sigmas, cfg.job.seed, latents, text, device, weight_dtype)
+        if val_images
+        else None
+    )
+    guidance = cfg.advanced.differential_guidance
+    if guidance.enabled and not dop.enabled:
+        log(
+            f"warning: differential guidance alone multiplies the gradient by {guidance.scale:g}; "
+            f"{cfg.train.optimizer} normalises a uniform scale away (only eps and clipping see it), so expect little "
+            "change: raise train.lr for faster learning, or use it beside DOP, where it shifts the balance"
+        )
 
     # --- state: fresh or resumed -----------------------------------------------------------------------------
     noise_gen = torch.Generator("cpu").manual_seed(cfg.job.seed)
@@ -196,7 +220,7 @@ def _train(cfg: JobConfig, *, resume: bool, overwrite: bool, progress: bool) -> 
     start_step = 0
     state = run.read_latest_state() if resume else None
     if state is not None:
-        start_step = _restore(state, transformer, optimizer, scheduler, noise_gen, choice_rng, position)
+        start_step = _restore(state, transformer, optimizer, scheduler, noise_gen, choice_rng, position, ema)
         log(f"resumed from step {start_step}")
     elif resume:
         log("--resume: nothing was saved yet; starting from step 0")
@@ -204,8 +228,13 @@ def _train(cfg: JobConfig, *, resume: bool, overwrite: bool, progress: bool) -> 
     def save(step: int, final: bool = False) -> Path:
         meta = _lora_metadata(cfg, arch, step)
         path = run.final_path if final else run.checkpoint_path(step)
-        save_lora(path, network.user_lora_weights(transformer), cfg.save.dtype, meta, fault="save.lora", index=step)
-        state = _state(step, transformer, optimizer, scheduler, noise_gen, choice_rng, position)
+        if ema is not None and cfg.train.ema.save_raw:
+            (run.root / "raw").mkdir(exist_ok=True)
+            save_lora(run.root / "raw" / path.name, network.user_lora_weights(transformer), cfg.save.dtype, meta)
+        with ema.swapped_in() if ema is not None else nullcontext():
+            weights = network.user_lora_weights(transformer)
+            save_lora(path, weights, cfg.save.dtype, meta, fault="save.lora", index=step)
+        state = _state(step, transformer, optimizer, scheduler, noise_gen, choice_rng, position, ema)
         run.write_state(step, state)
         run.rotate(cfg.save.keep)
         faults.fire("save.rotated", step)
@@ -214,20 +243,21 @@ def _train(cfg: JobConfig, *, resume: bool, overwrite: bool, progress: bool) -> 
     sample_paths: list[Path] = []
 
     def sample(step: int) -> None:
-        sample_paths.extend(
-            _sample_round(
-                step,
-                previews,
-                vae_home=vae_home,
-                model=transformer,
-                comps=comps,
-                text=text,
-                run=run,
-                arch=arch,
-                accelerator=accelerator,
-                device=device,
+        with ema.swapped_in() if ema is not None else nullcontext():
+            sample_paths.extend(
+                _sample_round(
+                    step,
+                    previews,
+                    vae_home=vae_home,
+                    model=transformer,
+                    comps=comps,
+                    text=text,
+                    run=run,
+                    arch=arch,
+                    accelerator=accelerator,
+                    device=device,
+                )
             )
-        )
 
     metrics = MetricsLog(run.root, resume_step=start_step)
     result = TrainResult(run.root, run.final_path, cfg.train.steps)
@@ -252,7 +282,7 @@ def _train(cfg: JobConfig, *, resume: bool, overwrite: bool, progress: bool) -> 
     try:
         for step in range(start_step + 1, cfg.train.steps + 1):
             started = time.perf_counter()
-            total = 0.0
+            total = dop_total = 0.0
             for _ in range(cfg.train.grad_accum):
                 if position["batch"] >= len(batches):
                     position["epoch"] += 1
@@ -261,11 +291,24 @@ def _train(cfg: JobConfig, *, resume: bool, overwrite: bool, progress: bool) -> 
                 batch = [samples[i] for i in batches[position["batch"]]]
                 position["batch"] += 1
                 with accelerator.autocast():
-                    loss = _batch_loss(
-                        batch, cfg, arch, model, latents, text, items, noise_gen, choice_rng, device, weight_dtype
+                    loss, plain, dop_loss = _batch_loss(
+                        batch,
+                        cfg,
+                        arch,
+                        model,
+                        transformer,
+                        latents,
+                        text,
+                        items,
+                        noise_gen,
+                        choice_rng,
+                        device,
+                        weight_dtype,
                     )
                 accelerator.backward(loss / cfg.train.grad_accum)
-                total += loss.detach().float().item() / cfg.train.grad_accum
+                total += plain.float().item() / cfg.train.grad_accum
+                if dop_loss is not None:
+                    dop_total += dop_loss.float().item() / cfg.train.grad_accum
             if faults.fire("loss", step):
                 total = float("nan")
             if not math.isfinite(total):
@@ -279,11 +322,18 @@ def _train(cfg: JobConfig, *, resume: bool, overwrite: bool, progress: bool) -> 
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update()
             faults.fire("step", step)
 
             seconds = time.perf_counter() - started
             smoothed = total if smoothed is None else 0.9 * smoothed + 0.1 * total
-            metrics.log({"step": step, "loss": total, "lr": lr, "grad_norm": grad_norm, "sec": round(seconds, 4)})
+            record = {"step": step, "loss": total, "lr": lr, "grad_norm": grad_norm, "sec": round(seconds, 4)}
+            if dop.enabled:
+                record["dop_loss"] = dop_total
+            if validator is not None and step % cfg.train.validation.every == 0:
+                record["val_loss"] = validator(transformer, accelerator.autocast)
+            metrics.log(record)
             losses.append(total)
             bar.set_postfix(loss=f"{smoothed:.4f}", refresh=False)
             bar.update(1)
@@ -354,7 +404,10 @@ class _StopRequests:
 
 
 # --- one training step ---------------------------------------------------------------------------------------
-def _batch_loss(batch: list[Sample], cfg, arch, model, latents, text, items, noise_gen, choice_rng, device, dtype):
+def _batch_loss(
+    batch: list[Sample], cfg, arch, model, transformer, latents, text, items, noise_gen, choice_rng, device, dtype
+):
+    """(loss to back-propagate, plain flow MSE to log, DOP loss or None) for one micro-batch."""
     x0 = torch.stack([latents.get(items[s.item].path, s.bucket) for s in batch]).to(device)
     captions = []
     for s in batch:
@@ -377,7 +430,30 @@ def _batch_loss(batch: list[Sample], cfg, arch, model, latents, text, items, noi
     x_t = flow.noisy_latents(x0, noise, sigma)
     inputs = list(x_t.to(dtype).unsqueeze(2).unbind(0))
     output = model(inputs, flow.model_time(sigma), caps, return_dict=False)[0]
-    return flow.flow_loss([o.squeeze(1) for o in output], x0, noise, weights)
+    guidance = cfg.advanced.differential_guidance
+    loss, plain = flow.guided_flow_loss(
+        [o.squeeze(1) for o in output], x0, noise, weights, guidance.scale if guidance.enabled else None
+    )
+    if not cfg.train.dop.enabled:
+        return loss, plain.detach(), None
+    # DOP: the same noisy latents and times on the caption with the trigger replaced by the class word; the prior is
+    # the model without the user's LoRA (the training adapter stays: it is part of the base while training)
+    class_caps = [c.to(device, dtype) for c in text([class_caption(items[s.item].caption, cfg) for s in batch])]
+    with torch.no_grad():
+        network.activate(transformer, adapter_on=arch.uses_adapter, lora_scale=0.0)
+        try:
+            prior = model(inputs, flow.model_time(sigma), class_caps, return_dict=False)[0]
+        finally:
+            network.activate(transformer, adapter_on=arch.uses_adapter, lora_scale=1.0)
+    preserved = model(inputs, flow.model_time(sigma), class_caps, return_dict=False)[0]
+    dop_loss = torch.stack([((p.float() - q.float()) ** 2).mean() for p, q in zip(preserved, prior, strict=True)])
+    dop_loss = dop_loss.mean()
+    return loss + cfg.train.dop.multiplier * dop_loss, plain.detach(), dop_loss.detach()
+
+
+def class_caption(caption: str, cfg) -> str:
+    """The caption with the trigger word replaced by the class word (DOP's preservation prompt)."""
+    return caption.replace(cfg.job.trigger_word, cfg.train.dop.class_word) if cfg.job.trigger_word else caption
 
 
 # --- sampling ------------------------------------------------------------------------------------------------
@@ -405,8 +481,9 @@ def _sample_round(step, previews, *, vae_home, model, comps, text, run, arch, ac
 
 
 # --- state ---------------------------------------------------------------------------------------------------
-def _state(step, model, optimizer, scheduler, noise_gen, choice_rng, position) -> dict:
+def _state(step, model, optimizer, scheduler, noise_gen, choice_rng, position, ema=None) -> dict:
     return {
+        "ema": ema.state_dict() if ema is not None else None,
         "step": step,
         "lora": {k: v.detach().cpu().clone() for k, v in network.named_user_parameters(model).items()},
         "optimizer": optimizer.state_dict(),
@@ -417,7 +494,7 @@ def _state(step, model, optimizer, scheduler, noise_gen, choice_rng, position) -
     }
 
 
-def _restore(state, model, optimizer, scheduler, noise_gen, choice_rng, position) -> int:
+def _restore(state, model, optimizer, scheduler, noise_gen, choice_rng, position, ema=None) -> int:
     params = network.named_user_parameters(model)
     if set(params) != set(state["lora"]):
         raise UserError("--resume: the saved state does not match this job's LoRA (target or rank changed)")
@@ -429,6 +506,8 @@ def _restore(state, model, optimizer, scheduler, noise_gen, choice_rng, position
     noise_gen.set_state(state["noise_generator"])
     choice_rng.setstate(state["choice_rng"])
     position.update(state["position"])
+    if ema is not None and state.get("ema") is not None:
+        ema.load_state_dict(state["ema"])
     return int(state["step"])
 
 

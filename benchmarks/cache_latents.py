@@ -92,7 +92,7 @@ def main() -> None:
         paths = make_images(tmp, args.count, size)
         wanted = [(p, nearest_bucket(*size, r), tmp / "cache") for p in paths for r in resolutions]
         store = LatentStore(vae, device, batch_size=args.batch, log=lambda m: None)
-        store.vae_id  # the VAE fingerprint is computed once per run; not part of per-image throughput
+        _ = store.vae_id  # the VAE fingerprint is computed once per run; not part of per-image throughput
         start = time.perf_counter()
         encoded, _ = store.prepare(wanted)
         first = time.perf_counter() - start

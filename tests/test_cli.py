@@ -184,3 +184,9 @@ def test_tiny_model_and_adapter_commands(tmp_path):
     assert all(torch.count_nonzero(w.down) and torch.count_nonzero(w.up) for w in adapter.modules.values())
     check_adapter_fits(pipe.transformer, adapter.modules, "tiny adapter")  # raises if a key or shape is off
     assert_user_error(cli("tiny-adapter", str(tmp_path / "nothing"), str(tmp_path / "b.safetensors")), "nothing")
+
+
+def test_usage_mistakes_are_one_line(tmp_path):
+    assert_user_error(cli("train"), "Missing argument", "--help")
+    assert_user_error(cli("train", str(tmp_path / "x.yaml"), "--bogus"), "No such option: --bogus")
+    assert_user_error(cli("frobnicate"), "frobnicate")

@@ -236,15 +236,23 @@ def main() -> None:
         sys.exit(130)
     except SystemExit:
         raise
-    except Exception as e:  # click's own usage errors are user errors too
-        import click
+    except _click_errors() as e:  # a usage mistake (missing argument, unknown option): one line, exit 2
+        print(f"error: {e.format_message()} (see zimage-lora --help)", file=sys.stderr)
+        sys.exit(2)
 
-        if isinstance(e, click.exceptions.ClickException):
-            print(f"error: {e.format_message()}", file=sys.stderr)
-            sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
-        raise
+
+def _click_errors() -> tuple[type[BaseException], ...]:
+    """Usage-error classes of click, and of the copy of click that newer typer versions carry inside."""
+    import click
+
+    classes: list[type[BaseException]] = [click.exceptions.ClickException]
+    try:
+        from typer._click.exceptions import ClickException
+    except ImportError:  # older typer uses click itself
+        pass
+    else:
+        classes.append(ClickException)
+    return tuple(classes)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def edit(job: Path, change) -> Path:
             ),
             ["quantization.transformer", "not supported yet"],
         ),
-        (lambda d: d["target"].update(type="lokr"), ["target.type", "not supported yet"]),
+        (lambda d: d["target"].update(type="lokrr"), ["target.type", "lokr"]),
         (lambda d: d["train"].update(compile=True), ["train.compile", "not supported yet"]),
         (lambda d: d["datasets"][0].update(resolutions=[500]), ["datasets[0].resolutions"]),
         (
@@ -73,7 +73,7 @@ def edit(job: Path, change) -> Path:
         "missing-dataset",
         "no-adapter",
         "quantization-not-yet",
-        "lokr-not-yet",
+        "bad-network-type",
         "compile-not-yet",
         "resolution-not-16",
         "trigger-without-word",

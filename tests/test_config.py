@@ -425,7 +425,6 @@ def test_semantic_errors_report_the_first_and_count_the_rest(tmp_path):
 TURNED_ON = {
     "quantization.transformer": "float8",
     "quantization.text_encoder": "nf4",
-    "target.type": "lokr",
     "model.layer_offload": "0.5",
     "model.low_vram": "true",
     "train.compile": "true",

@@ -263,3 +263,30 @@ def test_flow_loss_gradient_points_to_the_negative_velocity():
 def test_config_offers_exactly_the_types_and_biases_the_sampler_knows():
     assert set(get_args(TimestepType)) == set(flow.TIMESTEP_TYPES)
     assert set(get_args(TimestepBias)) == set(flow.TIMESTEP_BIASES)
+
+
+def _cdf(timestep_type: str, bias: str, s: torch.Tensor, shift: float = 3.0) -> torch.Tensor:
+    """Analytic CDF of the documented draw: the type's distribution, then the bias's monotone warp."""
+    if bias == "high_noise":
+        s = 1 - torch.sqrt(1 - s)  # s' = 1 - (1 - s)^2
+    elif bias == "low_noise":
+        s = torch.sqrt(s)  # s' = s^2
+    normal = torch.distributions.Normal(0.0, 1.0)
+    logit = torch.log(s.clamp(1e-12, 1 - 1e-12) / (1 - s).clamp(1e-12))
+    if timestep_type in ("linear", "weighted"):
+        return s
+    if timestep_type == "sigmoid":
+        return normal.cdf(logit)
+    if timestep_type == "shift":
+        return s / (shift - (shift - 1) * s)
+    return normal.cdf(logit - math.log(shift))  # lognorm
+
+
+@pytest.mark.parametrize("bias", TIMESTEP_BIASES)
+@pytest.mark.parametrize("timestep_type", TIMESTEP_TYPES)
+def test_histogram_matches_the_documented_distribution(timestep_type, bias):
+    draws = sample_sigmas(200_000, timestep_type, bias, torch.Generator().manual_seed(11), 3.0)
+    edges = torch.linspace(0, 1, 11, dtype=torch.float64)
+    counts = torch.histc(draws.double(), bins=10, min=0, max=1) / draws.numel()
+    expected = _cdf(timestep_type, bias, edges[1:]) - _cdf(timestep_type, bias, edges[:-1])
+    assert (counts - expected).abs().max() < 0.005, (counts, expected)

@@ -160,6 +160,36 @@ def generate(
         typer.echo(str(path))
 
 
+@app.command("export-lora")
+def export_lora(
+    source: Path = typer.Argument(..., help="A LoRA, LoKr, LoHa or DoRA file."),
+    out: Path = typer.Argument(..., help="The plain LoRA file to write."),
+    model: str = typer.Option(..., help="The base model (DoRA needs its weights; a hub id or a folder)."),
+    rank: int = typer.Option(None, min=1, help="Rank of the export; empty = exact (the delta's own rank)."),
+    dtype: str = typer.Option("bf16", help="bf16, fp16 or fp32."),
+) -> None:
+    """Turn any network file into a plain LoRA that every tool reads (exact, or a rank-limited SVD)."""
+    from zimage_lora.errors import UserError
+    from zimage_lora.lora.io import SAVE_DTYPES, save_lora
+    from zimage_lora.lora.variants import export_plain_lora, read_network
+    from zimage_lora.models.loading import load_components
+    from zimage_lora.quiet import quiet_libraries
+
+    quiet_libraries()
+    if dtype not in SAVE_DTYPES:
+        raise UserError(f"--dtype: {dtype!r} is not one of {', '.join(SAVE_DTYPES)}")
+    network = read_network(source)
+    transformer = load_components(model, parts=("transformer",)).transformer
+    modules, error = export_plain_lora(network, transformer, rank)
+    meta = {**network.metadata, "zimage_lora.network": "lora", "zimage_lora.exported_from": network.kind}
+    save_lora(out, modules, dtype, meta)
+    ranks = sorted({w.rank for w in modules.values()})
+    typer.echo(
+        f"{out}: {len(modules)} modules from {network.kind}, rank {ranks[0]}-{ranks[-1]}, "
+        f"largest relative error {error:.2e}"
+    )
+
+
 @app.command()
 def compare(
     job: Path = typer.Argument(..., help="The job file (YAML)."),

@@ -819,7 +819,6 @@ def _one_line(text: str) -> str:
 NOT_SUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
     ("quantization.transformer", lambda v: v != "none", "set it to none (bf16 weights)"),
     ("quantization.text_encoder", lambda v: v != "none", "set it to none (bf16 weights)"),
-    ("target.type", lambda v: v != "lora", "use lora"),
     ("model.layer_offload", lambda v: v > 0, "set it to 0"),
     ("model.low_vram", bool, "set it to false"),
     ("train.compile", bool, "set it to false"),
@@ -871,6 +870,11 @@ def check_job(cfg: JobConfig, *, check_paths: bool = True) -> list[str]:
         errors.append("train.dop.enabled: needs job.trigger_word (DOP contrasts the trigger with the class word)")
     if cfg.train.dop.enabled and not cfg.train.dop.class_word:
         errors.append("train.dop.class_word: needed with DOP: the word the trigger stands for (e.g. woman, dog)")
+    if cfg.train.dop.enabled and cfg.target.type == "dora":
+        errors.append(
+            "train.dop.enabled: not available with target.type dora (its prior is not the plain base); "
+            "use lora, lokr or loha"
+        )
     if cfg.train.dop.enabled and cfg.train.unload_text_encoder:
         errors.append("train.dop.enabled: needs captions; it cannot be combined with train.unload_text_encoder")
     for index, prompt in enumerate(cfg.sample.prompts):

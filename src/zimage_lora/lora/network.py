@@ -63,12 +63,15 @@ def _lora_config(names: list[str], rank: int, alpha: float, patterns: Mapping[st
     )
 
 
-def add_user_lora(model: nn.Module, names: list[str], rank: int, alpha: float, seed: int) -> None:
-    """Inject the trainable LoRA (A random, B zero: the model is unchanged at step 0), fp32, seeded."""
+def add_user_lora(model: nn.Module, names: list[str], rank: int, alpha: float, seed: int, kind: str = "lora") -> None:
+    """Inject the trainable network (``target.type``; its update starts at zero, so the model is unchanged at step
+    0), fp32, seeded."""
+    from zimage_lora.lora.variants import peft_config
+
     devices = {p.device for p in model.parameters()}
     with torch.random.fork_rng(devices=[d for d in devices if d.type == "cuda"]):
         torch.manual_seed(seed)
-        model.add_adapter(_lora_config(names, rank, alpha), adapter_name=USER)
+        model.add_adapter(peft_config(kind, names, rank, alpha), adapter_name=USER)
     for p in user_parameters(model):
         p.data = p.data.float()
     activate(model, adapter_on=has_training_adapter(model))
@@ -140,11 +143,11 @@ def activate(model: nn.Module, adapter_on: bool, lora_scale: float = 1.0) -> Non
         weights.append(1.0)
     model.set_adapters(names, weights)
     for name, p in model.named_parameters():
-        p.requires_grad_(f".{USER}." in name)
+        p.requires_grad_(is_user_parameter(name))
 
 
 def user_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for name, p in model.named_parameters() if f".{USER}." in name]
+    return [p for name, p in model.named_parameters() if is_user_parameter(name)]
 
 
 def user_lora_weights(model: nn.Module) -> dict[str, LoraWeights]:
@@ -162,4 +165,9 @@ def user_lora_weights(model: nn.Module) -> dict[str, LoraWeights]:
 
 def named_user_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Trainable tensors by stable name, for optimizer state and resume."""
-    return {name: p for name, p in model.named_parameters() if f".{USER}." in name}
+    return {name: p for name, p in model.named_parameters() if is_user_parameter(name)}
+
+
+def is_user_parameter(name: str) -> bool:
+    """peft names LoRA weights ``...lora_A.<adapter>.weight`` and LoKr/LoHa ones ``...lokr_w1.<adapter>``."""
+    return f".{USER}." in name or name.endswith(f".{USER}")

@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 from zimage_lora.errors import UserError
 from zimage_lora.lora import network
-from zimage_lora.lora.io import read_lora
+from zimage_lora.lora.io import read_lora, read_safetensors
+from zimage_lora.lora.variants import detect_kind, merge_into, read_network
 from zimage_lora.models.arch import ARCHS
 from zimage_lora.models.loading import default_dtype, load_components, resolve_device
 from zimage_lora.models.text import encode_prompts
@@ -62,6 +63,10 @@ class Generator:
         names = network.linear_module_names(transformer)
         adapters = []
         for index, spec in enumerate(loras):
+            kind = detect_kind(read_safetensors(spec.path)[0])
+            if kind != "lora":  # LoKr, LoHa, DoRA: their exact delta is merged into the weights
+                merge_into(transformer, read_network(spec.path), spec.weight, f"LoRA {spec.path}")
+                continue
             lora = read_lora(spec.path, names)
             network.check_adapter_fits(transformer, lora.modules, f"LoRA {spec.path}")
             name = f"lora_{index}"

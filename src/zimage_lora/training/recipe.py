@@ -34,6 +34,7 @@ from zimage_lora.data.text_cache import PromptEmbeddings
 from zimage_lora.errors import NonFiniteLoss, UserError
 from zimage_lora.lora import network
 from zimage_lora.lora.io import read_lora, save_lora
+from zimage_lora.lora.variants import network_tensors, save_network
 from zimage_lora.models.arch import ARCHS
 from zimage_lora.models.hub import resolve_file
 from zimage_lora.models.loading import load_components, resolve_device
@@ -151,7 +152,9 @@ def _train(cfg: JobConfig, *, resume: bool, overwrite: bool, progress: bool) -> 
         log(f"training adapter: {adapter_file.name}, {len(adapter.modules)} modules, applied at +1 while training")
 
     targets = network.target_module_names(transformer, cfg.target.modules or DEFAULT_TARGET_REGEX)
-    network.add_user_lora(transformer, targets, cfg.target.rank, cfg.target.resolved_alpha, seed=cfg.job.seed)
+    network.add_user_lora(
+        transformer, targets, cfg.target.rank, cfg.target.resolved_alpha, seed=cfg.job.seed, kind=cfg.target.type
+    )
     params = network.user_parameters(transformer)
     log(
         f"LoRA: rank {cfg.target.rank}, alpha {cfg.target.resolved_alpha:g}, {len(targets)} modules, "
@@ -230,10 +233,9 @@ def _train(cfg: JobConfig, *, resume: bool, overwrite: bool, progress: bool) -> 
         path = run.final_path if final else run.checkpoint_path(step)
         if ema is not None and cfg.train.ema.save_raw:
             (run.root / "raw").mkdir(exist_ok=True)
-            save_lora(run.root / "raw" / path.name, network.user_lora_weights(transformer), cfg.save.dtype, meta)
+            _write_network(run.root / "raw" / path.name, transformer, cfg, meta)
         with ema.swapped_in() if ema is not None else nullcontext():
-            weights = network.user_lora_weights(transformer)
-            save_lora(path, weights, cfg.save.dtype, meta, fault="save.lora", index=step)
+            _write_network(path, transformer, cfg, meta, fault="save.lora", index=step)
         state = _state(step, transformer, optimizer, scheduler, noise_gen, choice_rng, position, ema)
         run.write_state(step, state)
         run.rotate(cfg.save.keep)
@@ -553,6 +555,7 @@ def _lora_metadata(cfg: JobConfig, arch, step: int) -> dict[str, str]:
         "zimage_lora.arch": arch.name,
         "zimage_lora.base_model": _portable_ref(cfg.model.name_or_path),
         "zimage_lora.training_adapter": _portable_ref(cfg.model.training_adapter) if arch.uses_adapter else "",
+        "zimage_lora.network": cfg.target.type,
         "zimage_lora.rank": str(cfg.target.rank),
         "zimage_lora.alpha": f"{cfg.target.resolved_alpha:g}",
         "zimage_lora.step": str(step),
@@ -561,6 +564,15 @@ def _lora_metadata(cfg: JobConfig, arch, step: int) -> dict[str, str]:
         "zimage_lora.format": "diffusion_model.<module>.lora_A/lora_B/alpha (diffusers + ComfyUI)",
         "zimage_lora.suggested_weight": "0.6-1.0",
     }
+
+
+def _write_network(path: Path, transformer, cfg: JobConfig, meta: dict, fault=None, index=None) -> None:
+    """The user's network in its file layout (see ``lora/variants.py`` for LoKr, LoHa and DoRA)."""
+    if cfg.target.type == "lora":
+        save_lora(path, network.user_lora_weights(transformer), cfg.save.dtype, meta, fault=fault, index=index)
+    else:
+        tensors = network_tensors(transformer, cfg.target.type, network.USER)
+        save_network(path, tensors, cfg.save.dtype, meta, fault=fault, index=index)
 
 
 def _portable_ref(ref: str | None) -> str:

@@ -1,0 +1,95 @@
+"""Shared pieces of the speed benchmarks: model configs, a random-weight transformer, timing, peak memory."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import time
+
+import torch
+from diffusers import ZImageTransformer2DModel
+
+# "full" is the real Z-Image transformer (6.15 B parameters); "cpu" a scaled one that a 2-core machine steps in seconds.
+CONFIGS = {
+    "full": dict(
+        dim=3840,
+        n_layers=30,
+        n_refiner_layers=2,
+        n_heads=30,
+        n_kv_heads=30,
+        cap_feat_dim=2560,
+        axes_dims=[32, 48, 48],
+        axes_lens=[1536, 512, 512],
+    ),
+    "cpu": dict(
+        dim=384,
+        n_layers=4,
+        n_refiner_layers=1,
+        n_heads=4,
+        n_kv_heads=4,
+        cap_feat_dim=256,
+        axes_dims=[32, 32, 32],
+        axes_lens=[1536, 512, 512],
+    ),
+}
+
+
+def build_transformer(name: str, device: torch.device, dtype: torch.dtype) -> ZImageTransformer2DModel:
+    """Random weights, no download; built on the meta device first so the full size never sits in fp32 on the CPU."""
+    config = CONFIGS[name]
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = ZImageTransformer2DModel(**config)
+    model = model.to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return model.requires_grad_(False)
+
+
+def inputs(config: dict, width: int, height: int, batch: int, caption: int, device, dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(batch, 16, height // 8, width // 8, generator=g).to(device)
+    caps = [torch.randn(caption, config["cap_feat_dim"], generator=g).to(device, dtype) for _ in range(batch)]
+    return x0, caps
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
+    """Seconds per call: the median of ``steps`` timed calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """What this device sustains on a large matmul in this dtype: the ceiling utilisation is measured against."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = timed(lambda: a @ b, 10, 3, device)
+    return 2 * n**3 / seconds / 1e12
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -95,3 +98,23 @@ def make_job(tmp_path, tiny_model_dir, tiny_adapter):
         return path
 
     return build
+
+
+def cli_env(fault: str | None = None) -> dict[str, str]:
+    """The environment CLI subprocesses run in: offline, and with the fault injection asked for (or none)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("ZIMAGE_LORA_FAULT", None)
+    if fault:
+        env["ZIMAGE_LORA_FAULT"] = fault
+    return env
+
+
+def run_cli(*args: str, fault: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``zimage-lora ARGS`` in a fresh process, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "zimage_lora.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=cli_env(fault),
+        timeout=timeout,
+    )

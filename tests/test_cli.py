@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,16 +11,10 @@ import yaml
 from zimage_lora.config import load_job_text, preset_names
 
 
-def cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        [sys.executable, "-m", "zimage_lora.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=timeout,
-    )
+def cli(*args: str) -> subprocess.CompletedProcess:
+    from conftest import run_cli
+
+    return run_cli(*args)
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import gc
 import io
 import os
-import subprocess
-import sys
 import weakref
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from conftest import run_cli
 from PIL import Image
 
 from zimage_lora.config import load_job
@@ -84,24 +83,24 @@ def messy(tmp_path) -> Path:
     return make_messy_folder(tmp_path / "messy")
 
 
+READABLE = (
+    "phone.JPG",
+    "alpha.png",
+    "gray.png",
+    "palette.png",
+    "cmyk.jpg",
+    "deep16.png",
+    "grey_alpha.png",
+    "upper.PNG",
+    "photo.jpeg",
+    "web.webp",
+    "bitmap.bmp",
+)
+
+
 def test_discovery_finds_every_image_kind(messy):
     names = {p.name for p in list_images(messy)}
-    assert names == {
-        "phone.JPG",
-        "alpha.png",
-        "gray.png",
-        "palette.png",
-        "cmyk.jpg",
-        "deep16.png",
-        "grey_alpha.png",
-        "upper.PNG",
-        "photo.jpeg",
-        "web.webp",
-        "bitmap.bmp",
-        "tiny.png",
-        "corrupt.png",
-        "truncated.jpg",
-    }
+    assert names == {*READABLE, "tiny.png", "corrupt.png", "truncated.jpg"}
     assert {p.name for p in list_images(messy, recursive=True)} == names | {"nested.png"}
     (messy / ".zimage_cache").mkdir()
     Image.new("RGB", (64, 64)).save(messy / ".zimage_cache" / "x.png")
@@ -109,19 +108,7 @@ def test_discovery_finds_every_image_kind(messy):
 
 
 def test_every_readable_image_becomes_8bit_rgb_the_right_way_up(messy):
-    for name in (
-        "phone.JPG",
-        "alpha.png",
-        "gray.png",
-        "palette.png",
-        "cmyk.jpg",
-        "deep16.png",
-        "grey_alpha.png",
-        "upper.PNG",
-        "photo.jpeg",
-        "web.webp",
-        "bitmap.bmp",
-    ):
+    for name in READABLE:
         image = load_rgb(messy / name)
         assert image.mode == "RGB", name
     assert load_rgb(messy / "phone.JPG").size == (72, 96)  # EXIF rotation applied
@@ -354,22 +341,7 @@ def test_batches_hold_one_bucket(messy):
 # --- dataset check ----------------------------------------------------------------------------------------------
 def test_dataset_check_names_every_problem(messy):
     Image.open(messy / "photo.jpeg").resize((192, 160)).save(messy / "photo_big_copy.png")  # a near-duplicate
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "zimage_lora.cli",
-            "dataset",
-            "check",
-            str(messy),
-            "--resolutions",
-            "64,96",
-            "--trigger",
-            "zfox",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    proc = run_cli("dataset", "check", str(messy), "--resolutions", "64,96", "--trigger", "zfox")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "15 image files, 13 readable" in out
@@ -393,9 +365,7 @@ def test_dataset_check_fails_only_when_nothing_can_train(tmp_path):
     folder.mkdir()
     Image.fromarray(gradient((40, 40), 1)).save(folder / "a.png")
     (folder / "b.png").write_bytes(b"garbage")
-    proc = subprocess.run(
-        [sys.executable, "-m", "zimage_lora.cli", "dataset", "check", str(folder)], capture_output=True, text=True
-    )
+    proc = run_cli("dataset", "check", str(folder))
     assert proc.returncode == 2
     assert "cannot train" in proc.stdout and "unreadable: b.png" in proc.stdout
 

@@ -6,7 +6,6 @@ SIGKILL test, which kills a real process at random moments.
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import cli_env
 
 from zimage_lora.config import load_job
 from zimage_lora.errors import ConfigError
@@ -25,18 +25,10 @@ STEPS = 8
 OVERRIDE = {"train": {"steps": STEPS, "optimizer": "adamw8bit"}, "save": {"every": 2, "keep": 2}}
 
 
-def cli(*args, fault: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("ZIMAGE_LORA_FAULT", None)
-    if fault:
-        env["ZIMAGE_LORA_FAULT"] = fault
-    return subprocess.run(
-        [sys.executable, "-m", "zimage_lora.cli", *args, "--no-progress"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
+def cli(*args, fault: str | None = None) -> subprocess.CompletedProcess:
+    from conftest import run_cli
+
+    return run_cli(*args, "--no-progress", fault=fault)
 
 
 def run_folder(job: Path) -> Path:
@@ -120,8 +112,7 @@ def test_random_sigkills_always_resume_and_finish(make_job, tmp_path):
     assert cli("train", str(straight)).returncode == 0
     job = make_job(override, folder=tmp_path / "killed")
     rng = random.Random(1234)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("ZIMAGE_LORA_FAULT", None)
+    env = cli_env()
     kills = 0
     for _attempt in range(40):
         proc = subprocess.Popen(
@@ -280,8 +271,7 @@ def test_config_fuzz_every_malformed_job_is_one_line(make_job, tmp_path):
 
 def test_sigterm_from_outside_stops_and_saves(make_job):
     job = make_job({**OVERRIDE, "train": {**OVERRIDE["train"], "steps": 5000}})
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("ZIMAGE_LORA_FAULT", None)
+    env = cli_env()
     proc = subprocess.Popen(
         [sys.executable, "-m", "zimage_lora.cli", "train", str(job), "--no-progress"],
         stdout=subprocess.PIPE,

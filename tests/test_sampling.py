@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import run_cli
 from diffusers import ZImagePipeline
 from PIL import Image
 from torch import nn
@@ -116,37 +114,27 @@ def test_kohya_file_gives_the_same_image(tiny_model_dir, loras, tmp_path):
 
 
 def test_generate_command(tiny_model_dir, loras, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "zimage_lora.cli",
-            "generate",
-            "--model",
-            str(tiny_model_dir),
-            "--lora",
-            f"{loras[0]}:0.7",
-            "--lora",
-            str(loras[1]),
-            "--prompt",
-            PROMPT,
-            "--width",
-            "64",
-            "--height",
-            "64",
-            "--count",
-            "2",
-            "--seed",
-            "5",
-            "--out",
-            str(tmp_path / "out"),
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+    proc = run_cli(
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--lora",
+        f"{loras[0]}:0.7",
+        "--lora",
+        str(loras[1]),
+        "--prompt",
+        PROMPT,
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--count",
+        "2",
+        "--seed",
+        "5",
+        "--out",
+        str(tmp_path / "out"),
+        "--no-progress",
     )
     assert proc.returncode == 0, proc.stderr
     files = sorted((tmp_path / "out").glob("*.png"))
@@ -155,23 +143,7 @@ def test_generate_command(tiny_model_dir, loras, tmp_path):
         info = json.loads(im.text["parameters"])
     assert info["seed"] == 6 and info["steps"] == 8 and info["guidance"] == 1.0
     assert info["loras"] == "a.safetensors:0.7, b.safetensors:1"
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "zimage_lora.cli",
-            "generate",
-            "--model",
-            str(tiny_model_dir),
-            "--lora",
-            "a.safetensors:strong",
-            "--prompt",
-            "x",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    bad = run_cli("generate", "--model", str(tiny_model_dir), "--lora", "a.safetensors:strong", "--prompt", "x")
     assert bad.returncode == 2 and "weight after ':'" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -219,23 +191,14 @@ def test_compare_writes_side_by_side_grids(make_job, tiny_model_dir, tmp_path):
 
     second = write_random_adapter(tiny_model_dir, tmp_path / "adapter_v2.safetensors", rank=2, seed=5)
     job = make_job({"train": {"steps": 2}, "sample": {"every": 1, "prompts": ["[trigger] a", "b", "c"]}})
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "zimage_lora.cli",
-            "compare",
-            str(job),
-            "--vary",
-            "target.rank=4",
-            "--vary",
-            f"target.rank=8;model.training_adapter={second}",
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        timeout=300,
+    proc = run_cli(
+        "compare",
+        str(job),
+        "--vary",
+        "target.rank=4",
+        "--vary",
+        f"target.rank=8;model.training_adapter={second}",
+        "--no-progress",
     )
     assert proc.returncode == 0, proc.stderr
     folder = job.parent / "output" / "tiny_compare"
@@ -251,9 +214,5 @@ def test_compare_writes_side_by_side_grids(make_job, tiny_model_dir, tmp_path):
     with Image.open(folder / "summary.png") as summary:
         assert summary.size == (label_w + 3 * cell, head_h + 2 * cell)  # variants x prompts at the last step
     assert "final loss" in proc.stdout and "summary:" in proc.stdout
-    bad = subprocess.run(
-        [sys.executable, "-m", "zimage_lora.cli", "compare", str(job), "--vary", "target.rank=4"],
-        capture_output=True,
-        text=True,
-    )
+    bad = run_cli("compare", str(job), "--vary", "target.rank=4")
     assert bad.returncode == 2 and "at least two variants" in bad.stderr

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from conftest import run_cli
 from diffusers import ZImagePipeline
 
 from zimage_lora.config import DEFAULT_TARGET_REGEX, load_job
@@ -95,50 +92,27 @@ def test_each_variant_trains_saves_and_generates(kind, make_job, tiny_model_dir,
     net = read_network(result.final_lora)
     assert net.kind == kind and net.metadata["zimage_lora.network"] == kind
     assert set(net.modules) == set(read_lora_targets(tiny_model_dir))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "gen"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "zimage_lora.cli",
-            "generate",
-            "--model",
-            str(tiny_model_dir),
-            "--lora",
-            f"{result.final_lora}:0.8",
-            "--prompt",
-            "zfox",
-            "--width",
-            "64",
-            "--height",
-            "64",
-            "--out",
-            str(out),
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
+    proc = run_cli(
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--lora",
+        f"{result.final_lora}:0.8",
+        "--prompt",
+        "zfox",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--out",
+        str(out),
+        "--no-progress",
     )
     assert proc.returncode == 0, proc.stderr
     assert len(list(out.glob("*.png"))) == 1
     exported = tmp_path / "plain.safetensors"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "zimage_lora.cli",
-            "export-lora",
-            str(result.final_lora),
-            str(exported),
-            "--model",
-            str(tiny_model_dir),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    proc = run_cli("export-lora", str(result.final_lora), str(exported), "--model", str(tiny_model_dir))
     assert proc.returncode == 0, proc.stderr
     assert "largest relative error" in proc.stdout and read_lora(exported).modules
 

@@ -25,21 +25,17 @@ USER = "zimage_lora"
 ADAPTER = "training_adapter"
 
 
-def linear_module_names(model: nn.Module) -> list[str]:
-    """Paths of the model's plain Linear layers (before any LoRA is injected)."""
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".lora_" not in name]
-
-
 def target_module_names(model: nn.Module, regex: str) -> list[str]:
     """Linear layers whose full path matches ``regex`` (``target.modules``)."""
     pattern = re.compile(regex)
-    names = [name for name in _base_linear_names(model) if pattern.fullmatch(name)]
+    names = [name for name in linear_module_names(model) if pattern.fullmatch(name)]
     if not names:
         raise UserError(f"target.modules: the pattern {regex!r} matches no Linear layer of the transformer")
     return names
 
 
-def _base_linear_names(model: nn.Module) -> list[str]:
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Paths of the model's own Linear layers, whether or not peft has wrapped them with adapters."""
     names = []
     for name, m in model.named_modules():
         if isinstance(m, LoraLayer):

@@ -74,7 +74,6 @@ class Generator:
             adapters.append((name, spec.weight))
         if adapters:
             transformer.set_adapters([n for n, _ in adapters], [w for _, w in adapters])
-        self.loras = loras
 
     @torch.no_grad()
     def image(self, prompt: str, negative: str, settings: SampleSettings):

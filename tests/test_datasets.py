@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import io
 import os
+import shutil
 import weakref
 from pathlib import Path
 
@@ -232,11 +233,11 @@ def test_latent_cache_is_reused_and_follows_changed_files(tmp_path, tiny_model_d
     second = train(load_job(job), progress=False, overwrite=True)
     assert sum(calls) == 0  # everything from the cache
     assert second.final_lora.read_bytes() == first.final_lora.read_bytes()
-    # another job on the same data (other output folder) reuses the cache too
+    # another job on the same data (other output folder), with the same VAE copied elsewhere, reuses the cache too
     calls.clear()
     other = tmp_path / "other"
-    other.mkdir()
-    train(load_job(write_job(other, tiny_model_dir, dataset)), progress=False)
+    shutil.copytree(tiny_model_dir, other / "model_copy")
+    train(load_job(write_job(other, other / "model_copy", dataset)), progress=False)
     assert sum(calls) == 0
     # touching one image re-encodes exactly that image (at both resolutions)
     changed = sorted(dataset.glob("*.png"))[0]
@@ -247,7 +248,8 @@ def test_latent_cache_is_reused_and_follows_changed_files(tmp_path, tiny_model_d
     train(load_job(job), progress=False, overwrite=True)
     assert sum(calls) == 2
     # a damaged entry (an interrupted write from an older tool, a full disk) is re-encoded, never trusted
-    entry = sorted((dataset / ".zimage_cache").glob("*.safetensors"))[0]
+    entries = (dataset / ".zimage_cache").glob("*.safetensors")
+    entry = max(entries, key=lambda p: p.stat().st_mtime_ns)  # one just written for the changed image: in use
     entry.write_bytes(entry.read_bytes()[:40])
     calls.clear()
     train(load_job(job), progress=False, overwrite=True)

@@ -26,7 +26,10 @@ CACHE_VERSION = "1"
 
 def vae_identity(vae) -> str:
     """A short fingerprint of a VAE: its config and a checksum of its weights and dtype."""
-    h = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    # the config's private keys (``_name_or_path``, versions) say where the VAE was loaded from, not what it is:
+    # the same VAE copied elsewhere must keep its cache
+    config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, p in sorted(vae.state_dict().items()):
         h.update(name.encode())
         h.update(str(p.dtype).encode())

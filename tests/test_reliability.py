@@ -290,3 +290,44 @@ def test_sigterm_from_outside_stops_and_saves(make_job):
     step = int(out.split("stopped at step ")[1].split(",")[0])
     assert 0 < step < 5000 and (run_folder(job) / "state" / f"{step:09d}.pt").is_file()
     every_top_level_file_loads(job)
+
+
+def test_request_files_save_sample_and_stop_a_running_trainer(make_job):
+    """The web UI's controls: ``requests/save``, ``requests/sample`` and ``requests/stop`` in the run folder."""
+    job = make_job(
+        {
+            "train": {"steps": 5000, "optimizer": "adamw"},
+            "save": {"every": 1000, "keep": 10},
+            "sample": {"every": 1000, "steps": 2, "prompts": ["a fox"]},
+        }
+    )
+    run = run_folder(job)
+    (run / "requests").mkdir(parents=True)
+    (run / "requests" / "stop").touch()  # left from an earlier run: must not stop this one
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zimage_lora.cli", "train", str(job), "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith("latents:"):
+            (run / "requests" / "save").touch()
+            (run / "requests" / "sample").touch()
+            (run / "requests" / "bogus").touch()
+        if line.startswith("request: sample"):
+            (run / "requests" / "stop").touch()
+        if line.startswith("request: stop"):
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, "".join(seen) + err
+    saved_at = int(next(line for line in seen if line.startswith("request: save")).split("step ")[1])
+    stopped_at = int(out.split("stopped at step ")[1].split(",")[0])
+    assert 0 < saved_at < stopped_at < 5000
+    assert (run / f"tiny_{saved_at:09d}.safetensors").is_file()  # not a multiple of save.every: the request did it
+    assert (run / "samples" / f"{saved_at:09d}_00.png").is_file()
+    assert (run / "state" / f"{stopped_at:09d}.pt").is_file()
+    assert not any((run / "requests").iterdir())  # every request, the unknown one too, was taken

@@ -340,8 +340,13 @@ def _train(cfg: JobConfig, *, resume: bool, overwrite: bool, progress: bool) -> 
             bar.set_postfix(loss=f"{smoothed:.4f}", refresh=False)
             bar.update(1)
 
+            asked = run.take_requests()  # save now / sample now / stop, from the web UI or a touch in a shell
+            for action in sorted(asked):
+                log(f"request: {action} at step {step}")
+            if "stop" in asked:
+                stop.requested = True
             saved = False
-            if step % cfg.save.every == 0 and step < cfg.train.steps:
+            if (step % cfg.save.every == 0 or "save" in asked) and step < cfg.train.steps:
                 bar.write(f"saved {save(step).name}")
                 saved = True
             if stop.requested and step < cfg.train.steps:
@@ -349,7 +354,8 @@ def _train(cfg: JobConfig, *, resume: bool, overwrite: bool, progress: bool) -> 
                     save(step)
                 stopped_at = step
                 break
-            if cfg.sample.prompts and step % cfg.sample.every == 0 and step < cfg.train.steps:
+            wants_sample = step % cfg.sample.every == 0 or "sample" in asked
+            if cfg.sample.prompts and wants_sample and step < cfg.train.steps:
                 sample(step)
     finally:
         stop.restore()

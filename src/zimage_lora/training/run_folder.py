@@ -11,8 +11,15 @@ output/<name>/
   run.json                         volatile facts: timestamps, host, versions, status
   train.log                        what the trainer printed
   README.md                        model card
+  requests/{save,sample,stop}      requests to a running trainer (see below)
 ```
 Files are written as ``.tmp`` and renamed into place.
+
+Requests: to ask a running trainer to save a checkpoint now, render previews now, or save and stop, create an (empty)
+file ``requests/save``, ``requests/sample`` or ``requests/stop`` in the run folder (``touch`` will do; the web UI does
+the same). The trainer looks after every optimizer step, removes the files it found, logs ``request: <action> at
+step N`` and acts before the next step. Unknown names are removed and ignored. Stop behaves like Ctrl-C: the current
+state is saved and ``--resume`` continues from it.
 """
 
 from __future__ import annotations
@@ -65,6 +72,36 @@ class RunFolder:
             return []
         return sorted((int(m.group(1)), p) for p in self.state_dir.iterdir() if (m := STATE_RE.match(p.name)))
 
+    # --- requests from outside (web UI) -------------------------------------------------------------------------
+    REQUESTS = ("save", "sample", "stop")
+
+    @property
+    def requests_dir(self) -> Path:
+        return self.root / "requests"
+
+    def request(self, action: str) -> Path:
+        """Ask the trainer running in this folder to ``save``, ``sample`` or ``stop`` after its current step."""
+        if action not in self.REQUESTS:
+            raise ValueError(f"unknown request {action!r}; one of {', '.join(self.REQUESTS)}")
+        self.requests_dir.mkdir(parents=True, exist_ok=True)
+        path = self.requests_dir / action
+        path.touch()
+        return path
+
+    def take_requests(self) -> set[str]:
+        """The pending requests, removed as they are read (each is acted on once)."""
+        if not self.requests_dir.is_dir():
+            return set()
+        found = set()
+        for path in self.requests_dir.iterdir():
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            if path.name in self.REQUESTS:
+                found.add(path.name)
+        return found
+
     # --- start of a run -----------------------------------------------------------------------------------------
     def prepare(self, resume: bool, overwrite: bool) -> None:
         """Check the folder before any model loads: state needs a decision, the folder must be writable."""
@@ -80,6 +117,7 @@ class RunFolder:
         if self.root.exists():  # debris of a write that a kill interrupted: never a checkpoint, so remove it
             for debris in [*self.root.glob("*.tmp"), *self.state_dir.glob("*.tmp")]:
                 debris.unlink(missing_ok=True)
+            self.take_requests()  # a request left from an earlier run is not meant for this one
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             self.samples_dir.mkdir(parents=True, exist_ok=True)

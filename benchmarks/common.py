@@ -39,11 +39,15 @@ def build_transformer(name: str, device: torch.device, dtype: torch.dtype) -> ZI
     config = CONFIGS[name]
     torch.manual_seed(0)
     with torch.device("meta"):
-        model = ZImageTransformer2DModel(**config)
-    model = model.to_empty(device=device).to(dtype)
+        model = ZImageTransformer2DModel(**config).to(dtype)  # on meta: the full size is never held in fp32
+    model = model.to_empty(device=device)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
+        for name, _ in model.named_buffers():
+            raise RuntimeError(f"unexpected buffer {name}: to_empty leaves it uninitialised")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # peak memory counts the steps, not the build
     return model.requires_grad_(False)
 
 
@@ -81,7 +85,7 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
     """What this device sustains on a large matmul in this dtype: the ceiling utilisation is measured against."""
-    n = 4096 if device.type == "cuda" else 1024
+    n = 8192 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     seconds = timed(lambda: a @ b, 10, 3, device)

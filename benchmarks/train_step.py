@@ -66,6 +66,8 @@ def prepare(args):
     model = build_transformer(args.config, device, dtype)
     names = network.target_module_names(model, DEFAULT_TARGET_REGEX)
     network.add_user_lora(model, names, args.rank, float(args.rank), seed=0)
+    if dtype != torch.float32:  # the step runs under autocast, as the recipe's does in bf16
+        network.keep_input_dtype(model)
     if args.checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
@@ -73,7 +75,7 @@ def prepare(args):
     return device, dtype, model, x0, caps
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
     parser.add_argument("--size", type=int, default=256)
@@ -85,7 +87,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if torch.cuda.is_available() else "fp32")
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     device, dtype, model, x0, caps = prepare(args)
     seconds = timed(our_step_fn(model, x0, caps, args, device, dtype), args.steps, args.warmup, device)
     flops = train_step_flops(CONFIGS[args.config], args.size, args.size, args.caption, args.batch)

@@ -167,3 +167,17 @@ def named_user_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 def is_user_parameter(name: str) -> bool:
     """peft names LoRA weights ``...lora_A.<adapter>.weight`` and LoKr/LoHa ones ``...lokr_w1.<adapter>``."""
     return f".{USER}." in name or name.endswith(f".{USER}")
+
+
+def keep_input_dtype(model: nn.Module) -> None:
+    """Under autocast, let the adapters take their input as it comes.
+
+    peft casts each adapter's input to the adapter's own dtype (fp32 here) before the down-projection. Under bf16
+    autocast that cast is undone at once (the matmul runs in bf16 either way), so it only adds two copies of the full
+    activation per adapted layer, forward and backward: measured on an H100 at 1024x1024, dtype copies and their
+    backward were a fifth of the step. The result is the same without them; call this only when the step runs under
+    autocast (``train.mixed_precision`` bf16/fp16).
+    """
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.cast_input_dtype_enabled = False

@@ -160,6 +160,8 @@ def _train(cfg: JobConfig, *, resume: bool, overwrite: bool, progress: bool) -> 
         f"LoRA: rank {cfg.target.rank}, alpha {cfg.target.resolved_alpha:g}, {len(targets)} modules, "
         f"{sum(p.numel() for p in params) / 1e6:.2f} M trainable parameters"
     )
+    if precision in ("bf16", "fp16"):
+        network.keep_input_dtype(transformer)
     if cfg.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()

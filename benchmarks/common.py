@@ -9,6 +9,8 @@ import time
 import torch
 from diffusers import ZImageTransformer2DModel
 
+from zimage_lora.models.quant import TRANSFORMER_BLOCKS, quantize_model, quantized_bytes
+
 # "full" is the real Z-Image transformer (6.15 B parameters); "cpu" a scaled one that a 2-core machine steps in seconds.
 CONFIGS = {
     "full": dict(
@@ -49,6 +51,24 @@ def build_transformer(name: str, device: torch.device, dtype: torch.dtype) -> ZI
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # peak memory counts the steps, not the build
     return model.requires_grad_(False)
+
+
+def quantize(model: ZImageTransformer2DModel, mode: str, device: torch.device) -> str:
+    """The library's quantization of the transformer blocks (as ``quantization.transformer``); says what it stored."""
+    if mode == "none":
+        return "quant none"
+    quantize_model(model, mode, TRANSFORMER_BLOCKS, work_device=device)
+    stored, bf16 = quantized_bytes(model)
+    ratio = bf16 / stored
+    return f"quant {mode}: quantized layers store {stored / 2**30:.2f} GiB (bf16: {bf16 / 2**30:.2f} GiB, x{ratio:.2f})"
+
+
+def reset_peak(device: torch.device) -> None:
+    """Peak memory from here on: the steps, not the build, quantization or offload set-up."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def inputs(config: dict, width: int, height: int, batch: int, caption: int, device, dtype, seed: int = 0):

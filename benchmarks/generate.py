@@ -2,6 +2,7 @@
 
     python benchmarks/generate.py --config cpu --size 256
     python benchmarks/generate.py --config full --size 1024 --device cuda --dtype bf16
+    python benchmarks/generate.py --config full --size 1024 --device cuda --dtype bf16 --quant float8
 
 The VAE decode is not included (its weights are not part of this harness); the denoising loop is what is timed.
 """
@@ -15,7 +16,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CONFIGS, build_transformer, describe, inputs, matmul_peak_tflops, peak_memory_gb, timed  # noqa: E402
+from common import (  # noqa: E402
+    CONFIGS,
+    build_transformer,
+    describe,
+    inputs,
+    matmul_peak_tflops,
+    peak_memory_gb,
+    quantize,
+    reset_peak,
+    timed,
+)
 
 from zimage_lora.sampling.sampler import SampleSettings, denoise  # noqa: E402
 from zimage_lora.training.flops import forward_flops  # noqa: E402
@@ -29,22 +40,26 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if torch.cuda.is_available() else "fp32")
+    parser.add_argument("--quant", choices=["none", "float8", "int8", "nf4"], default="none", help="frozen weights")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model = build_transformer(args.config, device, dtype).eval()
+    report = quantize(model, args.quant, device)
     _, caps = inputs(CONFIGS[args.config], args.size, args.size, 1, 128, device, dtype)
+    reset_peak(device)
     scheduler_config = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
     settings = SampleSettings(args.size, args.size, args.steps, 1.0, 0)
     seconds = timed(lambda: denoise(model, scheduler_config, caps[0], None, settings, device), args.repeats, 1, device)
+    memory = peak_memory_gb(device)  # before the matmul probe below allocates its own buffers
     flops = args.steps * forward_flops(CONFIGS[args.config], args.size, args.size, 128)
     peak = matmul_peak_tflops(device, dtype)
     print(
         f"device: {describe(device)}; config {args.config}, {args.size}x{args.size}, {args.steps} forwards, "
-        f"{args.dtype}"
+        f"{args.dtype}; {report}"
     )
     print(
-        f"{seconds:.3f} s per image (denoising), peak memory {peak_memory_gb(device):.2f} GB, "
+        f"{seconds:.3f} s per image (denoising), peak memory {memory:.2f} GB, "
         f"{flops / seconds / 1e12:.3f} TFLOP/s = {100 * flops / seconds / 1e12 / peak:.1f}% of the measured "
         f"{peak:.2f} TFLOP/s matmul peak"
     )

@@ -35,5 +35,7 @@ case "${1:-full}" in
     run $B --size 1024 --quant nf4
     run $B --size 1024 --compile
     run python3 benchmarks/generate.py --config full --size 1024 --device cuda --dtype bf16
+    run python3 benchmarks/generate.py --config full --size 1024 --device cuda --dtype bf16 --quant float8
+    run python3 benchmarks/sync_check.py --quant float8 --offload 0.5
     ;;
 esac

@@ -2,11 +2,14 @@
 
     python benchmarks/train_step.py --config cpu --size 256 --steps 5                  # this CPU machine
     python benchmarks/train_step.py --config full --size 1024 --device cuda --dtype bf16  # an H100
+    python benchmarks/train_step.py --config full --size 1024 --quant float8 --offload 0.5  # 12-16 GB cards
 
 It builds the transformer from a config with random weights (no download), injects our LoRA (default targets, rank
 16) and times our training step (zimage_lora.training.recipe's loss with its noise and timestep sampling, backward,
 clipping, AdamW step) on precomputed latents and caption embeddings. Model FLOPs are defined in
 zimage_lora/training/flops.py; utilisation is reported against the device's measured large-matmul rate.
+``--quant``, ``--offload`` and ``--compile`` use the library's own quantization (models/quant.py), block offloading
+(models/offload.py) and regional compile (models/compile.py), set up as the recipe sets them up.
 """
 
 from __future__ import annotations
@@ -20,11 +23,23 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CONFIGS, build_transformer, describe, inputs, matmul_peak_tflops, peak_memory_gb, timed  # noqa: E402
+from common import (  # noqa: E402
+    CONFIGS,
+    build_transformer,
+    describe,
+    inputs,
+    matmul_peak_tflops,
+    peak_memory_gb,
+    quantize,
+    reset_peak,
+    timed,
+)
 
 from zimage_lora.config import DEFAULT_TARGET_REGEX  # noqa: E402
 from zimage_lora.data.dataset import ImageItem, Sample  # noqa: E402
 from zimage_lora.lora import network  # noqa: E402
+from zimage_lora.models.compile import compile_blocks  # noqa: E402
+from zimage_lora.models.offload import BlockOffloader  # noqa: E402
 from zimage_lora.training.flops import train_step_flops  # noqa: E402
 from zimage_lora.training.recipe import _batch_loss  # noqa: E402
 
@@ -64,6 +79,7 @@ def prepare(args):
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model = build_transformer(args.config, device, dtype)
+    args.quant_report = quantize(model, args.quant, device)
     names = network.target_module_names(model, DEFAULT_TARGET_REGEX)
     network.add_user_lora(model, names, args.rank, float(args.rank), seed=0)
     if dtype != torch.float32:  # the step runs under autocast, as the recipe's does in bf16
@@ -71,7 +87,11 @@ def prepare(args):
     if args.checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
+    args.offloader = BlockOffloader(model, args.offload, device) if args.offload > 0 else None
+    if args.compile:
+        compile_blocks(model, device)
     x0, caps = inputs(CONFIGS[args.config], args.size, args.size, args.batch, args.caption, device, dtype)
+    reset_peak(device)
     return device, dtype, model, x0, caps
 
 
@@ -87,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if torch.cuda.is_available() else "fp32")
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--quant", choices=["none", "float8", "int8", "nf4"], default="none", help="frozen weights")
+    parser.add_argument("--offload", type=float, default=0.0, help="fraction of main blocks kept in CPU memory")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     return parser
 
 
@@ -94,14 +117,24 @@ def main() -> None:
     args = build_parser().parse_args()
     device, dtype, model, x0, caps = prepare(args)
     seconds = timed(our_step_fn(model, x0, caps, args, device, dtype), args.steps, args.warmup, device)
+    memory = peak_memory_gb(device)  # before the matmul probe below allocates its own buffers
     flops = train_step_flops(CONFIGS[args.config], args.size, args.size, args.caption, args.batch)
     peak = matmul_peak_tflops(device, dtype)
     achieved = flops / seconds / 1e12
     print(
         f"device: {describe(device)}; config {args.config}, {args.size}x{args.size}, batch {args.batch}, "
-        f"rank {args.rank}, {args.dtype}, checkpointing {args.checkpointing}"
+        f"rank {args.rank}, {args.dtype}, checkpointing {args.checkpointing}, offload {args.offload:g}, "
+        f"compile {args.compile}"
     )
-    print(f"{seconds:.3f} s/it, {args.batch / seconds:.2f} images/s, peak memory {peak_memory_gb(device):.2f} GB")
+    print(args.quant_report)
+    if args.offloader is not None:
+        o = args.offloader
+        print(
+            f"offload: {len(o.offloaded)} of {o.n_blocks} blocks; loads {sum(o.loads)}, evictions {sum(o.evictions)}, "
+            f"at most {o.max_resident} offloaded blocks resident at once"
+        )
+    what = "peak GPU memory (max_memory_allocated)" if device.type == "cuda" else "peak RSS"
+    print(f"{seconds:.3f} s/it, {args.batch / seconds:.2f} images/s, {what} {memory:.2f} GB")
     print(
         f"model FLOPs {flops / 1e12:.3f} TFLOP/step -> {achieved:.3f} TFLOP/s = {100 * achieved / peak:.1f}% of the "
         f"measured {peak:.2f} TFLOP/s matmul peak"

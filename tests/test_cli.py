@@ -44,14 +44,17 @@ def edit(job: Path, change) -> Path:
         (lambda d: d["model"].pop("training_adapter"), ["model.training_adapter", "required"]),
         (
             lambda d: (
-                d["quantization"].update(transformer="float8")
+                d["quantization"].update(transformer="fp4")
                 if "quantization" in d
-                else d.update(quantization={"transformer": "float8"})
+                else d.update(quantization={"transformer": "fp4"})
             ),
-            ["quantization.transformer", "not supported yet"],
+            ["quantization.transformer", "float8", "nf4"],
         ),
         (lambda d: d["target"].update(type="lokrr"), ["target.type", "lokr"]),
-        (lambda d: d["train"].update(compile=True), ["train.compile", "not supported yet"]),
+        (
+            lambda d: (d["train"].update(compile=True), d["model"].update(layer_offload=0.5)),
+            ["train.compile", "model.layer_offload"],
+        ),
         (lambda d: d["datasets"][0].update(resolutions=[500]), ["datasets[0].resolutions"]),
         (
             lambda d: (d["job"].pop("trigger_word"), d["sample"].update(prompts=["a", "[trigger] b"])),
@@ -64,9 +67,9 @@ def edit(job: Path, change) -> Path:
         "bad-choice",
         "missing-dataset",
         "no-adapter",
-        "quantization-not-yet",
+        "bad-quantization",
         "bad-network-type",
-        "compile-not-yet",
+        "compile-with-offload",
         "resolution-not-16",
         "trigger-without-word",
     ],

@@ -132,6 +132,9 @@ def generate(
     out: Path = typer.Option(Path("generated"), help="Folder for the PNGs (settings in their text metadata)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    quantize: str = typer.Option(
+        "none", help="Frozen weights of transformer and text encoder: none (bf16), float8, int8 or nf4."
+    ),
 ) -> None:
     """Generate images with a base model and LoRAs (the guide's "Run LoRA")."""
     from zimage_lora.quiet import quiet_libraries
@@ -155,6 +158,7 @@ def generate(
         out,
         device=device,
         progress=progress,
+        quantize=quantize,
     )
     for path in paths:
         typer.echo(str(path))
@@ -204,6 +208,21 @@ def compare(
         typer.echo(f"{label}: {run.final_lora} (final loss {run.last_loss:.4f})")
     typer.echo(f"grids: {result.folder} ({len(result.grids)} steps)")
     typer.echo(f"summary: {result.summary}")
+
+
+@app.command()
+def ui(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; anything but loopback needs --token."),
+    port: int = typer.Option(8675, help="Port to listen on."),
+    data: Path = typer.Option(Path("zimage-lora-ui"), help="The data folder: datasets, jobs, models, ui.db."),
+    token: str = typer.Option(
+        None, envvar="ZIMAGE_LORA_UI_TOKEN", help="Require this token (Authorization header or the login page)."
+    ),
+) -> None:
+    """Serve the web UI: datasets, jobs with live progress, the playground."""
+    from zimage_lora.ui.server import serve
+
+    serve(data, host, port, token)
 
 
 @dataset_app.command("check")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from safetensors.torch import load as st_load
 from zimage_lora import faults
 from zimage_lora.data.dataset import crop_to_bucket, load_rgb
 from zimage_lora.lora.io import atomic_write_bytes, serialize_safetensors
+from zimage_lora.models.offload import OnDemand
 from zimage_lora.models.vae import encode_latents, pil_to_tensor
 
 CACHE_VERSION = "1"
@@ -73,11 +75,14 @@ class LatentStore:
     """Latents by (image file, bucket): read from the cache, or encoded in batches and written to it.
 
     ``prepare`` does the one caching pass (call it before training); ``get`` serves latents afterwards and encodes
-    on demand for data that is not cached (``cache_latents: false``).
+    on demand for data that is not cached (``cache_latents: false``). With ``low_vram`` the VAE lives on the CPU and
+    visits the device only while it encodes (one visit for the whole caching pass).
     """
 
-    def __init__(self, vae, device, batch_size: int = 4, log: Callable[[str], None] = print):
+    def __init__(self, vae, device, batch_size: int = 4, log: Callable[[str], None] = print, low_vram: bool = False):
         self.vae, self.device, self.batch_size, self.log = vae, device, batch_size, log
+        # the VAE visits the device to encode; without low_vram it stays there (the recipe moves it afterwards)
+        self.vae_on_device = OnDemand(vae, device, home="cpu" if low_vram else device)
         self.memory: dict[tuple[Path, Bucket], torch.Tensor] = {}
         self._vae_id: str | None = None
 
@@ -102,6 +107,11 @@ class LatentStore:
             else:
                 self.memory[(path, bucket)] = latent
                 reused += 1
+        with self.vae_on_device.visit() if todo else nullcontext():
+            encoded = self._encode_all(todo)
+        return encoded, reused
+
+    def _encode_all(self, todo: dict[Bucket, list[tuple[Path, Path]]]) -> int:
         encoded = 0
         for bucket, jobs in sorted(todo.items()):
             for i in range(0, len(jobs), self.batch_size):
@@ -111,14 +121,14 @@ class LatentStore:
                     self.memory[(path, bucket)] = latent
                     encoded += 1
                     faults.fire("cache.entry", encoded)
-        return encoded, reused
+        return encoded
 
     @torch.no_grad()
     def encode(self, paths: list[Path], bucket: Bucket) -> torch.Tensor:
         """VAE latents (float32, on the CPU) of images cropped to ``bucket``, in one batch."""
         pixels = torch.stack([pil_to_tensor(crop_to_bucket(load_rgb(p), bucket)) for p in paths])
-        self.vae.to(self.device)
-        return encode_latents(self.vae, pixels.to(self.device, self.vae.dtype)).float().cpu()
+        with self.vae_on_device.visit():
+            return encode_latents(self.vae, pixels.to(self.device, self.vae.dtype)).float().cpu()
 
     def get(self, path: Path, bucket: Bucket) -> torch.Tensor:
         latent = self.memory.get((path, bucket))

@@ -2,13 +2,15 @@
 
 With the cache, every distinct caption, the empty prompt (so caption dropout still works) and the preview prompts
 are encoded in one pass; ``release`` then drops the text encoder (8 GB for the real Qwen3-4B) from the device and
-from this object, so nothing keeps it alive.
+from this object, so nothing keeps it alive. With ``low_vram`` the text encoder lives on the CPU and visits the
+device only while it encodes.
 """
 
 from __future__ import annotations
 
 import torch
 
+from zimage_lora.models.offload import OnDemand
 from zimage_lora.models.text import encode_prompts
 
 # One prompt per text-encoder call: padded batches give the same embeddings only up to float rounding, and a
@@ -19,22 +21,30 @@ BATCH = 1
 class PromptEmbeddings:
     """Prompt embeddings: from the cache when one was built, else encoded on demand."""
 
-    def __init__(self, tokenizer, encoder, device):
+    def __init__(self, tokenizer, encoder, device, low_vram: bool = False):
         self.tokenizer, self.encoder, self.device = tokenizer, encoder, device
         self.cached: dict[str, torch.Tensor] = {}
+        self.on_device = None
         if encoder is not None:
-            encoder.to(device)
+            self.on_device = OnDemand(encoder, device, home="cpu" if low_vram else device)
 
     @torch.no_grad()
     def cache(self, prompts: list[str]) -> None:
-        embeddings = encode_prompts(self.tokenizer, self.encoder, prompts, device=self.device, batch_size=BATCH)
+        with self.on_device.visit():
+            embeddings = encode_prompts(self.tokenizer, self.encoder, prompts, device=self.device, batch_size=BATCH)
         for prompt, emb in zip(prompts, embeddings, strict=True):
             self.cached[prompt] = emb.detach().to("cpu")
+
+    @property
+    def visits(self) -> int:
+        """How many times the text encoder came to the device (once, without low_vram)."""
+        return self.on_device.visits if self.on_device is not None else 0
 
     def release(self) -> None:
         """Move the text encoder off the device and let go of it (the caller drops its own reference too)."""
         self.encoder.to("cpu")
         self.encoder = None
+        self.on_device.module = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -45,6 +55,7 @@ class PromptEmbeddings:
             raise RuntimeError(f"prompt not cached and the text encoder is gone: {missing[0]!r}")
         fresh = {}
         if missing:
-            embeddings = encode_prompts(self.tokenizer, self.encoder, missing, device=self.device, batch_size=BATCH)
+            with self.on_device.visit():
+                embeddings = encode_prompts(self.tokenizer, self.encoder, missing, device=self.device, batch_size=BATCH)
             fresh = dict(zip(missing, embeddings, strict=True))
         return [self.cached[p] if p in self.cached else fresh[p] for p in prompts]

@@ -7,7 +7,7 @@ folder than the transformer, because De-Turbo publishes only a transformer and b
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +17,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3Model
 
 from zimage_lora.errors import UserError
 from zimage_lora.models.hub import resolve_model_dir
+from zimage_lora.models.offload import offloaded_indices
+from zimage_lora.models.quant import TEXT_ENCODER_BLOCKS, TRANSFORMER_BLOCKS, quantize_model
 
 PARTS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
 
@@ -74,6 +76,10 @@ def load_components(
     parts: Iterable[str] = PARTS,
     scheduler_shift: float | None = None,
     fallback_ref: str | None = None,
+    quantization: Mapping[str, str] | None = None,
+    layer_offload: float = 0.0,
+    low_vram: bool = False,
+    edit: Callable[[str, torch.nn.Module], None] | None = None,
 ) -> Components:
     """Load the asked-for parts, frozen and in eval mode.
 
@@ -82,6 +88,13 @@ def load_components(
     and no override is given, it is taken from ``fallback_ref`` (the caller passes Turbo for De-Turbo). The VAE
     stays in fp32 whatever ``dtype`` says: it is small, and latents and decoded previews are more exact in fp32.
     The scheduler is always returned; when not asked for, it is the Z-Image default (shift 3.0).
+
+    Placement (see ``_place``): ``quantization`` maps ``transformer`` / ``text_encoder`` to a mode of
+    ``models/quant.py``, applied layer by layer with the arithmetic on ``device``, so the full-precision weights never
+    sit whole on the GPU; ``layer_offload`` leaves that fraction of the transformer's main blocks on the CPU for
+    ``BlockOffloader``; ``low_vram`` leaves the text encoder and the VAE on the CPU (their users bring them in while
+    encoding or decoding). ``edit(part, module)`` runs on each loaded module before quantization (on the CPU, in
+    ``dtype``): ``generate`` merges LoKr/LoHa/DoRA files there.
     """
     wanted = tuple(dict.fromkeys(parts))
     unknown = [p for p in wanted if p not in PARTS]
@@ -133,7 +146,10 @@ def load_components(
                 f"could not load the {part} from {folder / part} ({reason}): re-download that folder."
             ) from err
         if isinstance(loaded[part], torch.nn.Module):
-            loaded[part] = _freeze(loaded[part], device)
+            loaded[part].requires_grad_(False).eval()
+            if edit is not None:
+                edit(part, loaded[part])
+            _place(part, loaded[part], device, dict(quantization or {}), layer_offload, low_vram)
     scheduler = loaded.get("scheduler")
     if scheduler is None:
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
@@ -169,9 +185,29 @@ def _missing_message(ref: str, folder: Path, part: str, key: str) -> str:
     return f"{key} {where} has no {part}/ subfolder: {fix}."
 
 
-def _freeze(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    module.requires_grad_(False)
-    return module.to(device).eval()
+def _place(
+    part: str, module: torch.nn.Module, device: torch.device, quantization: dict, layer_offload: float, low_vram: bool
+) -> None:
+    """Quantize (per layer, the arithmetic on ``device``) and move the loaded module where it lives."""
+    cpu = torch.device("cpu")
+    if part == "transformer":
+        kept = tuple(f"layers.{i}." for i in offloaded_indices(len(module.layers), layer_offload))
+
+        def home(name: str) -> torch.device:
+            return cpu if (name + ".").startswith(kept) else device
+
+        mode = quantization.get(part, "none")
+        quantize_model(module, mode, TRANSFORMER_BLOCKS, work_device=device, home=home, key=f"quantization.{part}")
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            tensor.data = tensor.data.to(home(name))
+        return
+    home = cpu if low_vram and part in ("text_encoder", "vae") else device
+    if part == "text_encoder":
+        mode = quantization.get(part, "none")
+        quantize_model(
+            module, mode, TEXT_ENCODER_BLOCKS, work_device=device, home=lambda _: home, key=f"quantization.{part}"
+        )
+    module.to(home)
 
 
 def _shown(ref: str, folder: Path) -> str:

@@ -1,7 +1,9 @@
 """``zimage-lora generate``: run a base model with one or more LoRAs, as the guide's "Run LoRA" step.
 
 The same sampler as the previews (so a preview is what you get here), the pipeline's noise for a seed, LoRA files
-in our layout, diffusers/peft layout or kohya ``lora_unet_`` layout, each at its own weight.
+in our layout, diffusers/peft layout or kohya ``lora_unet_`` layout, each at its own weight. ``quantize`` stores the
+transformer's and the text encoder's frozen weights in float8, int8 or nf4 (``models/quant.py``); LoRA files stay
+full-precision branches on top, and LoKr/LoHa/DoRA deltas are merged into the weights before they are quantized.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from zimage_lora.lora.io import read_lora, read_safetensors
 from zimage_lora.lora.variants import detect_kind, merge_into, read_network
 from zimage_lora.models.arch import ARCHS
 from zimage_lora.models.loading import default_dtype, load_components, resolve_device
+from zimage_lora.models.quant import MODES
 from zimage_lora.models.text import encode_prompts
 from zimage_lora.models.vae import decode_latents, tensor_to_pil
 from zimage_lora.sampling.previews import save_png
@@ -45,27 +48,36 @@ class LoraSpec:
 class Generator:
     """A loaded base model with LoRAs applied; call ``image`` for each prompt and seed."""
 
-    def __init__(self, model: str, arch: str, loras: list[LoraSpec], device: str = "auto"):
+    def __init__(self, model: str, arch: str, loras: list[LoraSpec], device: str = "auto", quantize: str = "none"):
         if arch not in ARCHS:
             raise UserError(f"--arch: unknown {arch!r}; choose one of {', '.join(ARCHS)}")
+        if quantize not in MODES:
+            raise UserError(f"--quantize: unknown {quantize!r}; choose one of {', '.join(MODES)}")
         self.arch = ARCHS[arch]
         self.device = resolve_device(device)
+        kinds = [detect_kind(read_safetensors(spec.path)[0]) for spec in loras]
+        merged = [spec for spec, kind in zip(loras, kinds, strict=True) if kind != "lora"]
+
+        def merge(part: str, module) -> None:
+            # LoKr, LoHa, DoRA: their exact delta is merged into the weights, before any quantization
+            if part == "transformer":
+                for spec in merged:
+                    merge_into(module, read_network(spec.path), spec.weight, f"LoRA {spec.path}")
+
         self.comps = load_components(
             model,
             dtype=default_dtype(self.device),
             device=self.device,
             fallback_ref=self.arch.parts_from,
             scheduler_shift=self.arch.shift if arch == "zimage_base" else None,
+            quantization={"transformer": quantize, "text_encoder": quantize},
+            edit=merge,
         )
-        self.comps.text_encoder.to(self.device)
-        self.comps.vae.to(self.device)
         transformer = self.comps.transformer
         names = network.linear_module_names(transformer)
         adapters = []
-        for index, spec in enumerate(loras):
-            kind = detect_kind(read_safetensors(spec.path)[0])
-            if kind != "lora":  # LoKr, LoHa, DoRA: their exact delta is merged into the weights
-                merge_into(transformer, read_network(spec.path), spec.weight, f"LoRA {spec.path}")
+        for index, (spec, kind) in enumerate(zip(loras, kinds, strict=True)):
+            if kind != "lora":
                 continue
             lora = read_lora(spec.path, names)
             network.check_adapter_fits(transformer, lora.modules, f"LoRA {spec.path}")
@@ -98,10 +110,11 @@ def generate(
     out: Path,
     device: str = "auto",
     progress: bool = True,
+    quantize: str = "none",
 ) -> list[Path]:
     if width % 16 or height % 16 or min(width, height) < 64:
         raise UserError(f"--width/--height: {width}x{height} must be multiples of 16, at least 64")
-    gen = Generator(model, arch, loras, device)
+    gen = Generator(model, arch, loras, device, quantize=quantize)
     settings_steps = steps if steps is not None else gen.arch.sample_steps
     settings_guidance = guidance if guidance is not None else gen.arch.sample_guidance
     out = Path(out)
@@ -126,6 +139,7 @@ def generate(
                 "model": model,
                 "arch": arch,
                 "loras": ", ".join(f"{s.path.name}:{s.weight:g}" for s in loras),
+                "quantize": quantize,
                 "software": "zimage-lora",
             },
         )

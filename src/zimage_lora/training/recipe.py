@@ -36,8 +36,11 @@ from zimage_lora.lora import network
 from zimage_lora.lora.io import read_lora, save_lora
 from zimage_lora.lora.variants import network_tensors, save_network
 from zimage_lora.models.arch import ARCHS
+from zimage_lora.models.compile import compile_blocks
 from zimage_lora.models.hub import resolve_file
 from zimage_lora.models.loading import load_components, resolve_device
+from zimage_lora.models.offload import BlockOffloader, OnDemand, to_device
+from zimage_lora.models.quant import quantized_bytes
 from zimage_lora.models.vae import decode_latents, tensor_to_pil
 from zimage_lora.quiet import quiet_libraries
 from zimage_lora.sampling.previews import build_contact_sheet, png_info, preview_prompts, save_png
@@ -61,6 +64,9 @@ class TrainResult:
     samples: list[Path] = field(default_factory=list)
     contact_sheet: Path | None = None
     stopped_at: int | None = None  # set when a signal stopped the run early (saved; resume with --resume)
+    # what the memory savers did: device visits of the text encoder and the VAE; with layer offload, the offloaded
+    # blocks, their loads and evictions per block and the most offloaded blocks resident at once
+    memory: dict = field(default_factory=dict)
 
 
 def train(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> TrainResult:
@@ -85,6 +91,16 @@ def out_of_memory_advice(cfg: JobConfig, what: str) -> str:
         tips.append("train.gradient_checkpointing: true")
     if not (cfg.train.cache_text_embeddings or cfg.train.unload_text_encoder):
         tips.append("train.cache_text_embeddings: true (frees the 8 GB text encoder)")
+    if cfg.quantization.transformer == "none":
+        tips.append("quantization.transformer: float8 (halves the 12 GB transformer; nf4 quarters it)")
+    elif cfg.quantization.transformer in ("float8", "int8"):
+        tips.append("quantization.transformer: nf4 (a quarter of the bf16 transformer, lower quality)")
+    if cfg.model.layer_offload < 1:
+        more = min(1.0, cfg.model.layer_offload + 0.5)
+        off = " and train.compile: false" if cfg.train.compile else ""
+        tips.append(f"model.layer_offload: {more:g}{off} (keeps that share of the transformer blocks in CPU memory)")
+    if not cfg.model.low_vram:
+        tips.append("model.low_vram: true")
     biggest = max(r for ds in cfg.datasets for r in ds.resolutions)
     if biggest > 512:
         tips.append(f"drop resolution {biggest} from datasets[].resolutions")
@@ -92,7 +108,6 @@ def out_of_memory_advice(cfg: JobConfig, what: str) -> str:
         tips.append(f"train.batch_size: 1 with train.grad_accum: {cfg.train.batch_size * cfg.train.grad_accum}")
     if cfg.target.rank > 16:
         tips.append("a lower target.rank")
-    tips.append("float8 quantization and layer offloading (planned; not built yet)")
     return f"out of memory ({what}); to fit, try: " + "; ".join(tips)
 
 
@@ -140,7 +155,17 @@ def _train(cfg: JobConfig, *, resume: bool, overwrite: bool, progress: bool) -> 
         device=device,
         fallback_ref=parts_from,
         scheduler_shift=arch.shift if cfg.model.arch == "zimage_base" else None,
+        quantization=cfg.quantization.model_dump(),
+        layer_offload=cfg.model.layer_offload,
+        low_vram=cfg.model.low_vram,
     )
+    for part in ("transformer", "text_encoder"):
+        mode = getattr(cfg.quantization, part)
+        if mode != "none":
+            stored, bf16 = quantized_bytes(getattr(comps, part))
+            log(
+                f"quantization: {part} {mode}, quantized layers {stored / 2**30:.2f} GiB (bf16: {bf16 / 2**30:.2f} GiB)"
+            )
 
     # --- the network first (a wrong adapter or target must fail before minutes of caching) ---------------------
     # frozen base, training adapter at +1 (Turbo path), trainable LoRA
@@ -165,6 +190,15 @@ def _train(cfg: JobConfig, *, resume: bool, overwrite: bool, progress: bool) -> 
     if cfg.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
+    offloader = None
+    if cfg.model.layer_offload > 0:
+        offloader = BlockOffloader(transformer, cfg.model.layer_offload, device)
+        log(
+            f"layer offload: {len(offloader.offloaded)} of {offloader.n_blocks} blocks stay in CPU memory"
+            f"{' (pinned)' if device.type == 'cuda' else ''} and are streamed in when used"
+        )
+    if cfg.train.compile:
+        log(f"compile: {compile_blocks(transformer, device)} transformer blocks compiled (the first steps are slow)")
 
     # --- text: captions, the empty prompt (caption dropout) and the sample prompts ------------------------------
     previews = preview_prompts(cfg.sample, arch.name, cfg.job.trigger_word)
@@ -176,7 +210,7 @@ def _train(cfg: JobConfig, *, resume: bool, overwrite: bool, progress: bool) -> 
     dop = cfg.train.dop
     if dop.enabled:
         log(f"DOP: '{cfg.job.trigger_word}' -> '{dop.class_word}' in preservation prompts, x{dop.multiplier:g}")
-    text = PromptEmbeddings(comps.tokenizer, comps.text_encoder, device)
+    text = PromptEmbeddings(comps.tokenizer, comps.text_encoder, device, low_vram=cfg.model.low_vram)
     if cfg.train.cache_text_embeddings or cfg.train.unload_text_encoder:
         prompts = {it.caption for it in items} | {""} | {p.prompt for p in previews} | {cfg.sample.negative_prompt}
         prompts |= {v.caption for v in val_images}
@@ -188,7 +222,7 @@ def _train(cfg: JobConfig, *, resume: bool, overwrite: bool, progress: bool) -> 
         log(f"text: {len(prompts)} distinct prompts encoded once; the text encoder left the device")
 
     # --- latents: one caching pass, then the VAE leaves the device ---------------------------------------------
-    latents = LatentStore(comps.vae, device, log=log)
+    latents = LatentStore(comps.vae, device, log=log, low_vram=cfg.model.low_vram)
     cached = [
         (items[s.item].path, s.bucket, Path(cfg.datasets[items[s.item].dataset].cache_dir))
         for s in samples
@@ -198,8 +232,15 @@ def _train(cfg: JobConfig, *, resume: bool, overwrite: bool, progress: bool) -> 
     if cached:
         encoded, reused = latents.prepare(cached)
         log(f"latents: {encoded} encoded, {reused} reused from the cache")
-    vae_home = torch.device("cpu") if all(ds.cache_latents for ds in cfg.datasets) else device
-    comps.vae.to(vae_home)  # with every latent cached, the VAE only visits the device to decode previews
+    all_cached = all(ds.cache_latents for ds in cfg.datasets)
+    vae_home = torch.device("cpu") if all_cached or cfg.model.low_vram else device
+    # with every latent cached (or low_vram), the VAE only visits the device to decode previews
+    preview_vae = OnDemand(comps.vae, device, home=vae_home)
+    if cfg.model.low_vram and not (cfg.train.cache_text_embeddings or cfg.train.unload_text_encoder):
+        log(
+            "low_vram: the text encoder visits the device for every step's captions; "
+            "train.cache_text_embeddings avoids that"
+        )
 
     optimizer = build_optimizer(cfg.train.optimizer, params, cfg.train.lr, cfg.train.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.train.lr_scheduler, cfg.train.warmup_steps, cfg.train.steps)
@@ -252,7 +293,7 @@ def _train(cfg: JobConfig, *, resume: bool, overwrite: bool, progress: bool) -> 
                 _sample_round(
                     step,
                     previews,
-                    vae_home=vae_home,
+                    vae=preview_vae,
                     model=transformer,
                     comps=comps,
                     text=text,
@@ -265,6 +306,20 @@ def _train(cfg: JobConfig, *, resume: bool, overwrite: bool, progress: bool) -> 
 
     metrics = MetricsLog(run.root, resume_step=start_step)
     result = TrainResult(run.root, run.final_path, cfg.train.steps)
+
+    def record_memory() -> None:
+        result.memory = {
+            "text_encoder_visits": text.visits,
+            "vae_visits": latents.vae_on_device.visits + preview_vae.visits,
+        }
+        if offloader is not None:
+            result.memory["offload"] = {
+                "blocks": list(offloader.offloaded),
+                "loads": list(offloader.loads),
+                "evictions": list(offloader.evictions),
+                "max_resident": offloader.max_resident,
+            }
+
     if start_step == 0 and cfg.sample.prompts:
         sample(0)
 
@@ -286,7 +341,7 @@ def _train(cfg: JobConfig, *, resume: bool, overwrite: bool, progress: bool) -> 
     try:
         for step in range(start_step + 1, cfg.train.steps + 1):
             started = time.perf_counter()
-            total = dop_total = 0.0
+            plains, dops = [], []
             for _ in range(cfg.train.grad_accum):
                 if position["batch"] >= len(batches):
                     position["epoch"] += 1
@@ -310,9 +365,19 @@ def _train(cfg: JobConfig, *, resume: bool, overwrite: bool, progress: bool) -> 
                         weight_dtype,
                     )
                 accelerator.backward(loss / cfg.train.grad_accum)
-                total += plain.float().item() / cfg.train.grad_accum
+                plains.append(plain.float())
                 if dop_loss is not None:
-                    dop_total += dop_loss.float().item() / cfg.train.grad_accum
+                    dops.append(dop_loss.float())
+            max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
+            norm = accelerator.clip_grad_norm_(params, max_norm)
+            # the step's one host synchronisation: the logged numbers, read in a single transfer
+            values = torch.stack([*plains, *dops, torch.as_tensor(norm, device=plains[0].device).float()]).tolist()
+            total = dop_total = 0.0
+            for value in values[: len(plains)]:
+                total += value / cfg.train.grad_accum
+            for value in values[len(plains) : -1]:
+                dop_total += value / cfg.train.grad_accum
+            grad_norm = values[-1]
             if faults.fire("loss", step):
                 total = float("nan")
             if not math.isfinite(total):
@@ -320,8 +385,6 @@ def _train(cfg: JobConfig, *, resume: bool, overwrite: bool, progress: bool) -> 
                     f"step {step}: the loss is {total}; likely causes: learning rate too high ({cfg.train.lr:g}), "
                     "fp16 overflow (use bf16), or a corrupt latent; the last good checkpoint is kept"
                 )
-            max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
-            grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -372,12 +435,14 @@ def _train(cfg: JobConfig, *, resume: bool, overwrite: bool, progress: bool) -> 
         run.write_run_json(status="stopped", stopped_at=stopped_at, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         log(f"stopped at step {stopped_at} and saved; continue with: zimage-lora train JOB.yaml --resume")
         result.stopped_at = stopped_at
+        record_memory()
         return result
     final = save(cfg.train.steps, final=True)
     if cfg.sample.prompts and cfg.train.steps > start_step:
         sample(cfg.train.steps)
     metrics.close()
     result.samples = sample_paths
+    record_memory()
     result.contact_sheet = run.samples_dir / "contact_sheet.png" if sample_paths else None
     run.write_text("README.md", _model_card(cfg, arch, result))
     run.write_run_json(status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), final_lora=final.name)
@@ -418,13 +483,13 @@ def _batch_loss(
     batch: list[Sample], cfg, arch, model, transformer, latents, text, items, noise_gen, choice_rng, device, dtype
 ):
     """(loss to back-propagate, plain flow MSE to log, DOP loss or None) for one micro-batch."""
-    x0 = torch.stack([latents.get(items[s.item].path, s.bucket) for s in batch]).to(device)
+    x0 = to_device(torch.stack([latents.get(items[s.item].path, s.bucket) for s in batch]), device)
     captions = []
     for s in batch:
         item = items[s.item]
         dropped = choice_rng.random() < cfg.datasets[item.dataset].caption_dropout
         captions.append("" if dropped else item.caption)
-    caps = [c.to(device, dtype) for c in text(captions)]
+    caps = [to_device(c, device, dtype) for c in text(captions)]
     # per sample, in order: a sample's noise does not depend on what else shares its batch
     draws = [
         (
@@ -433,10 +498,10 @@ def _batch_loss(
         )
         for _ in batch
     ]
-    noise = torch.stack([n for n, _ in draws]).to(device)
+    noise = to_device(torch.stack([n for n, _ in draws]), device)
     sigma = torch.cat([s for _, s in draws])
-    weights = flow.timestep_weights(sigma, cfg.train.timestep_type).to(device)
-    sigma = sigma.to(device)
+    weights = to_device(flow.timestep_weights(sigma, cfg.train.timestep_type), device)
+    sigma = to_device(sigma, device)
     x_t = flow.noisy_latents(x0, noise, sigma)
     inputs = list(x_t.to(dtype).unsqueeze(2).unbind(0))
     output = model(inputs, flow.model_time(sigma), caps, return_dict=False)[0]
@@ -448,7 +513,7 @@ def _batch_loss(
         return loss, plain.detach(), None
     # DOP: the same noisy latents and times on the caption with the trigger replaced by the class word; the prior is
     # the model without the user's LoRA (the training adapter stays: it is part of the base while training)
-    class_caps = [c.to(device, dtype) for c in text([class_caption(items[s.item].caption, cfg) for s in batch])]
+    class_caps = [to_device(c, device, dtype) for c in text([class_caption(items[s.item].caption, cfg) for s in batch])]
     with torch.no_grad():
         network.activate(transformer, adapter_on=arch.uses_adapter, lora_scale=0.0)
         try:
@@ -467,17 +532,16 @@ def class_caption(caption: str, cfg) -> str:
 
 
 # --- sampling ------------------------------------------------------------------------------------------------
-def _sample_round(step, previews, *, vae_home, model, comps, text, run, arch, accelerator, device) -> list[Path]:
+def _sample_round(step, previews, *, vae, model, comps, text, run, arch, accelerator, device) -> list[Path]:
     paths = []
     was_training = model.training
     model.eval()
-    comps.vae.to(device)
     try:
         for index, p in enumerate(previews):
             network.activate(model, adapter_on=False, lora_scale=p.lora_scale)
             pos, neg = text([p.prompt, p.negative_prompt])
             z = denoise(model, comps.scheduler.config, pos, neg, p.settings, device, autocast=accelerator.autocast)
-            with torch.no_grad():
+            with torch.no_grad(), vae.visit():
                 image = tensor_to_pil(decode_latents(comps.vae, z.to(device, comps.vae.dtype)))[0]
             path = run.sample_path(step, index)
             save_png(path, image, png_info(p, step, arch.name, comps.scheduler.config.shift))
@@ -485,7 +549,6 @@ def _sample_round(step, previews, *, vae_home, model, comps, text, run, arch, ac
     finally:
         network.activate(model, adapter_on=arch.uses_adapter)
         model.train(was_training)
-        comps.vae.to(vae_home)
     build_contact_sheet(run.samples_dir, [p.prompt for p in previews])
     return paths
 
@@ -521,8 +584,18 @@ def _restore(state, model, optimizer, scheduler, noise_gen, choice_rng, position
     return int(state["step"])
 
 
-# Keys a resumed run may change: length, saving and previews. Anything else would make the run a different one.
-RESUMABLE_CHANGES = ("train.steps", "save.", "sample.", "job.device", "train.gradient_checkpointing")
+# Keys a resumed run may change: length, saving, previews and how memory is saved (layer offload and low_vram give
+# the same numbers; compile within float rounding). Anything else would make the run a different one.
+RESUMABLE_CHANGES = (
+    "train.steps",
+    "save.",
+    "sample.",
+    "job.device",
+    "train.gradient_checkpointing",
+    "model.layer_offload",
+    "model.low_vram",
+    "train.compile",
+)
 
 
 def check_resumable(saved: dict, current: dict, saved_step: int) -> None:

@@ -1,0 +1,283 @@
+"""The queue and the runner: one trainer or playground generation at a time per device.
+
+Jobs and generations wait as ``queued`` rows in the database. A background thread (``Runner.run``) looks every
+half second (and at once when the API pokes it): it finishes the processes that have ended, then starts the oldest
+queued item of each device that nothing runs on (a generation holds the device like a job: that is the device
+lock). Each item runs as its own ``python -m zimage_lora.cli train|generate`` process in a new session, with stdout
+and stderr in a log file, so the UI can exit or crash without stopping it.
+
+The database keeps each process's pid and its start time from /proc/<pid>/stat: a restarted UI re-attaches to a
+process only when both match (a reused pid is never mistaken for the trainer). A trainer that has ended is ``done``
+or ``stopped`` as its run.json says (when run.json was written by that very process and it did not exit with an
+error), ``stopped`` when the user asked it to stop, else ``failed`` with its last log lines as the error.
+
+Every change of status goes through this module, under ``Runner.lock``, so an API call never races the thread.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from zimage_lora.ui import runs
+from zimage_lora.ui.db import Store, now
+from zimage_lora.ui.security import ApiError
+
+log = logging.getLogger(__name__)
+
+ACTIVE = ("running", "stopping")
+ERROR_LINES = 12
+
+
+# --- processes ------------------------------------------------------------------------------------------------------
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat); None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # the command name in (...) may hold spaces
+    if fields[0] in ("Z", "X"):  # a zombie has exited already
+        return None
+    return int(fields[19])
+
+
+def alive(pid: int | None, pid_start: int | None) -> bool:
+    return pid is not None and pid_start is not None and start_time(pid) == pid_start
+
+
+@functools.cache
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def device_key(device: str) -> str:
+    """The device a job or generation will hold: ``auto`` and ``cuda`` resolved as the trainer resolves them."""
+    if device == "auto":
+        return "cuda:0" if _cuda_available() else "cpu"
+    return "cuda:0" if device == "cuda" else device
+
+
+def _spawn(args: list[str], log_file: Path, append: bool) -> tuple[subprocess.Popen, int | None]:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # HF_HUB_OFFLINE, HF_TOKEN and the like pass through
+    with open(log_file, "ab" if append else "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "zimage_lora.cli", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=log_file.parent,
+            env=env,
+            start_new_session=True,
+        )
+    return proc, start_time(proc.pid)
+
+
+def _last_lines(path: Path) -> str:
+    return "\n".join(line for line in runs.log_tail(path, ERROR_LINES * 3) if line.strip())[-4000:]
+
+
+# --- the runner -----------------------------------------------------------------------------------------------------
+
+
+class Runner:
+    def __init__(self, data: Path, store: Store, poll_s: float = 0.5):
+        self.data, self.store, self.poll_s = data, store, poll_s
+        self.lock = threading.RLock()
+        self.procs: dict[str, subprocess.Popen] = {}  # processes this UI started, by "job:<name>" / "gen:<id>"
+        self.wake = threading.Event()
+        self.closing = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def job_dir(self, name: str) -> Path:
+        return self.data / "jobs" / name
+
+    def gen_dir(self, gen_id: str) -> Path:
+        return self.data / "generations" / gen_id
+
+    # --- the thread ---------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self.run, name="zimage-lora-runner", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        """Stop watching; the processes go on (a later UI re-attaches to them)."""
+        self.closing.set()
+        self.wake.set()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+
+    def poke(self) -> None:
+        self.wake.set()
+
+    def run(self) -> None:
+        while not self.closing.is_set():
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - the runner must outlive any one bad row
+                log.exception("runner: tick failed")
+            self.wake.wait(self.poll_s)
+            self.wake.clear()
+
+    def tick(self) -> None:
+        with self.lock:
+            for row in self.store.select("jobs", "status IN ('running', 'stopping')"):
+                ended, code = self._ended(f"job:{row['name']}", row)
+                if ended:
+                    self._finish_job(row, code)
+            for row in self.store.select("generations", "status = 'running'"):
+                ended, code = self._ended(f"gen:{row['id']}", row)
+                if ended:
+                    self._finish_generation(row, code)
+            self._launch_queued()
+
+    def _ended(self, key: str, row: dict[str, Any]) -> tuple[bool, int | None]:
+        """(has the process ended, its exit code when this UI started it)."""
+        proc = self.procs.get(key)
+        if proc is not None:
+            code = proc.poll()
+            if code is None:
+                return False, None
+            del self.procs[key]
+            return True, code
+        return not alive(row["pid"], row["pid_start"]), None
+
+    def _launch_queued(self) -> None:
+        busy = {row["device"] for row in self.store.select("jobs", "status IN ('running', 'stopping')")}
+        busy |= {row["device"] for row in self.store.select("generations", "status = 'running'")}
+        waiting = [("job", row) for row in self.store.select("jobs", "status = 'queued'")]
+        waiting += [("gen", row) for row in self.store.select("generations", "status = 'queued'")]
+        for kind, row in sorted(waiting, key=lambda item: item[1]["queued"]):
+            if row["device"] in busy:
+                continue
+            busy.add(row["device"])
+            try:
+                self._launch_job(row) if kind == "job" else self._launch_generation(row)
+            except OSError as e:
+                table, key = ("jobs", row["name"]) if kind == "job" else ("generations", row["id"])
+                self.store.update(table, key, status="failed", error=f"could not start the process: {e}")
+
+    # --- jobs ---------------------------------------------------------------------------------------------------
+    def _launch_job(self, row: dict[str, Any]) -> None:
+        name, resume = row["name"], row["mode"] == "resume"
+        folder = self.job_dir(name)
+        args = ["train", str(folder / "job.yaml"), "--no-progress", "--resume" if resume else "--overwrite"]
+        proc, pid_start = _spawn(args, folder / "ui-process.log", append=resume)
+        self.procs[f"job:{name}"] = proc
+        self.store.update(
+            "jobs",
+            name,
+            status="running",
+            pid=proc.pid,
+            pid_start=pid_start,
+            exit_code=None,
+            error=None,
+            started=now(),
+            finished=None,
+        )
+
+    def _finish_job(self, row: dict[str, Any], code: int | None) -> None:
+        facts = runs.read_json(self.job_dir(row["name"]) / "run.json")
+        verdict = facts.get("status") if facts.get("pid") == row["pid"] and code in (None, 0) else None
+        error = None
+        if verdict in ("done", "stopped"):
+            status = verdict
+        elif row["status"] == "stopping":
+            status = "stopped"  # stopped before training began: there is nothing to resume, start it again
+        else:
+            status = "failed"
+            how = f"exit code {code}" if code is not None else "it was gone when the UI looked"
+            tail = _last_lines(runs.log_path(self.job_dir(row["name"])))
+            error = f"the trainer ended before finishing ({how}); its last log lines:\n{tail}"
+        self.store.update("jobs", row["name"], status=status, exit_code=code, error=error, finished=now())
+
+    def queue_job(self, name: str, resume: bool) -> None:
+        with self.lock:
+            row = self._job(name)
+            if row["status"] in ("queued", *ACTIVE):
+                raise ApiError(409, f"job {name!r} is already {row['status']}; stop it first", "name")
+            device = device_key(row["config"]["job"]["device"])
+            self.store.update(
+                "jobs",
+                name,
+                status="queued",
+                prev_status=row["status"],
+                mode="resume" if resume else "start",
+                device=device,
+                queued=time.time(),
+                error=None,
+            )
+        self.poke()
+
+    def stop_job(self, name: str) -> None:
+        with self.lock:
+            row = self._job(name)
+            if row["status"] == "queued":
+                self.store.update("jobs", name, status=row["prev_status"] or "draft", queued=None)
+            elif row["status"] == "running":
+                if alive(row["pid"], row["pid_start"]):
+                    # Training: the trainer finishes its step, saves and exits 0 (SIGTERM acts as Ctrl-C does).
+                    # Still loading: the default action ends it at once, quietly; there is nothing to save yet.
+                    os.kill(row["pid"], signal.SIGTERM)
+                self.store.update("jobs", name, status="stopping")
+            elif row["status"] != "stopping":
+                raise ApiError(409, f"job {name!r} is {row['status']}, not running; there is nothing to stop")
+        self.poke()
+
+    def request(self, name: str, action: str) -> None:
+        """Ask the running trainer to save or sample after its current step (a file in requests/)."""
+        from zimage_lora.training.run_folder import RunFolder
+
+        with self.lock:
+            row = self._job(name)
+            if row["status"] != "running":
+                raise ApiError(409, f"job {name!r} is {row['status']}, not running; start it first")
+            RunFolder(self.job_dir(name), name).request(action)
+
+    def _job(self, name: str) -> dict[str, Any]:
+        row = self.store.get("jobs", name)
+        if row is None:
+            raise ApiError(404, f"no job named {name!r}; see GET /api/jobs", "name")
+        return row
+
+    # --- generations --------------------------------------------------------------------------------------------
+    def queue_generation(self, gen_id: str, request: dict[str, Any], args: list[str]) -> None:
+        with self.lock:
+            self.store.insert(
+                "generations",
+                id=gen_id,
+                request={**request, "args": args},
+                status="queued",
+                device=device_key(request["device"]),
+                created=now(),
+                queued=time.time(),
+            )
+        self.poke()
+
+    def _launch_generation(self, row: dict[str, Any]) -> None:
+        folder = self.gen_dir(row["id"])
+        proc, pid_start = _spawn([*row["request"]["args"], "--out", str(folder)], folder / "gen.log", append=False)
+        self.procs[f"gen:{row['id']}"] = proc
+        self.store.update("generations", row["id"], status="running", pid=proc.pid, pid_start=pid_start, started=now())
+
+    def _finish_generation(self, row: dict[str, Any], code: int | None) -> None:
+        folder = self.gen_dir(row["id"])
+        made = any(folder.glob("*.png"))
+        ok = made and code in (None, 0)
+        error = None if ok else f"generation failed; its last log lines:\n{_last_lines(folder / 'gen.log')}"
+        self.store.update(
+            "generations", row["id"], status="done" if ok else "failed", exit_code=code, error=error, finished=now()
+        )

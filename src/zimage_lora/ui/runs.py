@@ -1,0 +1,150 @@
+"""Reading a run folder for the UI: metrics, samples, checkpoints, logs, run.json (see training/run_folder.py).
+
+Read-only and torch-free, so the server answers these without loading the training stack. Files that a trainer is
+writing at the same moment are read defensively: a half-written last line of metrics.jsonl is skipped until it is
+complete.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+SAMPLE_RE = re.compile(r"^(\d{9})_(\d{2})\.png$")
+SPEED_WINDOW = 20  # s/it is the mean of the last this many steps
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _rows(text: str) -> list[dict[str, Any]]:
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line still being written
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
+def metrics(folder: Path, after: int | None = None) -> list[dict[str, Any]]:
+    try:
+        text = (folder / "metrics.jsonl").read_text(encoding="utf-8")
+    except OSError:
+        return []
+    return [row for row in _rows(text) if after is None or row["step"] > after]
+
+
+def metrics_tail(folder: Path, count: int = SPEED_WINDOW) -> list[dict[str, Any]]:
+    return _rows(_tail_text(folder / "metrics.jsonl", 64 * 1024))[-count:]
+
+
+def progress(folder: Path, steps: int, running: bool) -> dict[str, Any]:
+    """step, sec_per_it (mean of the last 20 steps) and eta_s (only while running)."""
+    tail = metrics_tail(folder)
+    step = tail[-1]["step"] if tail else 0
+    secs = [row["sec"] for row in tail if isinstance(row.get("sec"), int | float)]
+    sec_per_it = sum(secs) / len(secs) if secs else None
+    eta = max(0, steps - step) * sec_per_it if running and sec_per_it is not None else None
+    return {"step": step, "steps": steps, "sec_per_it": sec_per_it, "eta_s": eta}
+
+
+def samples(folder: Path, url: str) -> dict[str, Any]:
+    """Preview images by step and index; ``url`` is the run folder's /files URL."""
+    found = []
+    sheet = None
+    sample_dir = folder / "samples"
+    if sample_dir.is_dir():
+        for path in sorted(sample_dir.iterdir()):
+            if match := SAMPLE_RE.match(path.name):
+                found.append({"step": int(match[1]), "index": int(match[2]), "url": f"{url}/samples/{path.name}"})
+            elif path.name == "contact_sheet.png":  # rebuilt in place: the version defeats the browser's cache
+                sheet = f"{url}/samples/contact_sheet.png?v={path.stat().st_mtime_ns}"
+    return {"samples": found, "contact_sheet": sheet}
+
+
+def checkpoints(folder: Path, name: str, url: str) -> list[dict[str, Any]]:
+    """The LoRA files of a run: ``<name>_<step>.safetensors`` checkpoints, then the final ``<name>.safetensors``."""
+    pattern = re.compile(rf"^{re.escape(name)}(?:_(\d{{9}}))?\.safetensors$")
+    found = []
+    for path in folder.glob("*.safetensors") if folder.is_dir() else []:
+        if match := pattern.match(path.name):
+            step = int(match[1]) if match[1] else None
+            found.append(
+                {
+                    "file": path.name,
+                    "step": step,
+                    "final": step is None,
+                    "bytes": path.stat().st_size,
+                    "url": f"{url}/{path.name}?download=1",
+                }
+            )
+    return sorted(found, key=lambda c: (c["final"], c["step"] or 0))
+
+
+def log_path(folder: Path) -> Path:
+    """The trainer's whole output (ui-process.log) when the UI ran it, else its train.log."""
+    process_log = folder / "ui-process.log"
+    return process_log if process_log.exists() else folder / "train.log"
+
+
+def log_tail(path: Path, lines: int) -> list[str]:
+    if lines <= 0:
+        return []
+    return _tail_text(path, 256 * lines + 4096).splitlines()[-lines:]
+
+
+def _tail_text(path: Path, size: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            end = f.tell()
+            f.seek(max(0, end - size))
+            data = f.read()
+    except OSError:
+        return ""
+    if end > size:
+        data = data.split(b"\n", 1)[-1]  # drop the partial first line
+    return data.decode("utf-8", errors="replace")
+
+
+class LogFollower:
+    """New complete lines of a growing log; ``reset`` says the file was started afresh (a new run)."""
+
+    def __init__(self, path: Path, initial_lines: int):
+        self.path = path
+        self.initial = initial_lines
+        self.offset: int | None = None
+
+    def new_lines(self) -> tuple[list[str], bool]:
+        try:
+            size = self.path.stat().st_size
+        except OSError:
+            size = 0
+        first = self.offset is None
+        if first:  # start near the end: the last ``initial_lines`` lines
+            self.offset = max(0, size - (256 * self.initial + 4096))
+        reset = size < self.offset
+        if reset:
+            self.offset = 0
+        if size == self.offset:
+            return [], reset
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(size - self.offset)
+        complete = data.rfind(b"\n") + 1
+        lines = data[:complete].decode("utf-8", errors="replace").splitlines()
+        if first:
+            lines = lines[1 if self.offset else 0 :]  # the first line may be partial
+            lines = lines[-self.initial :] if self.initial > 0 else []
+        self.offset += complete
+        return lines, reset

@@ -1,0 +1,769 @@
+"""The web UI's HTTP server: ``create_app`` builds the FastAPI app of docs/ui-api.md; ``serve`` runs it.
+
+Routes, grouped as in the contract: pages, schema and config, jobs (with the event stream), datasets, models, LoRAs
+and the playground, files. Handlers stay thin: the config goes through ``schema`` (the CLI's validation), status
+changes through ``runner`` (the queue), run folders are read through ``runs``, and every path from a URL through
+``security.resolve_inside``. A user mistake answers 4xx ``{"error": one sentence, "field": key or null}``; an
+unexpected failure answers 500 with a sentence, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import mimetypes
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import yaml
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from zimage_lora.config import dump_yaml, parse_job
+from zimage_lora.models.arch import ARCHS
+from zimage_lora.ui import runs, schema
+from zimage_lora.ui.db import Store, now
+from zimage_lora.ui.runner import ACTIVE, Runner
+from zimage_lora.ui.security import (
+    COOKIE,
+    IMAGE_EXTS,
+    NAME_RE,
+    ApiError,
+    Guard,
+    allowed_hosts,
+    check_name,
+    error_response,
+    read_upload,
+    resolve_inside,
+)
+
+STATIC = Path(__file__).parent / "static"
+FILE_ROOTS = ("datasets", "jobs", "models", "generations")  # what /files serves; never ui.db or the thumbnails
+LOG_TAIL = 40
+THUMB_SIZE = 256
+HEARTBEAT_S = 10.0
+LOGIN_FORM = """<!doctype html><meta charset="utf-8"><title>zimage-lora: sign in</title>
+<form method="post" action="/api/login"><label>Token <input name="token" type="password" autofocus></label>
+<button>Sign in</button></form>"""
+
+
+class Ui:
+    """What every handler needs: the data folder, the store, the runner and the limits."""
+
+    def __init__(self, data: Path, token: str | None, max_upload_bytes: int, poll_s: float):
+        self.data = data
+        self.token = token
+        self.max_upload_bytes = max_upload_bytes
+        self.store = Store(data)
+        self.runner = Runner(data, self.store, poll_s)
+        for folder in FILE_ROOTS:
+            (data / folder).mkdir(exist_ok=True)
+
+    def job(self, name: str) -> dict[str, Any]:
+        row = self.store.get("jobs", name) if NAME_RE.match(name) else None
+        if row is None:
+            raise ApiError(404, f"no job named {name!r}; see GET /api/jobs", "name")
+        return row
+
+    def dataset(self, name: str) -> Path:
+        folder = self.data / "datasets" / check_name(name, "dataset")
+        if not folder.is_dir():
+            raise ApiError(404, f"no dataset named {name!r}; create it with POST /api/datasets", "name")
+        return folder
+
+    def validated(self, config: Any) -> dict[str, Any]:
+        """The UI's config, normalised; ApiError 422 with the CLI's message for the first problem."""
+        normalised, errors = schema.validate(config, self.data)
+        if errors:
+            raise ApiError(422, errors[0]["message"], errors[0]["key"], errors=errors)
+        return normalised
+
+    def write_job_yaml(self, name: str, config: dict[str, Any]) -> None:
+        cfg = parse_job(schema.job_data(config, self.data), self.data, check_paths=False)
+        _atomic_write(self.runner.job_dir(name) / "job.yaml", dump_yaml(cfg).encode())
+
+
+def _atomic_write(path: Path, content: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_bytes(content)
+    os.replace(tmp, path)
+
+
+def _url(*parts: str) -> str:
+    return "/" + "/".join(quote(part) for part in parts)
+
+
+# --- request bodies ---------------------------------------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ConfigBody(_Body):
+    config: dict[str, Any]
+
+
+class ValidateBody(_Body):
+    config: dict[str, Any] | None = None
+    yaml: str | None = None
+
+
+class NameBody(_Body):
+    name: str
+
+
+class CaptionBody(_Body):
+    caption: str
+
+
+class LoraRef(_Body):
+    path: str
+    weight: float = 1.0
+
+
+class GenerateBody(_Body):
+    model: str = Field(min_length=1)
+    arch: str = "zimage_turbo"
+    loras: list[LoraRef] = []
+    prompt: str = Field(min_length=1)
+    negative: str = ""
+    width: int = Field(1024, ge=64, le=4096, multiple_of=16)
+    height: int = Field(1024, ge=64, le=4096, multiple_of=16)
+    steps: int | None = Field(None, ge=1, le=1000)
+    guidance: float | None = Field(None, ge=0)
+    seed: int = Field(42, ge=0)
+    count: int = Field(1, ge=1, le=64)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+# --- the app ----------------------------------------------------------------------------------------------------------
+
+
+def create_app(
+    data_dir: str | os.PathLike[str],
+    token: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8675,
+    max_upload_bytes: int = 50_000_000,
+    poll_s: float = 0.5,
+) -> FastAPI:
+    """The UI for the data folder ``data_dir`` (created if missing), as served on ``host:port``."""
+    ui = Ui(Path(data_dir).expanduser().resolve(), token or None, max_upload_bytes, poll_s)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ui.runner.start()
+        try:
+            yield
+        finally:
+            ui.runner.close()
+            ui.store.close()
+
+    app = FastAPI(title="zimage-lora", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.ui = ui
+    app.add_middleware(Guard, hosts=allowed_hosts(host, port), token=ui.token)
+    _error_handlers(app)
+    _page_routes(app, ui)
+    _config_routes(app, ui)
+    _job_routes(app, ui)
+    _dataset_routes(app, ui)
+    _playground_routes(app, ui)
+    _file_routes(app, ui)
+    return app
+
+
+def _error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"error": exc.message, "field": exc.field, **exc.extra}, status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        message = f"nothing at {request.url.path}" if exc.status_code == 404 else str(exc.detail)
+        return error_response(exc.status_code, message)
+
+    @app.exception_handler(RequestValidationError)
+    async def body_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        error = exc.errors()[0]
+        loc = [str(part) for part in error["loc"] if part not in ("body", "query", "path")]
+        field = ".".join(loc) or None
+        message = error["msg"][0].lower() + error["msg"][1:] if error["msg"] else "invalid"
+        return error_response(422, f"{field or 'request body'}: {message}", field)
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(500, f"internal error ({type(exc).__name__}); the server's log has the details")
+
+
+# --- pages ------------------------------------------------------------------------------------------------------------
+
+
+def _page_routes(app: FastAPI, ui: Ui) -> None:
+    if STATIC.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def index() -> Response:
+        page = STATIC / "index.html"
+        return FileResponse(page) if page.is_file() else HTMLResponse("<p>zimage-lora: the UI's pages are missing.</p>")
+
+    @app.get("/login", include_in_schema=False)
+    def login_page() -> Response:
+        page = STATIC / "login.html"
+        return FileResponse(page) if page.is_file() else HTMLResponse(LOGIN_FORM)
+
+    @app.post("/api/login")
+    async def login(request: Request) -> Response:
+        from_form = not request.headers.get("content-type", "").startswith("application/json")
+        try:
+            body = dict(await request.form()) if from_form else await request.json()
+        except ValueError:
+            body = {}
+        given = body.get("token") if isinstance(body, dict) else None
+        if ui.token is not None and given != ui.token:
+            if from_form:
+                return RedirectResponse("/login?error=1", status_code=303)
+            return error_response(401, "wrong token; use the one the server was started with (--token)", "token")
+        response = RedirectResponse("/", status_code=303) if from_form else JSONResponse({"ok": True})
+        if ui.token is not None:
+            response.set_cookie(COOKIE, ui.token, httponly=True, samesite="strict", path="/")
+        return response
+
+    @app.post("/api/logout")
+    def logout() -> Response:
+        response = JSONResponse({"ok": True})
+        response.delete_cookie(COOKIE, path="/")
+        return response
+
+
+# --- schema and config ------------------------------------------------------------------------------------------------
+
+
+def _config_routes(app: FastAPI, ui: Ui) -> None:
+    @app.get("/api/schema")
+    def get_schema() -> dict:
+        return schema.schema()
+
+    @app.get("/api/presets")
+    def get_presets() -> dict:
+        return {"presets": schema.presets(ui.data)}
+
+    @app.post("/api/config/validate")
+    def validate(body: ValidateBody) -> dict:
+        if (body.config is None) == (body.yaml is None):
+            raise ApiError(400, 'send either {"config": {...}} or {"yaml": "..."}', "config")
+        raw, errors = (body.config, []) if body.yaml is None else schema.parse_yaml(body.yaml)
+        config = None
+        if not errors:
+            config, errors = schema.validate(raw, ui.data)
+        if errors:  # the text as it stands, so either view can show it while the user fixes the problem
+            text = body.yaml if body.yaml is not None else yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
+            return {"ok": False, "errors": errors, "config": raw if isinstance(raw, dict) else None, "yaml": text}
+        return {"ok": True, "errors": [], "config": config, "yaml": schema.config_yaml(config)}
+
+
+# --- jobs -------------------------------------------------------------------------------------------------------------
+
+
+def job_summary(ui: Ui, row: dict[str, Any], progress: dict[str, Any] | None = None) -> dict[str, Any]:
+    config = row["config"]
+    folder = ui.runner.job_dir(row["name"])
+    progress = progress or runs.progress(folder, config["train"]["steps"], row["status"] == "running")
+    return {
+        "name": row["name"],
+        "status": row["status"],
+        "step": progress["step"],
+        "steps": progress["steps"],
+        "device": row["device"] or config["job"]["device"],
+        "arch": config["model"]["arch"],
+        "created": row["created"],
+        "started": row["started"],
+        "finished": row["finished"],
+    }
+
+
+def job_detail(ui: Ui, row: dict[str, Any]) -> dict[str, Any]:
+    folder = ui.runner.job_dir(row["name"])
+    progress = runs.progress(folder, row["config"]["train"]["steps"], row["status"] == "running")
+    return {
+        **job_summary(ui, row, progress),
+        **progress,
+        "config": row["config"],
+        "yaml": schema.config_yaml(row["config"]),
+        "error": row["error"],
+        "exit_code": row["exit_code"],
+        "log_tail": runs.log_tail(runs.log_path(folder), LOG_TAIL),
+    }
+
+
+def _job_routes(app: FastAPI, ui: Ui) -> None:
+    runner = ui.runner
+
+    @app.get("/api/jobs")
+    def list_jobs() -> dict:
+        return {"jobs": [job_summary(ui, row) for row in ui.store.select("jobs")]}
+
+    @app.post("/api/jobs", status_code=201)
+    def create_job(body: ConfigBody) -> dict:
+        config = ui.validated(body.config)
+        name = config["job"]["name"]
+        if ui.store.get("jobs", name) is not None or runner.job_dir(name).exists():
+            raise ApiError(409, f"a job named {name!r} exists already; choose another job.name", "job.name")
+        ui.write_job_yaml(name, config)
+        ui.store.insert("jobs", name=name, config=config, status="draft", created=now())
+        return {"name": name}
+
+    @app.get("/api/jobs/{name}")
+    def get_job(name: str) -> dict:
+        return job_detail(ui, ui.job(name))
+
+    @app.put("/api/jobs/{name}")
+    def update_job(name: str, body: ConfigBody) -> dict:
+        ui.job(name)
+        config = ui.validated(body.config)
+        if config["job"]["name"] != name:
+            raise ApiError(
+                422, f"job.name: a job cannot be renamed ({name!r}); clone it under the new name", "job.name"
+            )
+        with runner.lock:
+            status = ui.job(name)["status"]
+            if status in ("queued", *ACTIVE):
+                raise ApiError(409, f"job {name!r} is {status}; stop it before changing its config")
+            ui.write_job_yaml(name, config)
+            ui.store.update("jobs", name, config=config)
+        return {"name": name}
+
+    @app.post("/api/jobs/{name}/clone", status_code=201)
+    def clone_job(name: str, body: NameBody) -> dict:
+        config = ui.job(name)["config"]
+        new = check_name(body.name, "job")
+        if ui.store.get("jobs", new) is not None or runner.job_dir(new).exists():
+            raise ApiError(409, f"a job named {new!r} exists already; choose another name", "name")
+        config = ui.validated({**config, "job": {**config["job"], "name": new}})
+        ui.write_job_yaml(new, config)
+        ui.store.insert("jobs", name=new, config=config, status="draft", created=now())
+        return {"name": new}
+
+    def queue(name: str, resume: bool) -> dict:
+        with runner.lock:
+            row = ui.job(name)
+            if row["status"] in ("queued", *ACTIVE):
+                raise ApiError(409, f"job {name!r} is already {row['status']}; stop it first")
+            config = ui.validated(row["config"])  # the data folder may have changed since it was saved
+            ui.write_job_yaml(name, config)
+            runner.queue_job(name, resume=resume)
+        return {"name": name, "status": ui.job(name)["status"]}
+
+    @app.post("/api/jobs/{name}/start")
+    def start_job(name: str) -> dict:
+        return queue(name, resume=False)
+
+    @app.post("/api/jobs/{name}/resume")
+    def resume_job(name: str) -> dict:
+        return queue(name, resume=True)
+
+    @app.post("/api/jobs/{name}/stop")
+    def stop_job(name: str) -> dict:
+        ui.job(name)
+        runner.stop_job(name)
+        return {"name": name, "status": ui.job(name)["status"]}
+
+    @app.post("/api/jobs/{name}/save")
+    def save_now(name: str) -> dict:
+        ui.job(name)
+        runner.request(name, "save")
+        return {"name": name, "requested": "save"}
+
+    @app.post("/api/jobs/{name}/sample")
+    def sample_now(name: str) -> dict:
+        ui.job(name)
+        runner.request(name, "sample")
+        return {"name": name, "requested": "sample"}
+
+    @app.delete("/api/jobs/{name}")
+    def delete_job(name: str, confirm: str = "") -> dict:
+        ui.job(name)
+        if confirm != name:
+            raise ApiError(
+                400, f"deleting job {name!r} removes its run folder; repeat its name in ?confirm=", "confirm"
+            )
+        with runner.lock:
+            status = ui.job(name)["status"]
+            if status in ("queued", *ACTIVE):
+                raise ApiError(409, f"job {name!r} is {status}; stop it before deleting it")
+            shutil.rmtree(runner.job_dir(name), ignore_errors=True)
+            ui.store.delete("jobs", name)
+        return {"deleted": name}
+
+    @app.get("/api/jobs/{name}/metrics")
+    def get_metrics(name: str, after: int | None = None) -> dict:
+        ui.job(name)
+        return {"metrics": runs.metrics(runner.job_dir(name), after)}
+
+    @app.get("/api/jobs/{name}/log")
+    def get_log(name: str, lines: int = 200) -> dict:
+        ui.job(name)
+        return {"lines": runs.log_tail(runs.log_path(runner.job_dir(name)), min(max(lines, 0), 10_000))}
+
+    @app.get("/api/jobs/{name}/samples")
+    def get_samples(name: str) -> dict:
+        ui.job(name)
+        return runs.samples(runner.job_dir(name), _url("files", "jobs", name))
+
+    @app.get("/api/jobs/{name}/checkpoints")
+    def get_checkpoints(name: str) -> dict:
+        ui.job(name)
+        return {"checkpoints": runs.checkpoints(runner.job_dir(name), name, _url("files", "jobs", name))}
+
+    @app.get("/api/jobs/{name}/events")
+    def events(name: str, request: Request, once: bool = False, max_s: float = 0, lines: int = 200) -> Response:
+        ui.job(name)
+        stream = _event_stream(ui, name, request, once, max_s, min(max(lines, 0), 10_000))
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+
+
+def _sse(event: str, payload: Any) -> str:
+    return f"event: {event}\ndata: {json.dumps(payload)}\n\n"
+
+
+async def _event_stream(
+    ui: Ui, name: str, request: Request, once: bool, max_s: float, lines: int
+) -> AsyncIterator[str]:
+    """The job's changes as server-sent events, polling the run folder every half second."""
+    folder = ui.runner.job_dir(name)
+    url = _url("files", "jobs", name)
+    sent: dict[str, Any] = {}
+    state = {"step": None, "log": None}
+
+    def changes() -> list[tuple[str, Any]]:
+        row = ui.store.get("jobs", name)
+        if row is None:
+            return [("job", {"name": name, "status": "deleted"})]
+        out = []
+        for event, payload in (
+            ("job", job_detail(ui, row)),
+            ("samples", runs.samples(folder, url)),
+            ("checkpoints", {"checkpoints": runs.checkpoints(folder, name, url)}),
+        ):
+            if sent.get(event) != payload:
+                sent[event] = payload
+                out.append((event, payload))
+        rows = runs.metrics(folder)
+        reset = state["step"] is not None and (not rows or rows[-1]["step"] < state["step"])
+        new = rows if reset or state["step"] is None else [r for r in rows if r["step"] > state["step"]]
+        if new or reset or state["step"] is None:
+            out.append(("metrics", {"metrics": new, "reset": reset}))
+            state["step"] = rows[-1]["step"] if rows else 0
+        path = runs.log_path(folder)
+        switched = state["log"] is not None and state["log"].path != path
+        if state["log"] is None or switched:
+            state["log"] = runs.LogFollower(path, lines)
+        text, reset = state["log"].new_lines()
+        reset = reset or switched  # another file: the client drops what it shows and takes these lines
+        if text or reset or "log" not in sent:
+            sent["log"] = True
+            out.append(("log", {"lines": text, "reset": reset}))
+        return out
+
+    started = beat = time.monotonic()
+    while True:
+        for event, payload in await run_in_threadpool(changes):
+            yield _sse(event, payload)
+            if payload.get("status") == "deleted":
+                return
+        if once or (max_s and time.monotonic() - started >= max_s) or await request.is_disconnected():
+            return
+        if time.monotonic() - beat >= HEARTBEAT_S:
+            beat = time.monotonic()
+            yield ": heartbeat\n\n"
+        await asyncio.sleep(0.5)
+
+
+# --- datasets ---------------------------------------------------------------------------------------------------------
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+
+
+def _caption(image: Path) -> str:
+    from zimage_lora.data.dataset import read_caption_text
+
+    sidecar = image.with_suffix(".txt")
+    return read_caption_text(sidecar) if sidecar.is_file() else ""
+
+
+def _dataset_file(folder: Path, file: str) -> Path:
+    path = resolve_inside(folder, file)
+    if path is None or path.suffix.lower() not in IMAGE_EXTS:
+        raise ApiError(404, f"no image {file!r} in dataset {folder.name!r}", "file")
+    return path
+
+
+def _dataset_routes(app: FastAPI, ui: Ui) -> None:
+    @app.get("/api/datasets")
+    def list_datasets() -> dict:
+        out = []
+        for folder in sorted((ui.data / "datasets").iterdir()):
+            if folder.is_dir() and NAME_RE.match(folder.name):
+                images = _images(folder)
+                captioned = sum(1 for image in images if _caption(image))
+                out.append({"name": folder.name, "images": len(images), "captioned": captioned})
+        return {"datasets": out}
+
+    @app.post("/api/datasets", status_code=201)
+    def create_dataset(body: NameBody) -> dict:
+        folder = ui.data / "datasets" / check_name(body.name, "dataset")
+        if folder.exists():
+            raise ApiError(409, f"a dataset named {body.name!r} exists already; choose another name", "name")
+        folder.mkdir()
+        return {"name": body.name}
+
+    @app.delete("/api/datasets/{name}")
+    def delete_dataset(name: str, confirm: str = "") -> dict:
+        folder = ui.dataset(name)
+        if confirm != name:
+            raise ApiError(
+                400, f"deleting dataset {name!r} removes its images; repeat its name in ?confirm=", "confirm"
+            )
+        for row in ui.store.select("jobs", "status IN ('queued', 'running', 'stopping')"):
+            if any(d["path"] == f"datasets/{name}" for d in row["config"]["datasets"]):
+                raise ApiError(409, f"job {row['name']!r} ({row['status']}) trains on dataset {name!r}; stop it first")
+        shutil.rmtree(folder)
+        return {"deleted": name}
+
+    @app.get("/api/datasets/{name}")
+    def get_dataset(name: str) -> dict:
+        folder = ui.dataset(name)
+        images = []
+        for path in _images(folder):
+            try:
+                with Image.open(path) as image:
+                    width, height = image.size
+            except Exception:  # noqa: BLE001 - an unreadable image is listed without a size
+                width = height = None
+            images.append(
+                {
+                    "file": path.name,
+                    "caption": _caption(path),
+                    "width": width,
+                    "height": height,
+                    "bytes": path.stat().st_size,
+                    "url": _url("files", "datasets", name, path.name),
+                    "thumb": _url("api", "datasets", name, "thumb", path.name),
+                }
+            )
+        return {"name": name, "images": images}
+
+    @app.post("/api/datasets/{name}/upload")
+    async def upload(name: str, request: Request) -> Response:
+        folder = ui.dataset(name)
+        files = (await request.form()).getlist("files")
+        if not files:
+            raise ApiError(422, "files: send the images and captions as multipart/form-data field 'files'", "files")
+        saved, rejected, first_error = [], [], None
+        for upload in files:
+            try:
+                if not isinstance(upload, UploadFile):  # a part without a file name arrives as text
+                    raise ApiError(400, "a part of 'files' has no file name; send files, not text", "files")
+                file, content = await read_upload(upload, ui.max_upload_bytes)
+            except ApiError as e:
+                rejected.append({"file": getattr(upload, "filename", ""), "error": e.message})
+                first_error = first_error or e
+                continue
+            await run_in_threadpool(_atomic_write, folder / file, content)
+            saved.append(file)
+        result = {"saved": saved, "rejected": rejected}
+        if saved or first_error is None:
+            return JSONResponse(result)
+        return JSONResponse({"error": first_error.message, "field": "files", **result}, first_error.status)
+
+    @app.put("/api/datasets/{name}/captions/{file:path}")
+    def put_caption(name: str, file: str, body: CaptionBody) -> dict:
+        image = _dataset_file(ui.dataset(name), file)
+        _atomic_write(image.with_suffix(".txt"), body.caption.encode("utf-8"))
+        return {"file": image.name, "caption": body.caption}
+
+    @app.delete("/api/datasets/{name}/images/{file:path}")
+    def delete_image(name: str, file: str) -> dict:
+        image = _dataset_file(ui.dataset(name), file)
+        image.unlink()
+        image.with_suffix(".txt").unlink(missing_ok=True)
+        return {"deleted": image.name}
+
+    @app.get("/api/datasets/{name}/thumb/{file:path}")
+    def thumb(name: str, file: str) -> Response:
+        from zimage_lora.data.dataset import load_rgb
+        from zimage_lora.errors import UserError
+
+        image = _dataset_file(ui.dataset(name), file)
+        stat = image.stat()
+        key = hashlib.sha256(f"{image}:{stat.st_mtime_ns}:{stat.st_size}".encode()).hexdigest()[:32]
+        cached = ui.data / ".thumbs" / f"{key}.jpg"
+        if not cached.is_file():
+            try:
+                small = load_rgb(image)
+            except UserError:
+                raise ApiError(415, f"{file!r} cannot be read as an image; remove or replace it", "file") from None
+            small.thumbnail((THUMB_SIZE, THUMB_SIZE))
+            cached.parent.mkdir(exist_ok=True)
+            tmp = cached.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
+            small.save(tmp, format="JPEG", quality=85)
+            os.replace(tmp, cached)
+        return FileResponse(cached, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/api/datasets/{name}/check")
+    def check(name: str, resolutions: str = "512,768,1024", trigger: str | None = None) -> dict:
+        from zimage_lora.data.check import check_dataset, format_report
+
+        folder = ui.dataset(name)
+        try:
+            sizes = [int(r) for r in resolutions.split(",") if r.strip()]
+        except ValueError:
+            sizes = []
+        if not sizes or any(r < 64 or r > 4096 or r % 16 for r in sizes):
+            raise ApiError(400, "resolutions: expected multiples of 16 from 64 up, like 512,768,1024", "resolutions")
+        report = format_report(check_dataset(folder, sizes, trigger or None), trigger or None)
+        problems = [line for line in report.splitlines() if line.startswith(PROBLEM_PREFIXES)]
+        return {"report": report, "problems": problems}
+
+
+PROBLEM_PREFIXES = (
+    "unreadable:",
+    "missing caption:",
+    "empty caption:",
+    "caption not UTF-8:",
+    "caption without the trigger",
+    "near-duplicates:",
+    "too small for",
+    "cannot train:",
+)
+
+
+# --- models, LoRAs, playground ----------------------------------------------------------------------------------------
+
+
+def _playground_routes(app: FastAPI, ui: Ui) -> None:
+    @app.get("/api/models")
+    def list_models() -> dict:
+        folders = sorted(p for p in (ui.data / "models").iterdir() if p.is_dir() and NAME_RE.match(p.name))
+        return {"models": [{"name": p.name, "path": f"models/{p.name}"} for p in folders]}
+
+    @app.get("/api/loras")
+    def list_loras() -> dict:
+        out = []
+        for row in ui.store.select("jobs"):
+            name, model = row["name"], row["config"]["model"]
+            base_model = model["name_or_path"] or ARCHS[model["arch"]].default_model
+            folder = ui.runner.job_dir(name)
+            for checkpoint in runs.checkpoints(folder, name, _url("files", "jobs", name)):
+                out.append(
+                    {
+                        "job": name,
+                        "file": checkpoint["file"],
+                        "path": f"jobs/{name}/{checkpoint['file']}",
+                        "step": checkpoint["step"],
+                        "final": checkpoint["final"],
+                        "arch": model["arch"],
+                        "base_model": base_model,
+                    }
+                )
+        return {"loras": out}
+
+    @app.post("/api/generate", status_code=202)
+    def generate(body: GenerateBody) -> dict:
+        if body.arch not in ARCHS:
+            raise ApiError(422, f"arch: {body.arch!r} is not one of {', '.join(ARCHS)}", "arch")
+        model = body.model
+        if model.startswith(schema.DATA_PREFIXES):
+            model = str(ui.data / model)
+            if not Path(model).is_dir():
+                raise ApiError(422, f"model: no folder {body.model!r} in the data folder; see GET /api/models", "model")
+        args = ["generate", f"--model={model}", f"--arch={body.arch}"]
+        for index, lora in enumerate(body.loras):
+            path = resolve_inside(ui.data, lora.path)
+            if path is None or path.suffix != ".safetensors":
+                field = f"loras.{index}.path"
+                raise ApiError(
+                    422, f"{field}: {lora.path!r} is not a LoRA file in the data folder (GET /api/loras)", field
+                )
+            args.append(f"--lora={path}:{lora.weight}")
+        args += [f"--prompt={body.prompt}", f"--negative={body.negative}", f"--width={body.width}"]
+        args += [f"--height={body.height}", f"--seed={body.seed}", f"--count={body.count}", f"--device={body.device}"]
+        args += [f"--steps={body.steps}"] if body.steps is not None else []
+        args += [f"--guidance={body.guidance}"] if body.guidance is not None else []
+        gen_id = uuid.uuid4().hex[:12]
+        ui.runner.queue_generation(gen_id, body.model_dump(), [*args, "--no-progress"])
+        return {"id": gen_id}
+
+    @app.get("/api/generate/{gen_id}")
+    def get_generation(gen_id: str) -> dict:
+        row = ui.store.get("generations", gen_id) if NAME_RE.match(gen_id) else None
+        if row is None:
+            raise ApiError(404, f"no generation {gen_id!r}", "id")
+        folder = ui.runner.gen_dir(gen_id)
+        images = sorted(p.name for p in folder.glob("*.png")) if row["status"] == "done" else []
+        return {
+            "id": gen_id,
+            "status": row["status"],
+            "images": [_url("files", "generations", gen_id, image) for image in images],
+            "error": row["error"],
+        }
+
+
+# --- files ------------------------------------------------------------------------------------------------------------
+
+INLINE_TYPES = re.compile(r"^(image/(png|jpeg|webp|bmp)|text/plain|application/json)$")
+
+
+def _file_routes(app: FastAPI, ui: Ui) -> None:
+    @app.get("/files/{path:path}")
+    def get_file(path: str, download: bool = False) -> Response:
+        target = resolve_inside(ui.data, path) if path.split("/", 1)[0] in FILE_ROOTS else None
+        if target is None:
+            raise ApiError(404, f"no file {path!r} in the data folder", "path")
+        media_type = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+        inline = not download and INLINE_TYPES.match(media_type)
+        headers = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"}
+        if inline:
+            return FileResponse(target, media_type=media_type, headers=headers)
+        return FileResponse(target, media_type=media_type, filename=target.name, headers=headers)
+
+
+# --- running it -------------------------------------------------------------------------------------------------------
+
+
+def serve(data: Path, host: str, port: int, token: str | None) -> None:
+    """``zimage-lora ui``: refuse to serve beyond this machine without a token, then run uvicorn."""
+    import uvicorn
+
+    from zimage_lora.errors import UserError
+    from zimage_lora.ui.security import is_loopback
+
+    if not is_loopback(host) and not token:
+        raise UserError(
+            f"--host {host}: serving beyond this machine needs a token; add --token T (or set ZIMAGE_LORA_UI_TOKEN)"
+        )
+    app = create_app(data, token, host, port)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"zimage-lora ui: http://{shown}:{port}/ (data: {app.state.ui.data})", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)

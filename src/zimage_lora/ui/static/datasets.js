@@ -1,0 +1,324 @@
+// Datasets (#/datasets) and one dataset (#/datasets/<name>): upload (picker or drag and drop), thumbnails,
+// captions edited in place, deleting images, and the `dataset check` report.
+
+import {
+  h, put, add, enc, fmtBytes, ApiError, api, post, toast, pageHeader, errorBox, confirmByName,
+} from './lib.js';
+
+// ---------------------------------------------------------------------------------------------------------------
+// Datasets
+// ---------------------------------------------------------------------------------------------------------------
+
+export async function datasetsView(ctx, root) {
+  const body = h('tbody');
+  const empty = h('p', { class: 'empty', hidden: true }, 'No datasets yet. Create one, then upload images and captions.');
+  const nameInput = h('input', {
+    id: 'new-dataset-name',
+    type: 'text',
+    placeholder: 'e.g. my_character',
+    pattern: '[A-Za-z0-9][A-Za-z0-9._\\-]{0,63}',
+    title: 'Letters, digits, ".", "_" or "-", starting with a letter or digit',
+    required: true,
+    'data-testid': 'new-dataset-name',
+  });
+  const formError = h('p', { class: 'field-error', hidden: true, 'data-testid': 'new-dataset-error' });
+  const form = h(
+    'form',
+    { class: 'inline-form card', 'data-testid': 'new-dataset-form' },
+    h('label', { for: 'new-dataset-name' }, 'New dataset'),
+    nameInput,
+    h('button', { type: 'submit', class: 'primary', 'data-testid': 'create-dataset' }, 'Create dataset'),
+    h('p', { class: 'help' }, 'Letters, digits, ".", "_" or "-". A dataset is a folder of images with .txt captions.'),
+    formError,
+  );
+  form.addEventListener('submit', async (event) => {
+    event.preventDefault();
+    formError.hidden = true;
+    try {
+      const created = await post('/api/datasets', { name: nameInput.value.trim() });
+      location.hash = `#/datasets/${enc(created?.name || nameInput.value.trim())}`;
+    } catch (error) {
+      formError.textContent = error.message;
+      formError.hidden = false;
+    }
+  });
+  add(root, 
+    pageHeader('Datasets'),
+    form,
+    h(
+      'div',
+      { class: 'table-wrap' },
+      h(
+        'table',
+        { class: 'table', 'data-testid': 'datasets-table' },
+        h('thead', {}, h('tr', {}, ['Name', 'Images', 'Captioned'].map((t) => h('th', {}, t)))),
+        body,
+      ),
+    ),
+    empty,
+  );
+  const refresh = async () => {
+    const { datasets } = await api('/api/datasets');
+    if (!ctx.alive) return;
+    put(body, 
+      ...datasets.map((d) =>
+        h(
+          'tr',
+          { 'data-testid': `dataset-row-${d.name}` },
+          h('td', {}, h('a', { href: `#/datasets/${enc(d.name)}`, 'data-testid': `dataset-link-${d.name}` }, d.name)),
+          h('td', {}, String(d.images)),
+          h('td', {}, `${d.captioned} / ${d.images}`),
+        ),
+      ),
+    );
+    empty.hidden = datasets.length > 0;
+  };
+  await refresh();
+  ctx.every(5000, refresh);
+}
+
+const UPLOAD_ACCEPT = '.png,.jpg,.jpeg,.webp,.bmp,.txt';
+
+export async function datasetView(ctx, root, name) {
+  const url = (suffix = '') => `/api/datasets/${enc(name)}${suffix}`;
+  const grid = h('div', { class: 'thumb-grid', 'data-testid': 'image-grid' });
+  const count = h('span', { class: 'muted', 'data-testid': 'dataset-count' }, '');
+  const fileInput = h('input', {
+    id: 'upload-input',
+    type: 'file',
+    multiple: true,
+    accept: UPLOAD_ACCEPT,
+    class: 'file-input',
+    'data-testid': 'upload-input',
+  });
+  const uploadResult = h('div', { class: 'upload-result', 'data-testid': 'upload-result', 'aria-live': 'polite' });
+  const drop = h(
+    'div',
+    { class: 'drop-zone', 'data-testid': 'drop-zone' },
+    h('p', {}, h('strong', {}, 'Drop images and .txt captions here'), ' or '),
+    h('label', { for: 'upload-input', class: 'button' }, 'Choose files…'),
+    fileInput,
+    h('p', { class: 'help' }, 'PNG, JPEG, WebP or BMP; a .txt with the same name is that image’s caption.'),
+  );
+
+  async function upload(files) {
+    if (!files.length) return;
+    const form = new FormData();
+    for (const file of files) form.append('files', file, file.name);
+    put(uploadResult, h('p', { class: 'muted' }, `Uploading ${files.length} file${files.length === 1 ? '' : 's'}…`));
+    const show = (result) => {
+      const saved = result.saved || [];
+      const rejected = result.rejected || [];
+      put(
+        uploadResult,
+        h('p', { class: saved.length ? 'ok' : 'muted' }, `Saved ${saved.length} file${saved.length === 1 ? '' : 's'}.`),
+        rejected.length
+          ? h('ul', { class: 'error-list', 'data-testid': 'upload-rejected' }, rejected.map((r) => h('li', {}, `${r.file}: ${r.error}`)))
+          : null,
+      );
+    };
+    try {
+      show(await api(url('/upload'), { method: 'POST', form }));
+      await refresh();
+    } catch (error) {
+      if (error instanceof ApiError && Array.isArray(error.data.rejected)) show(error.data);
+      else put(uploadResult, errorBox(error.message, 'upload-error'));
+    } finally {
+      fileInput.value = '';
+    }
+  }
+
+  fileInput.addEventListener('change', () => upload([...fileInput.files]));
+  for (const type of ['dragenter', 'dragover']) {
+    drop.addEventListener(type, (event) => {
+      event.preventDefault();
+      drop.classList.add('dragging');
+    });
+  }
+  drop.addEventListener('dragleave', () => drop.classList.remove('dragging'));
+  drop.addEventListener('drop', (event) => {
+    event.preventDefault();
+    drop.classList.remove('dragging');
+    upload([...(event.dataTransfer?.files || [])]);
+  });
+
+  // --- dataset check ---
+  const resInput = h('input', { id: 'check-resolutions', type: 'text', value: '512,768,1024', 'data-testid': 'check-resolutions' });
+  const triggerInput = h('input', { id: 'check-trigger', type: 'text', placeholder: 'optional', 'data-testid': 'check-trigger' });
+  const report = h('div', { class: 'check-report', 'aria-live': 'polite' });
+  const checkForm = h(
+    'form',
+    { class: 'inline-form' },
+    h('label', { for: 'check-resolutions' }, 'Resolutions'),
+    resInput,
+    h('label', { for: 'check-trigger' }, 'Trigger word'),
+    triggerInput,
+    h('button', { type: 'submit', 'data-testid': 'check-dataset' }, 'Check dataset'),
+  );
+  checkForm.addEventListener('submit', async (event) => {
+    event.preventDefault();
+    put(report, h('p', { class: 'muted' }, 'Checking…'));
+    try {
+      const params = new URLSearchParams({ resolutions: resInput.value.replace(/\s+/g, '') });
+      if (triggerInput.value.trim()) params.set('trigger', triggerInput.value.trim());
+      const result = await api(url(`/check?${params}`));
+      put(report, 
+        (result.problems || []).length
+          ? h('ul', { class: 'error-list', 'data-testid': 'check-problems' }, result.problems.map((p) => h('li', {}, typeof p === 'string' ? p : JSON.stringify(p))))
+          : h('p', { class: 'ok', 'data-testid': 'check-problems' }, 'No problems found.'),
+        h('pre', { class: 'log', 'data-testid': 'check-report' }, result.report || ''),
+      );
+    } catch (error) {
+      put(report, errorBox(error.message, 'check-error'));
+    }
+  });
+
+  const deleteButton = h(
+    'button',
+    {
+      type: 'button',
+      class: 'danger',
+      'data-testid': 'delete-dataset',
+      onclick: async () => {
+        const ok = await confirmByName({
+          title: `Delete dataset ${name}?`,
+          text: 'This deletes the folder with all its images, captions and caches.',
+          name,
+        });
+        if (!ok) return;
+        try {
+          await api(`${url()}?confirm=${enc(name)}`, { method: 'DELETE' });
+          toast(`Deleted ${name}`);
+          location.hash = '#/datasets';
+        } catch (error) {
+          toast(error.message, 'error');
+        }
+      },
+    },
+    'Delete dataset',
+  );
+
+  add(root, 
+    h(
+      'div',
+      { class: 'page-header' },
+      h('h1', {}, h('a', { href: '#/datasets', class: 'crumb' }, 'Datasets'), ' / ', h('span', { 'data-testid': 'dataset-name' }, name), ' ', count),
+      h('div', { class: 'actions' }, deleteButton),
+    ),
+    h('section', { class: 'card' }, h('h2', {}, 'Upload'), drop, uploadResult),
+    h('section', { class: 'card' }, h('h2', {}, 'Images and captions'), grid),
+    h('section', { class: 'card' }, h('h2', {}, 'Check'), h('p', { class: 'help' }, 'Runs `zimage-lora dataset check`: sizes, captions, duplicates, buckets.'), checkForm, report),
+  );
+
+  const cards = new Map(); // file -> card element, so a refresh keeps captions being edited
+  const captions = new Map(); // file -> the caption saved on disk
+  const showCount = () => {
+    const total = captions.size;
+    const captioned = [...captions.values()].filter((c) => c.trim()).length;
+    count.textContent = `${total} image${total === 1 ? '' : 's'}, ${captioned} captioned`;
+  };
+  function imageCard(image, index) {
+    const id = `caption-${index}`;
+    const caption = h('textarea', {
+      id,
+      rows: 3,
+      value: image.caption || '',
+      'data-testid': `caption-${image.file}`,
+    });
+    caption.value = image.caption || '';
+    const status = h('span', { class: 'save-state', 'data-testid': `caption-status-${image.file}`, 'aria-live': 'polite' }, image.caption ? 'saved' : 'no caption');
+    let saved = image.caption || '';
+    let saving = null;
+    const save = async () => {
+      const text = caption.value;
+      if (text === saved) return;
+      status.textContent = 'saving…';
+      status.className = 'save-state busy';
+      saving = api(url(`/captions/${enc(image.file)}`), { method: 'PUT', body: { caption: text } });
+      try {
+        await saving;
+        saved = text;
+        captions.set(image.file, text);
+        showCount();
+        status.textContent = '✓ saved';
+        status.className = 'save-state ok';
+      } catch (error) {
+        status.textContent = `not saved: ${error.message}`;
+        status.className = 'save-state bad';
+      }
+    };
+    caption.addEventListener('input', () => {
+      status.textContent = caption.value === saved ? 'saved' : 'unsaved';
+      status.className = `save-state ${caption.value === saved ? '' : 'dirty'}`;
+    });
+    caption.addEventListener('blur', save);
+    caption.addEventListener('keydown', (event) => {
+      if (event.key === 'Enter' && !event.shiftKey) {
+        event.preventDefault();
+        save();
+      }
+    });
+    let armed = null;
+    const remove = h('button', { type: 'button', class: 'small ghost', 'data-testid': `delete-image-${image.file}` }, 'Delete');
+    remove.addEventListener('click', async () => {
+      if (!armed) {
+        remove.textContent = 'Click again to delete';
+        remove.classList.add('danger');
+        armed = setTimeout(() => {
+          armed = null;
+          remove.textContent = 'Delete';
+          remove.classList.remove('danger');
+        }, 4000);
+        return;
+      }
+      clearTimeout(armed);
+      try {
+        await api(url(`/images/${enc(image.file)}`), { method: 'DELETE' });
+        toast(`Deleted ${image.file}`);
+        await refresh();
+      } catch (error) {
+        toast(error.message, 'error');
+      }
+    });
+    const card = h(
+      'figure',
+      { class: 'thumb-card', 'data-testid': `image-card-${image.file}` },
+      h('a', { href: image.url, target: '_blank', rel: 'noopener', class: 'thumb' }, h('img', { src: image.thumb || image.url, alt: image.file, loading: 'lazy' })),
+      h(
+        'figcaption',
+        {},
+        h('div', { class: 'file-line' }, h('span', { class: 'mono file' }, image.file), remove),
+        h('div', { class: 'muted small' }, `${image.width}×${image.height} · ${fmtBytes(image.bytes)}`),
+        h('label', { for: id, class: 'sr-only' }, `Caption for ${image.file}`),
+        caption,
+        status,
+      ),
+    );
+    card.isEditing = () => document.activeElement === caption || caption.value !== saved;
+    return card;
+  }
+
+  async function refresh() {
+    const data = await api(url());
+    if (!ctx.alive) return;
+    const images = data.images || [];
+    captions.clear();
+    for (const image of images) captions.set(image.file, image.caption || '');
+    showCount();
+    const seen = new Set();
+    const nodes = images.map((image, index) => {
+      seen.add(image.file);
+      const old = cards.get(image.file);
+      const key = JSON.stringify(image);
+      if (old && (old.key === key || old.isEditing())) return old;
+      const card = imageCard(image, index);
+      card.key = key;
+      cards.set(image.file, card);
+      return card;
+    });
+    for (const file of [...cards.keys()]) if (!seen.has(file)) cards.delete(file);
+    put(grid, ...(nodes.length ? nodes : [h('p', { class: 'muted' }, 'No images yet: upload some above.')]));
+  }
+
+  await refresh();
+}

@@ -1,0 +1,523 @@
+// The jobs list (#/jobs) and one job (#/jobs/<name>): live status over server-sent events (polling when they are
+// not available), the loss curve, the log, samples grouped by step, checkpoints, and the job's actions.
+
+import {
+  h, put, add, svg, enc, fmtBytes, fmtDuration, fmtTime, fmtNumber, api, post, toast, statusBadge, progressBar,
+  setProgress, pageHeader, confirmByName, confirmAction, START_OVER_TEXT, askText, ARCH_LABELS,
+} from './lib.js';
+
+// ---------------------------------------------------------------------------------------------------------------
+// Jobs list
+// ---------------------------------------------------------------------------------------------------------------
+
+export async function jobsView(ctx, root) {
+  const body = h('tbody');
+  const empty = h(
+    'p',
+    { class: 'empty', hidden: true },
+    'No jobs yet. ',
+    h('a', { href: '#/jobs/new' }, 'Create the first one'),
+    ' from a preset.',
+  );
+  add(root, 
+    pageHeader('Jobs', h('a', { class: 'button primary', href: '#/jobs/new', 'data-testid': 'new-job' }, 'New job')),
+    h(
+      'div',
+      { class: 'table-wrap' },
+      h(
+        'table',
+        { class: 'table', 'data-testid': 'jobs-table' },
+        h(
+          'thead',
+          {},
+          h('tr', {}, ['Name', 'Status', 'Progress', 'Model', 'Device', 'Created', 'Actions'].map((t) => h('th', {}, t))),
+        ),
+        body,
+      ),
+    ),
+    empty,
+  );
+
+  const act = async (name, action, status) => {
+    if (action === 'start' && status !== 'draft') {
+      const ok = await confirmAction({ title: `Start ${name} over?`, text: START_OVER_TEXT, action: 'Start over' });
+      if (!ok) return;
+    }
+    try {
+      await post(`/api/jobs/${enc(name)}/${action}`);
+      toast(`${name}: ${action} requested`);
+      await refresh();
+    } catch (error) {
+      toast(`${name}: ${error.message}`, 'error');
+    }
+  };
+
+  const row = (job) => {
+    const actions = [];
+    const button = (label, action, cls = '') =>
+      h('button', { type: 'button', class: cls, onclick: () => act(job.name, action, job.status), 'data-testid': `job-${action}-${job.name}` }, label);
+    if (['draft', 'failed', 'stopped', 'done'].includes(job.status)) {
+      actions.push(button(job.status === 'draft' ? 'Start' : 'Start over', 'start', 'small'));
+    }
+    if (['stopped', 'failed'].includes(job.status)) actions.push(button('Resume', 'resume', 'small'));
+    if (['running', 'queued'].includes(job.status)) actions.push(button('Stop', 'stop', 'small'));
+    return h(
+      'tr',
+      { 'data-testid': `job-row-${job.name}` },
+      h('td', {}, h('a', { href: `#/jobs/${enc(job.name)}`, 'data-testid': `job-link-${job.name}` }, job.name)),
+      h('td', {}, statusBadge(job.status, `job-status-${job.name}`)),
+      h(
+        'td',
+        { class: 'progress-cell' },
+        h('span', { class: 'mono', 'data-testid': `job-step-${job.name}` }, `${job.step ?? 0} / ${job.steps ?? '?'}`),
+        progressBar(job.step, job.steps, `job-progress-${job.name}`),
+      ),
+      h('td', {}, ARCH_LABELS[job.arch] || job.arch || '–'),
+      h('td', {}, job.device || '–'),
+      h('td', {}, fmtTime(job.created)),
+      h('td', { class: 'row-actions' }, actions),
+    );
+  };
+
+  async function refresh() {
+    const { jobs } = await api('/api/jobs');
+    if (!ctx.alive) return;
+    put(body, ...jobs.map(row));
+    empty.hidden = jobs.length > 0;
+  }
+
+  await refresh();
+  ctx.every(2000, refresh);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// One job: live status, loss curve, log, samples, checkpoints, actions
+// ---------------------------------------------------------------------------------------------------------------
+
+const LOG_LIMIT = 400;
+
+export async function jobView(ctx, root, name) {
+  const state = { job: null, metrics: new Map(), log: [], samplesKey: '', checkpointsKey: '' };
+  const url = (suffix = '') => `/api/jobs/${enc(name)}${suffix}`;
+
+  // --- layout ---
+  const badge = h('span', { class: 'badge', 'data-testid': 'job-status' }, '…');
+  const live = h('span', { class: 'live', 'data-testid': 'live-state', title: 'How this page gets updates' }, '');
+  const stepText = h('strong', { class: 'mono', 'data-testid': 'job-step' }, '–');
+  const speedText = h('strong', { class: 'mono', 'data-testid': 'job-speed' }, '–');
+  const etaText = h('strong', { class: 'mono', 'data-testid': 'job-eta' }, '–');
+  const lossText = h('strong', { class: 'mono', 'data-testid': 'job-loss' }, '–');
+  const deviceText = h('strong', { class: 'mono', 'data-testid': 'job-device' }, '–');
+  const bar = progressBar(0, 0);
+  const errorLine = h('p', { class: 'error-box', role: 'alert', hidden: true, 'data-testid': 'job-error' });
+  const chart = h('div', { class: 'chart', 'data-testid': 'loss-chart' });
+  const logBox = h('pre', { class: 'log', 'data-testid': 'job-log', tabindex: 0, 'aria-label': 'Trainer log' });
+  const samplesBox = h('div', { class: 'samples', 'data-testid': 'samples' }, h('p', { class: 'muted' }, 'No samples yet.'));
+  const sheetBox = h('div', { class: 'contact-sheet', 'data-testid': 'contact-sheet' });
+  const ckptBody = h('tbody');
+  const ckptEmpty = h('p', { class: 'muted' }, 'No checkpoints yet.');
+  const yamlBox = h('pre', { class: 'yaml-view', 'data-testid': 'job-config-yaml' });
+
+  const buttons = {};
+  const action = (key, label, handler, cls = '') => {
+    buttons[key] = h('button', { type: 'button', class: cls, hidden: true, 'data-testid': `btn-${key}`, onclick: handler }, label);
+    return buttons[key];
+  };
+  const request = (what, message) => async () => {
+    try {
+      await post(url(`/${what}`));
+      toast(message);
+      await refreshJob();
+    } catch (error) {
+      toast(error.message, 'error');
+    }
+  };
+  const actions = h(
+    'div',
+    { class: 'actions' },
+    action(
+      'start',
+      'Start',
+      async () => {
+        if (state.job && state.job.status !== 'draft') {
+          const ok = await confirmAction({ title: `Start ${name} over?`, text: START_OVER_TEXT, action: 'Start over' });
+          if (!ok) return;
+        }
+        await request('start', 'Queued: it starts when its device is free')();
+      },
+      'primary',
+    ),
+    action('resume', 'Resume', request('resume', 'Queued to resume from the last saved state'), 'primary'),
+    action('stop', 'Stop', request('stop', 'Stopping: the trainer saves, then stops')),
+    action('save', 'Save now', request('save', 'Save requested: a checkpoint is written after this step')),
+    action('sample', 'Sample now', request('sample', 'Samples requested: previews are rendered after this step')),
+    action('edit', 'Edit', () => {
+      location.hash = `#/jobs/${enc(name)}/edit`;
+    }),
+    action('clone', 'Clone', async () => {
+      const target = await askText({ title: `Clone ${name}`, label: 'Name of the new job', value: `${name}-copy`, action: 'Clone' });
+      if (!target) return;
+      try {
+        const created = await post(url('/clone'), { name: target });
+        location.hash = `#/jobs/${enc(created?.name || target)}/edit`;
+      } catch (error) {
+        toast(error.message, 'error');
+      }
+    }),
+    action(
+      'delete',
+      'Delete',
+      async () => {
+        const ok = await confirmByName({
+          title: `Delete ${name}?`,
+          text: 'This removes the job and its run folder: checkpoints, samples and logs.',
+          name,
+        });
+        if (!ok) return;
+        try {
+          await api(`${url()}?confirm=${enc(name)}`, { method: 'DELETE' });
+          toast(`Deleted ${name}`);
+          location.hash = '#/jobs';
+        } catch (error) {
+          toast(error.message, 'error');
+        }
+      },
+      'danger',
+    ),
+  );
+
+  add(root, 
+    h(
+      'div',
+      { class: 'page-header' },
+      h('h1', {}, h('a', { href: '#/jobs', class: 'crumb' }, 'Jobs'), ' / ', h('span', { 'data-testid': 'job-name' }, name), ' ', badge, live),
+      actions,
+    ),
+    h(
+      'div',
+      { class: 'stats card' },
+      h('div', { class: 'stat' }, h('span', {}, 'Step'), stepText),
+      h('div', { class: 'stat' }, h('span', {}, 'Speed'), speedText),
+      h('div', { class: 'stat' }, h('span', {}, 'ETA'), etaText),
+      h('div', { class: 'stat' }, h('span', {}, 'Loss'), lossText),
+      h('div', { class: 'stat' }, h('span', {}, 'Device'), deviceText),
+      h('div', { class: 'stat stat-wide' }, bar),
+    ),
+    errorLine,
+    h(
+      'div',
+      { class: 'grid-2' },
+      h('section', { class: 'card' }, h('h2', {}, 'Loss'), chart),
+      h('section', { class: 'card' }, h('h2', {}, 'Log'), logBox),
+    ),
+    h('section', { class: 'card' }, h('h2', {}, 'Samples'), samplesBox, sheetBox),
+    h(
+      'section',
+      { class: 'card' },
+      h('h2', {}, 'Checkpoints'),
+      h(
+        'div',
+        { class: 'table-wrap' },
+        h(
+          'table',
+          { class: 'table', 'data-testid': 'checkpoints' },
+          h('thead', {}, h('tr', {}, ['File', 'Step', 'Size', ''].map((t) => h('th', {}, t)))),
+          ckptBody,
+        ),
+      ),
+      ckptEmpty,
+    ),
+    h('details', { class: 'card' }, h('summary', {}, 'Config (job.yaml)'), yamlBox),
+  );
+
+  // --- rendering ---
+  function applyJob(job) {
+    if (job.status === 'deleted') {
+      toast(`${name} was deleted`);
+      location.hash = '#/jobs';
+      return;
+    }
+    state.job = job;
+    badge.className = `badge badge-${job.status}`;
+    badge.textContent = job.status;
+    stepText.textContent = `${job.step ?? 0} / ${job.steps ?? '?'}`;
+    speedText.textContent = job.sec_per_it ? `${job.sec_per_it.toFixed(job.sec_per_it < 1 ? 3 : 2)} s/it` : '–';
+    etaText.textContent = job.status === 'running' ? fmtDuration(job.eta_s) : job.status === 'done' ? 'done' : '–';
+    deviceText.textContent = job.device || '–';
+    setProgress(bar, job.step, job.steps);
+    errorLine.hidden = !job.error;
+    errorLine.textContent = job.error || '';
+    if (job.yaml && yamlBox.textContent !== job.yaml) yamlBox.textContent = job.yaml;
+    const status = job.status;
+    const show = {
+      start: ['draft', 'done', 'failed', 'stopped'].includes(status),
+      resume: ['stopped', 'failed'].includes(status),
+      stop: ['queued', 'running'].includes(status),
+      save: status === 'running',
+      sample: status === 'running',
+      edit: !['queued', 'running', 'stopping'].includes(status),
+      clone: true,
+      delete: !['queued', 'running', 'stopping'].includes(status),
+    };
+    for (const [key, button] of Object.entries(buttons)) button.hidden = !show[key];
+    buttons.start.textContent = status === 'draft' ? 'Start' : 'Start over';
+  }
+
+  function addMetrics(rows) {
+    if (!rows || !rows.length) return;
+    for (const row of rows) if (row && Number.isFinite(row.step)) state.metrics.set(row.step, row);
+    const last = [...state.metrics.values()].at(-1);
+    if (last) lossText.textContent = fmtNumber(last.loss);
+    drawSoon();
+  }
+
+  let drawPending = false;
+  function drawSoon() {
+    if (drawPending) return;
+    drawPending = true;
+    requestAnimationFrame(() => {
+      drawPending = false;
+      drawLossChart(chart, [...state.metrics.values()].sort((a, b) => a.step - b.step));
+    });
+  }
+
+  function setLog(lines) {
+    state.log = lines.slice(-LOG_LIMIT);
+    renderLog();
+  }
+
+  function appendLog(lines) {
+    if (!lines || !lines.length) return;
+    state.log = state.log.concat(lines).slice(-LOG_LIMIT);
+    renderLog();
+  }
+
+  function renderLog() {
+    const atBottom = logBox.scrollHeight - logBox.scrollTop - logBox.clientHeight < 24;
+    logBox.textContent = state.log.join('\n');
+    if (atBottom) logBox.scrollTop = logBox.scrollHeight;
+  }
+
+  function renderSamples(data) {
+    const key = JSON.stringify(data);
+    if (key === state.samplesKey) return;
+    state.samplesKey = key;
+    const samples = data.samples || [];
+    const byStep = new Map();
+    for (const s of samples) {
+      if (!byStep.has(s.step)) byStep.set(s.step, []);
+      byStep.get(s.step).push(s);
+    }
+    const steps = [...byStep.keys()].sort((a, b) => b - a);
+    put(samplesBox, 
+      ...(steps.length
+        ? steps.map((step) =>
+            h(
+              'div',
+              { class: 'sample-group', 'data-testid': `sample-group-${step}` },
+              h('h3', {}, `Step ${step}`),
+              h(
+                'div',
+                { class: 'sample-row' },
+                byStep
+                  .get(step)
+                  .sort((a, b) => a.index - b.index)
+                  .map((s) =>
+                    h(
+                      'a',
+                      { href: s.url, target: '_blank', rel: 'noopener' },
+                      h('img', { src: s.url, alt: `Sample ${s.index + 1} at step ${step}`, loading: 'lazy', 'data-testid': 'sample-image' }),
+                    ),
+                  ),
+              ),
+            ),
+          )
+        : [h('p', { class: 'muted' }, 'No samples yet.')]),
+    );
+    if (data.contact_sheet) {
+      const src = data.contact_sheet; // carries a version: a rebuilt sheet gets a new URL
+      put(sheetBox, 
+        h('h3', {}, 'Contact sheet'),
+        h('a', { href: src, target: '_blank', rel: 'noopener' }, h('img', { src, alt: 'Contact sheet: prompts by step', 'data-testid': 'contact-sheet-image' })),
+      );
+    } else {
+      sheetBox.replaceChildren();
+    }
+  }
+
+  function renderCheckpoints(list) {
+    const key = JSON.stringify(list);
+    if (key === state.checkpointsKey) return;
+    state.checkpointsKey = key;
+    ckptEmpty.hidden = list.length > 0;
+    put(ckptBody, 
+      ...list.map((c) =>
+        h(
+          'tr',
+          { 'data-testid': `checkpoint-${c.file}`, 'data-step': c.step ?? '', 'data-final': String(Boolean(c.final)) },
+          h('td', { class: 'mono' }, c.file),
+          h('td', {}, c.final ? 'final' : c.step ?? '–'),
+          h('td', {}, fmtBytes(c.bytes)),
+          h('td', {}, h('a', { href: c.url, download: c.file, class: 'button small', 'data-testid': `download-${c.file}` }, 'Download')),
+        ),
+      ),
+    );
+  }
+
+  // --- data: one full load, then live events (or polling when the stream is not available) ---
+  async function refreshJob() {
+    const job = await api(url());
+    if (ctx.alive) applyJob(job);
+    return job;
+  }
+
+  async function loadAll() {
+    const [job, metrics, samples, checkpoints, log] = await Promise.all([
+      api(url()),
+      api(url('/metrics')),
+      api(url('/samples')),
+      api(url('/checkpoints')),
+      api(url('/log?lines=200')),
+    ]);
+    if (!ctx.alive) return;
+    setLog(log.lines || []);
+    applyJob(job);
+    addMetrics(metrics.metrics);
+    renderSamples(samples);
+    renderCheckpoints(checkpoints.checkpoints || []);
+  }
+
+  async function poll() {
+    const after = state.metrics.size ? Math.max(...state.metrics.keys()) : 0;
+    const [job, metrics, samples, checkpoints, log] = await Promise.all([
+      api(url()),
+      api(url(`/metrics?after=${after}`)),
+      api(url('/samples')),
+      api(url('/checkpoints')),
+      api(url('/log?lines=200')),
+    ]);
+    if (!ctx.alive) return;
+    applyJob(job);
+    addMetrics(metrics.metrics);
+    renderSamples(samples);
+    renderCheckpoints(checkpoints.checkpoints || []);
+    setLog(log.lines || []);
+  }
+
+  let polling = false;
+  function startPolling() {
+    if (polling || !ctx.alive) return;
+    polling = true;
+    live.textContent = 'polling';
+    live.className = 'live polling';
+    ctx.every(2000, poll);
+  }
+
+  function connect() {
+    if (!('EventSource' in window)) {
+      startPolling();
+      return;
+    }
+    const source = new EventSource(url('/events'));
+    ctx.onCleanup(() => source.close());
+    const on = (event, fn) =>
+      source.addEventListener(event, (e) => {
+        try {
+          fn(JSON.parse(e.data));
+        } catch (error) {
+          console.warn(event, error);
+        }
+      });
+    on('job', applyJob);
+    on('metrics', (d) => {
+      if (d.reset) state.metrics.clear(); // a new run in the same folder
+      addMetrics(d.metrics);
+      if (d.reset) drawSoon();
+    });
+    on('samples', renderSamples);
+    on('checkpoints', (d) => renderCheckpoints(d.checkpoints || []));
+    let firstLog = true; // the stream starts with the log's tail, then sends only new lines
+    on('log', (d) => {
+      if (firstLog || d.reset) setLog(d.lines || []);
+      else appendLog(d.lines);
+      firstLog = false;
+    });
+    source.addEventListener('open', () => {
+      live.textContent = 'live';
+      live.className = 'live on';
+    });
+    source.addEventListener('error', () => {
+      if (source.readyState === EventSource.CLOSED) {
+        source.close();
+        startPolling();
+      } else {
+        live.textContent = 'reconnecting…';
+        live.className = 'live polling';
+      }
+    });
+  }
+
+  await loadAll();
+  connect();
+}
+
+/** The loss curve: raw losses faint, an exponential moving average on top, validation loss as dots. */
+function drawLossChart(box, rows) {
+  const W = 640;
+  const H = 240;
+  const pad = { left: 52, right: 12, top: 12, bottom: 28 };
+  const points = rows.filter((r) => Number.isFinite(r.loss));
+  if (!points.length) {
+    put(box, h('p', { class: 'muted' }, 'The curve appears with the first steps.'));
+    return;
+  }
+  const vals = points.filter((r) => Number.isFinite(r.val_loss));
+  const ys = points.map((r) => r.loss).concat(vals.map((r) => r.val_loss));
+  let yMin = Math.min(...ys);
+  let yMax = Math.max(...ys);
+  if (yMax - yMin < 1e-9) {
+    yMax += 0.5;
+    yMin -= 0.5;
+  }
+  const xMin = points[0].step;
+  const xMax = Math.max(points[points.length - 1].step, xMin + 1);
+  const x = (step) => pad.left + ((step - xMin) / (xMax - xMin)) * (W - pad.left - pad.right);
+  const y = (v) => pad.top + (1 - (v - yMin) / (yMax - yMin)) * (H - pad.top - pad.bottom);
+  const path = (pts) => pts.map(([a, b], i) => `${i ? 'L' : 'M'}${a.toFixed(1)},${b.toFixed(1)}`).join('');
+  let ema = points[0].loss;
+  const alpha = Math.min(0.5, 10 / points.length + 0.02);
+  const smooth = points.map((r) => {
+    ema = alpha * r.loss + (1 - alpha) * ema;
+    return [x(r.step), y(ema)];
+  });
+  const ticks = [0, 0.25, 0.5, 0.75, 1].map((f) => yMin + f * (yMax - yMin));
+  const grid = ticks.map((v) =>
+    svg(
+      'g',
+      {},
+      svg('line', { x1: pad.left, x2: W - pad.right, y1: y(v), y2: y(v), class: 'grid' }),
+      svg('text', { x: pad.left - 6, y: y(v) + 4, 'text-anchor': 'end', class: 'tick' }, fmtNumber(v, 3)),
+    ),
+  );
+  const last = points[points.length - 1];
+  const chart = svg(
+    'svg',
+    { viewBox: `0 0 ${W} ${H}`, role: 'img', 'aria-label': `Loss over ${points.length} steps; last ${fmtNumber(last.loss)}`, 'data-points': points.length },
+    grid,
+    svg('text', { x: pad.left, y: H - 8, class: 'tick' }, `step ${xMin}`),
+    svg('text', { x: W - pad.right, y: H - 8, 'text-anchor': 'end', class: 'tick' }, `step ${xMax}`),
+    svg('path', { d: path(points.map((r) => [x(r.step), y(r.loss)])), class: 'raw' }),
+    svg('path', { d: path(smooth), class: 'smooth' }),
+    vals.map((r) => svg('circle', { cx: x(r.step), cy: y(r.val_loss), r: 3, class: 'val' })),
+  );
+  put(box, 
+    chart,
+    h(
+      'p',
+      { class: 'legend' },
+      h('span', { class: 'key raw' }, 'loss'),
+      h('span', { class: 'key smooth' }, 'smoothed'),
+      vals.length ? h('span', { class: 'key val' }, 'validation') : null,
+    ),
+  );
+}

@@ -1,0 +1,281 @@
+// Playground (#/playground): generate with a base model and LoRAs (each with its weight); shows the queue state
+// (a generation waits while a job trains on the same device) and the images.
+
+import { h, put, add, enc, api, post, pageHeader, errorBox, ARCH_LABELS } from './lib.js';
+
+// ---------------------------------------------------------------------------------------------------------------
+// Playground: generate with a base model and LoRAs
+// ---------------------------------------------------------------------------------------------------------------
+
+const PLAYGROUND_KEY = 'zimage-lora.playground';
+
+export async function playgroundView(ctx, root) {
+  const [schema, modelData, loraData] = await Promise.all([
+    api('/api/schema'),
+    api('/api/models'),
+    api('/api/loras'),
+  ]);
+  if (!ctx.alive) return;
+  const archs = schema.archs || {};
+  const models = modelData.models || [];
+  const loras = loraData.loras || [];
+  let saved = {};
+  try {
+    saved = JSON.parse(localStorage.getItem(PLAYGROUND_KEY) || '{}');
+  } catch {
+    saved = {};
+  }
+
+  const field = (id, label, control, help) =>
+    h('div', { class: 'field' }, h('label', { for: id }, label), control, help ? h('p', { class: 'help' }, help) : null);
+  const input = (id, props) => h('input', { id, 'data-testid': id, ...props });
+
+  const model = input('pg-model', { type: 'text', list: 'pg-models', spellcheck: 'false', placeholder: 'Tongyi-MAI/Z-Image-Turbo or a folder' });
+  const modelList = h(
+    'datalist',
+    { id: 'pg-models' },
+    models.map((m) => h('option', { value: m.path }, m.name)),
+    [...new Set(Object.values(archs).map((a) => a.default_model).filter(Boolean))].map((m) => h('option', { value: m })),
+  );
+  const arch = h(
+    'select',
+    { id: 'pg-arch', 'data-testid': 'pg-arch' },
+    Object.keys(archs).map((a) => h('option', { value: a }, archs[a].label || ARCH_LABELS[a] || a)),
+  );
+  const prompt = h('textarea', { id: 'pg-prompt', rows: 3, 'data-testid': 'pg-prompt', placeholder: 'my_trigger, portrait in a garden' });
+  const negative = h('textarea', { id: 'pg-negative', rows: 2, 'data-testid': 'pg-negative', placeholder: 'only used with guidance > 1' });
+  const width = input('pg-width', { type: 'number', min: 64, max: 4096, step: 16, value: '1024' });
+  const height = input('pg-height', { type: 'number', min: 64, max: 4096, step: 16, value: '1024' });
+  const steps = input('pg-steps', { type: 'number', min: 1, step: 1, value: '8' });
+  const guidance = input('pg-guidance', { type: 'number', min: 0, step: 0.1, value: '1' });
+  const seed = input('pg-seed', { type: 'number', min: 0, step: 1, value: '42' });
+  const count = input('pg-count', { type: 'number', min: 1, max: 16, step: 1, value: '1' });
+  const device = h(
+    'select',
+    { id: 'pg-device', 'data-testid': 'pg-device' },
+    ['auto', 'cpu', 'cuda'].map((d) => h('option', { value: d }, d)),
+  );
+  const archDefaults = () => {
+    const info = archs[arch.value] || {};
+    if (info.sample_steps !== undefined) steps.value = String(info.sample_steps);
+    if (info.sample_guidance !== undefined) guidance.value = String(info.sample_guidance);
+  };
+  arch.addEventListener('change', () => {
+    const before = model.value;
+    if (!before || Object.values(archs).some((a) => a.default_model === before)) model.value = archs[arch.value]?.default_model || before;
+    archDefaults();
+  });
+
+  // --- LoRAs, each with its weight ---
+  const loraRows = h('div', { class: 'lora-rows', 'data-testid': 'pg-loras' });
+  const chosen = []; // {path, weight}
+  const loraLabel = (l) => `${l.job} · ${l.final ? 'final' : `step ${l.step}`} · ${l.file}`;
+  function renderLoras() {
+    put(loraRows, 
+      ...chosen.map((entry, index) => {
+        const select = h(
+          'select',
+          { id: `pg-lora-${index}`, 'data-testid': `pg-lora-${index}` },
+          h('option', { value: '' }, '(choose a LoRA)'),
+          loras.map((l) => h('option', { value: l.path }, loraLabel(l))),
+          entry.path && !loras.some((l) => l.path === entry.path) ? h('option', { value: entry.path }, entry.path) : null,
+        );
+        select.value = entry.path || '';
+        select.addEventListener('change', () => {
+          entry.path = select.value;
+          const lora = loras.find((l) => l.path === select.value);
+          if (lora && !model.value && lora.base_model) model.value = lora.base_model;
+          if (lora && lora.arch && archs[lora.arch] && index === 0) {
+            if (arch.value !== lora.arch) {
+              arch.value = lora.arch;
+              archDefaults();
+            }
+          }
+        });
+        const weight = h('input', {
+          id: `pg-lora-weight-${index}`,
+          type: 'range',
+          min: 0,
+          max: 1.5,
+          step: 0.05,
+          value: String(entry.weight),
+          'data-testid': `pg-lora-weight-${index}`,
+        });
+        const shown = h('output', { for: weight.id, class: 'mono', 'data-testid': `pg-lora-weight-value-${index}` }, entry.weight.toFixed(2));
+        weight.addEventListener('input', () => {
+          entry.weight = Number(weight.value);
+          shown.textContent = entry.weight.toFixed(2);
+        });
+        return h(
+          'div',
+          { class: 'lora-row' },
+          h('div', { class: 'field' }, h('label', { for: select.id }, `LoRA ${index + 1}`), select),
+          h('div', { class: 'field weight' }, h('label', { for: weight.id }, 'Weight'), h('div', { class: 'range' }, weight, shown)),
+          h(
+            'button',
+            {
+              type: 'button',
+              class: 'small ghost',
+              'data-testid': `pg-remove-lora-${index}`,
+              onclick: () => {
+                chosen.splice(index, 1);
+                renderLoras();
+              },
+            },
+            'Remove',
+          ),
+        );
+      }),
+    );
+  }
+  const addLora = h(
+    'button',
+    {
+      type: 'button',
+      class: 'small',
+      'data-testid': 'pg-add-lora',
+      onclick: () => {
+        chosen.push({ path: '', weight: 0.8 });
+        renderLoras();
+      },
+    },
+    'Add LoRA',
+  );
+
+  // Restore the last settings (this browser only).
+  arch.value = saved.arch && archs[saved.arch] ? saved.arch : Object.keys(archs)[0];
+  archDefaults();
+  model.value = saved.model || '';
+  for (const [el, key] of [
+    [prompt, 'prompt'],
+    [negative, 'negative'],
+    [width, 'width'],
+    [height, 'height'],
+    [steps, 'steps'],
+    [guidance, 'guidance'],
+    [seed, 'seed'],
+    [count, 'count'],
+    [device, 'device'],
+  ]) {
+    if (saved[key] !== undefined && saved[key] !== null) el.value = String(saved[key]);
+  }
+  for (const l of saved.loras || []) if (l && l.path) chosen.push({ path: l.path, weight: Number(l.weight) || 0.8 });
+  renderLoras();
+
+  const generate = h('button', { type: 'submit', class: 'primary', 'data-testid': 'pg-generate' }, 'Generate');
+  const formError = h('p', { class: 'field-error', hidden: true, 'data-testid': 'pg-error' });
+  const results = h('div', { class: 'results', 'data-testid': 'pg-results' });
+  const num = (el) => (el.value === '' ? null : Number(el.value));
+  const form = h(
+    'form',
+    { class: 'card playground-form' },
+    h(
+      'div',
+      { class: 'fields' },
+      field('pg-model', 'Base model', model, 'A folder under DATA/models, a local path or a hub id.'),
+      modelList,
+      field('pg-arch', 'Architecture', arch, 'Sets the default steps and guidance.'),
+    ),
+    h('h2', {}, 'LoRAs'),
+    loraRows,
+    addLora,
+    h(
+      'div',
+      { class: 'fields' },
+      h('div', { class: 'field field-wide' }, h('label', { for: 'pg-prompt' }, 'Prompt'), prompt),
+      h('div', { class: 'field field-wide' }, h('label', { for: 'pg-negative' }, 'Negative prompt'), negative),
+      field('pg-width', 'Width', width),
+      field('pg-height', 'Height', height),
+      field('pg-steps', 'Steps', steps),
+      field('pg-guidance', 'Guidance (CFG, ≤ 1 = none)', guidance),
+      field('pg-seed', 'Seed', seed),
+      field('pg-count', 'Images', count),
+      field('pg-device', 'Device', device),
+    ),
+    formError,
+    h('div', { class: 'actions' }, generate),
+  );
+  form.addEventListener('submit', async (event) => {
+    event.preventDefault();
+    formError.hidden = true;
+    if (!model.value.trim()) {
+      formError.textContent = 'Base model: pick a folder from the list or type a hub id (owner/name).';
+      formError.hidden = false;
+      model.focus();
+      return;
+    }
+    const request = {
+      model: model.value.trim() || null,
+      arch: arch.value,
+      loras: chosen.filter((l) => l.path).map((l) => ({ path: l.path, weight: l.weight })),
+      prompt: prompt.value,
+      negative: negative.value,
+      width: num(width),
+      height: num(height),
+      steps: num(steps),
+      guidance: num(guidance),
+      seed: num(seed),
+      count: num(count),
+      device: device.value,
+    };
+    try {
+      localStorage.setItem(PLAYGROUND_KEY, JSON.stringify({ ...request, loras: chosen }));
+    } catch {
+      // private mode: settings are just not remembered
+    }
+    generate.disabled = true;
+    try {
+      const { id } = await post('/api/generate', request);
+      watchGeneration(id, request);
+    } catch (error) {
+      formError.textContent = error.message;
+      formError.hidden = false;
+    } finally {
+      generate.disabled = false;
+    }
+  });
+
+  function watchGeneration(id, request) {
+    const status = h('span', { class: 'badge badge-queued', 'data-testid': 'gen-status' }, 'queued');
+    const note = h('span', { class: 'muted' }, 'waiting for the device…');
+    const images = h('div', { class: 'gen-images' });
+    const card = h(
+      'div',
+      { class: 'card gen', 'data-testid': `gen-${id}` },
+      h('div', { class: 'gen-head' }, status, ' ', note),
+      h('p', { class: 'gen-prompt' }, request.prompt || h('em', {}, '(empty prompt)')),
+      h('p', { class: 'muted small' }, `${request.width}×${request.height}, ${request.steps} steps, guidance ${request.guidance}, seed ${request.seed}` + (request.loras.length ? `, ${request.loras.map((l) => `${l.path.split('/').pop()} @ ${l.weight}`).join(', ')}` : ', no LoRA')),
+      images,
+    );
+    results.prepend(card);
+    const stop = { done: false };
+    const tick = async () => {
+      if (stop.done || !ctx.alive) return;
+      try {
+        const g = await api(`/api/generate/${enc(id)}`);
+        status.textContent = g.status;
+        status.className = `badge badge-${g.status === 'done' ? 'done' : g.status === 'failed' ? 'failed' : g.status}`;
+        note.textContent = { queued: 'waiting for the device…', running: 'generating…', done: '', failed: g.error || 'failed' }[g.status] ?? '';
+        if (g.status === 'done' || g.status === 'failed') {
+          stop.done = true;
+          put(images, 
+            ...(g.images || []).map((src, i) =>
+              h('a', { href: src, target: '_blank', rel: 'noopener' }, h('img', { src, alt: `Generated image ${i + 1}`, 'data-testid': 'gen-image' })),
+            ),
+          );
+          if (g.status === 'failed') add(images, errorBox(g.error || 'Generation failed.', 'gen-error'));
+          return;
+        }
+      } catch (error) {
+        note.textContent = error.message;
+      }
+      setTimeout(tick, 1000);
+    };
+    tick();
+    ctx.onCleanup(() => {
+      stop.done = true;
+    });
+  }
+
+  add(root, pageHeader('Playground'), form, results);
+}

@@ -1,0 +1,518 @@
+"""The web UI in a real browser: headless Chromium (Debian's package) driven by Playwright, against the real server.
+
+A fresh data folder holds a tiny model of the real classes; the test then does what a person does: creates a dataset
+and uploads images with captions (file picker and drag and drop), edits a caption inline, fills the job panels,
+checks validation and the YAML round trip, creates and starts the job, presses "Save now" while it trains, watches
+the live page reach the last step with samples and checkpoints, downloads the LoRA and reads it, clones and deletes a
+job, and generates in the playground with the trained LoRA. A second server with a token checks the sign-in page.
+
+Screenshots of every page go to test-artifacts/ui/. Without Playwright or /usr/bin/chromium the tests skip, unless
+ZIMAGE_LORA_REQUIRE_BROWSER=1 (CI), where they fail.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from importlib import resources
+from pathlib import Path
+
+import pytest
+from conftest import cli_env, run_cli
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking"]
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "ui"
+DEMO = resources.files("zimage_lora") / "demo" / "dataset"
+UPLOADS = ["fox_01.png", "fox_01.txt", "fox_02.png", "fox_02.txt", "fox_03.png", "fox_03.txt", "fox_04.JPG"]
+STEPS = 30
+TIMEOUT_MS = 20_000
+
+
+def _browser_missing() -> str | None:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright package is not installed (pip install -r requirements-dev.txt)"
+    if not CHROMIUM.is_file():
+        return f"{CHROMIUM} is missing (apt-get install chromium)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    problem = _browser_missing()
+    if problem:
+        if os.environ.get("ZIMAGE_LORA_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"browser tests are required here (ZIMAGE_LORA_REQUIRE_BROWSER=1), but {problem}")
+        pytest.skip(problem)
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+# --- the server, as a user starts it ----------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class UiServer:
+    """``zimage-lora ui`` in its own process on a free port; ``stop`` also stops jobs it left running."""
+
+    def __init__(self, data: Path, token: str | None = None):
+        self.data = data
+        self.token = token
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = data.parent / f"{data.name}-server.log"
+        args = [sys.executable, "-m", "zimage_lora.cli", "ui", "--data", str(data), "--port", str(self.port)]
+        if token:
+            args += ["--host", "127.0.0.1", "--token", token]
+        with open(self.log, "wb") as out:
+            self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=cli_env())
+
+    def wait_ready(self) -> UiServer:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.api("/api/jobs")
+                return self
+            except (urllib.error.URLError, ConnectionError):
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise AssertionError(f"the UI server did not start:\n{self.log.read_text()}") from None
+                time.sleep(0.2)
+
+    def api(self, path: str, method: str = "GET", body: dict | None = None) -> dict:
+        request = urllib.request.Request(self.url + path, method=method)
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            request.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(request, data=data, timeout=10) as response:
+            return json.loads(response.read() or b"null")
+
+    def stop(self) -> None:
+        try:
+            for job in self.api("/api/jobs")["jobs"]:
+                if job["status"] in ("queued", "running"):
+                    self.api(f"/api/jobs/{job['name']}/stop", "POST")
+        except Exception:  # noqa: BLE001 - best effort: the server may be gone already
+            pass
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The UI on a fresh data folder with a tiny model in DATA/models/tiny (and a tiny training adapter beside the
+    data folder: a local file that a user types in)."""
+    data = tmp_path_factory.mktemp("ui") / "data"
+    (data / "models").mkdir(parents=True)
+    ui = UiServer(data)  # it starts up while the model is written
+    try:
+        made = run_cli("tiny-model", data / "models" / "tiny")
+        assert made.returncode == 0, made.stderr
+        adapter = data.parent / "adapter" / "tiny_adapter.safetensors"
+        made = run_cli("tiny-adapter", data / "models" / "tiny", adapter, "--seed", "1")
+        assert made.returncode == 0, made.stderr
+        ui.wait_ready()
+        yield ui
+    finally:
+        ui.stop()
+
+
+def shot(page, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def by(testid: str) -> str:
+    return f'[data-testid="{testid}"]'
+
+
+# --- the whole story ---------------------------------------------------------------------------------------------
+
+
+def test_train_a_lora_in_the_browser(browser, server, tmp_path):
+    from playwright.sync_api import expect
+
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    expect.set_options(timeout=TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+
+    try:
+        dataset = make_dataset(page, server, server.data)
+        fill_new_job(page, server, server.data, dataset)
+        train_and_watch(page, server, server.data)
+        download_lora(page, tmp_path)
+        clone_edit_and_delete(page, server)
+        generate_in_playground(page, server)
+    except BaseException:
+        shot(page, "failure")  # what the page showed when the test gave up
+        raise
+
+    # Without EventSource the job page falls back to polling and shows the same.
+    polling = context.new_page()
+    polling.add_init_script("delete window.EventSource")
+    polling.goto(f"{server.url}/#/jobs/fox")
+    expect(polling.locator(by("live-state"))).to_have_text("polling")
+    expect(polling.locator(by("job-step"))).to_have_text(f"{STEPS} / {STEPS}")
+    expect(polling.locator(by("checkpoint-fox.safetensors"))).to_be_visible()
+    expect(polling.locator(by(f"sample-group-{STEPS}"))).to_be_visible()
+    polling.close()
+
+    page.goto(f"{server.url}/#/jobs")
+    expect(page.locator(by("job-status-fox"))).to_have_text("done")
+    expect(page.locator(by("job-step-fox"))).to_have_text(f"{STEPS} / {STEPS}")
+    shot(page, "01-jobs")
+    assert not errors, f"JavaScript errors on the pages: {errors}"
+    context.close()
+
+
+def make_dataset(page, server: UiServer, data: Path) -> str:
+    from playwright.sync_api import expect
+
+    page.goto(f"{server.url}/#/datasets")
+    page.fill(by("new-dataset-name"), "foxes")
+    page.click(by("create-dataset"))
+    expect(page).to_have_url(re.compile(r"#/datasets/foxes$"))
+
+    # Many files at once through the file picker: images and the .txt captions that pair with them by name.
+    folder = data.parent / "uploads"
+    folder.mkdir(exist_ok=True)
+    for name in UPLOADS + ["fox_05.png"]:
+        (folder / name).write_bytes((DEMO / name).read_bytes())
+    page.set_input_files(by("upload-input"), [str(folder / name) for name in UPLOADS])
+    expect(page.locator(by("upload-result"))).to_contain_text("Saved 7 files")
+    cards = page.locator('[data-testid^="image-card-"]')
+    expect(cards).to_have_count(4)
+    expect(page.locator(by("caption-fox_02.png"))).to_have_value((DEMO / "fox_02.txt").read_text().strip())
+    expect(page.locator(by("image-card-fox_04.jpg"))).to_be_visible()  # the extension is lower-cased
+
+    # Drag and drop one more image onto the drop zone, then delete it again (two clicks).
+    payload = base64.b64encode((folder / "fox_05.png").read_bytes()).decode()
+    page.evaluate(
+        """([name, b64]) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, { type: 'image/png' }));
+            const zone = document.querySelector('[data-testid="drop-zone"]');
+            zone.dispatchEvent(new DragEvent('drop', { dataTransfer: transfer, bubbles: true, cancelable: true }));
+        }""",
+        ["fox_05.png", payload],
+    )
+    expect(cards).to_have_count(5)
+    assert (data / "datasets" / "foxes" / "fox_05.png").is_file()
+    page.click(by("delete-image-fox_05.png"))
+    page.click(by("delete-image-fox_05.png"))
+    expect(cards).to_have_count(4)
+    assert not (data / "datasets" / "foxes" / "fox_05.png").exists()
+
+    # Inline caption edit: Enter saves, the card says so, the .txt on disk has it.
+    caption = page.locator(by("caption-fox_01.png"))
+    caption.fill("[trigger], a cartoon fox head, edited in the browser")
+    expect(page.locator(by("caption-status-fox_01.png"))).to_have_text("unsaved")
+    caption.press("Enter")
+    expect(page.locator(by("caption-status-fox_01.png"))).to_have_text("✓ saved")
+    txt = data / "datasets" / "foxes" / "fox_01.txt"
+    assert txt.read_text(encoding="utf-8").strip() == "[trigger], a cartoon fox head, edited in the browser"
+    # A caption for the uncaptioned jpg, saved on blur.
+    page.locator(by("caption-fox_04.jpg")).fill("[trigger], a cartoon fox head, photo")
+    page.locator(by("caption-fox_03.png")).click()
+    expect(page.locator(by("caption-status-fox_04.jpg"))).to_have_text("✓ saved")
+    assert (data / "datasets" / "foxes" / "fox_04.txt").read_text(encoding="utf-8").strip().endswith("photo")
+
+    # The dataset check report.
+    page.fill(by("check-resolutions"), "64")
+    page.fill(by("check-trigger"), "zfox")
+    page.click(by("check-dataset"))
+    expect(page.locator(by("check-report"))).to_contain_text("4")
+    expect(page.locator(by("dataset-count"))).to_have_text("4 images, 4 captioned")
+    shot(page, "05-dataset")
+
+    page.click(by("nav-datasets"))
+    expect(page.locator(by("dataset-row-foxes"))).to_contain_text("4 / 4")
+    shot(page, "04-datasets")
+    return "foxes"
+
+
+def fill_new_job(page, server: UiServer, data: Path, dataset: str) -> None:
+    from playwright.sync_api import expect
+
+    page.click(by("nav-jobs"))
+    page.click(by("new-job"))
+    expect(page).to_have_url(re.compile(r"#/jobs/new$"))
+    for panel in ("JOB", "MODEL", "QUANTIZATION", "TARGET", "SAVE", "TRAINING", "DATASETS", "SAMPLE", "ADVANCED"):
+        expect(page.locator(by(f"panel-{panel}"))).to_be_visible()
+    panel_order = page.locator('[data-testid^="panel-"]').evaluate_all("els => els.map(e => e.dataset.testid)")
+    assert panel_order == [f"panel-{p}" for p in ("JOB", "MODEL", "QUANTIZATION", "TARGET", "SAVE", "TRAINING")] + [
+        f"panel-{p}" for p in ("DATASETS", "SAMPLE", "ADVANCED")
+    ]
+    # Help text comes from the schema's descriptions.
+    expect(page.locator(by("panel-TARGET"))).to_contain_text("Rank of the low-rank update")
+
+    field = lambda key: page.locator(by(f"field-{key}"))  # noqa: E731
+    field("job.name").fill("fox")
+    field("job.trigger_word").fill("zfox")
+    field("job.device").fill("cpu")
+
+    # The architecture decides the adapter choice and the preview steps and guidance.
+    field("model.arch").select_option("zimage_deturbo")
+    expect(field("model.training_adapter")).to_be_hidden()
+    expect(field("sample.steps")).to_have_value("25")
+    expect(field("sample.guidance")).to_have_value("3")
+    field("model.arch").select_option("zimage_turbo_adapter")
+    expect(field("model.training_adapter")).to_be_visible()
+    expect(field("model.training_adapter")).to_have_value(re.compile(r"_v2\.safetensors$"))
+    page.select_option(by("adapter-version"), label="v1")
+    expect(field("model.training_adapter")).to_have_value(re.compile(r"_v1\.safetensors$"))
+    expect(field("sample.steps")).to_have_value("8")
+
+    field("model.name_or_path").fill("models/tiny")
+    adapter = data.parent / "adapter" / "tiny_adapter.safetensors"
+    field("model.training_adapter").fill(str(adapter))
+    expect(page.locator(by("adapter-version"))).to_have_value("")
+    field("target.rank").fill("4")
+    field("save.every").fill("1000")
+    field("save.dtype").select_option("fp32")
+    field("train.steps").fill(str(STEPS))
+    field("train.grad_accum").fill("2")  # a few forward passes per step: long enough to press Save now mid-run
+    field("train.optimizer").select_option("adamw")
+    field("train.lr").fill("0.001")
+    field("train.gradient_checkpointing").uncheck()
+    field("train.cache_text_embeddings").check()
+
+    # Validation as the user types: an error appears beside the field it names, and goes away when fixed.
+    field("train.lr").fill("0")
+    expect(page.locator(by("error-train.lr"))).to_contain_text("must be > 0")
+    expect(page.locator(by("validation-status"))).to_have_text("1 problem")
+    field("train.lr").fill("0.001")
+    expect(page.locator(by("error-train.lr"))).to_be_hidden()
+
+    page.select_option(by("dataset-select-0"), dataset)
+    page.fill(by("dataset-dropout-0"), "0")
+    for res in (512, 768, 1024):
+        page.uncheck(by(f"dataset-res-0-{res}"))
+    page.fill(by("dataset-res-extra-0"), "64")
+
+    field("sample.every").fill("10")
+    field("sample.width").fill("64")
+    field("sample.height").fill("64")
+    field("sample.steps").fill("2")
+    while page.locator(by("remove-prompt-1")).count():
+        page.click(by("remove-prompt-1"))
+    page.fill(by("prompt-0"), "[trigger], a cartoon fox head on a blue sky")
+    expect(page.locator(by("validation-status"))).to_have_text("✓ Valid")
+    shot(page, "02-new-job-panels")
+
+    # The YAML tab edits the same job: a change there comes back to the form, a syntax error is shown.
+    page.click(by("tab-yaml"))
+    yaml_box = page.locator(by("job-yaml"))
+    expect(yaml_box).to_have_value(re.compile(r"\n  rank: 4\n"))
+    text = yaml_box.input_value()
+    assert "trigger_word: zfox" in text and f"steps: {STEPS}" in text and "resolutions: [64]" in text, text
+    shot(page, "03-new-job-yaml")
+    yaml_box.fill(text + "\ntrain: [")
+    expect(page.locator(by("yaml-errors"))).to_contain_text("syntax error")
+    yaml_box.fill(text.replace("trigger_word: zfox", "trigger_word: zfoxy"))
+    expect(page.locator(by("validation-status"))).to_have_text("✓ Valid")
+    page.click(by("tab-form"))
+    expect(field("job.trigger_word")).to_have_value("zfoxy")
+    expect(field("target.rank")).to_have_value("4")
+    field("job.trigger_word").fill("zfox")
+    expect(page.locator(by("validation-status"))).to_have_text("✓ Valid")
+
+    page.click(by("create-job"))
+    expect(page).to_have_url(re.compile(r"#/jobs/fox$"))
+    expect(page.locator(by("job-status"))).to_have_text("draft")
+    job_yaml = (data / "jobs" / "fox" / "job.yaml").read_text() if (data / "jobs" / "fox" / "job.yaml").exists() else ""
+    saved = server.api("/api/jobs/fox")["config"]
+    assert saved["target"]["rank"] == 4 and saved["train"]["steps"] == STEPS, job_yaml
+    assert saved["datasets"][0]["resolutions"] == [64] and saved["datasets"][0]["path"] == f"datasets/{dataset}"
+    assert saved["sample"]["prompts"] == ["[trigger], a cartoon fox head on a blue sky"]
+
+
+def train_and_watch(page, server: UiServer, data: Path) -> None:
+    from playwright.sync_api import expect
+
+    page.click(by("btn-start"))
+    expect(page.locator(by("job-status"))).to_have_text(re.compile("queued|running"))
+    expect(page.locator(by("live-state"))).to_have_text("live")
+    # Save now as soon as training is under way: a checkpoint at a step that no schedule asked for.
+    step = page.locator(by("job-step"))
+    expect(step).to_have_text(re.compile(r"^([2-9]|1\d|2[0-5]) / 30$"), timeout=120_000)
+    page.click(by("btn-save"))
+    page.click(by("btn-sample"))
+    shot(page, "06-job-running")
+    checkpoint_rows = page.locator(f'{by("checkpoints")} tr[data-final="false"]')
+    expect(checkpoint_rows.first).to_be_visible(timeout=60_000)
+    saved_step = int(checkpoint_rows.first.get_attribute("data-step"))
+    assert 2 <= saved_step < STEPS, saved_step
+    assert (data / "jobs" / "fox" / f"fox_{saved_step:09d}.safetensors").is_file()
+
+    expect(page.locator(by("job-status"))).to_have_text("done", timeout=120_000)
+    expect(step).to_have_text(f"{STEPS} / {STEPS}")
+    expect(page.locator(by("job-progress"))).to_have_attribute("aria-valuenow", str(STEPS))
+    # Samples grouped by step (0, 10, 20 and the end), the contact sheet, the final LoRA, the loss curve, the log.
+    expect(page.locator(by(f"sample-group-{STEPS}"))).to_be_visible()
+    expect(page.locator(by("sample-group-10"))).to_be_visible()
+    first_sample = page.locator(by("sample-image")).first
+    expect(first_sample).to_be_visible()
+    page.wait_for_function("img => img.complete && img.naturalWidth === 64", arg=first_sample.element_handle())
+    expect(page.locator(by("contact-sheet-image"))).to_be_visible()
+    expect(page.locator(by("checkpoint-fox.safetensors"))).to_be_visible()
+    expect(page.locator(f"{by('loss-chart')} svg")).to_have_attribute("data-points", str(STEPS))
+    expect(page.locator(by("job-log"))).to_contain_text(f"request: save at step {saved_step}")
+    expect(page.locator(by("btn-save"))).to_be_hidden()
+    # Sample now: the trainer took the request after some step and rendered previews there.
+    expect(page.locator(by("job-log"))).to_contain_text(re.compile(r"request: sample at step \d+"))
+    log_text = page.locator(by("job-log")).text_content()
+    sampled = re.search(r"request: sample at step (\d+)", log_text)
+    assert sampled, log_text
+    expect(page.locator(by(f"sample-group-{sampled[1]}"))).to_be_visible()
+    shot(page, "07-job-done")
+
+
+def download_lora(page, tmp_path: Path) -> None:
+    from zimage_lora.lora.io import read_lora
+
+    with page.expect_download() as info:
+        page.click(by("download-fox.safetensors"))
+    download = info.value
+    assert download.suggested_filename == "fox.safetensors"
+    target = tmp_path / "downloaded.safetensors"
+    download.save_as(str(target))
+    lora = read_lora(target)
+    assert lora.layout == "diffusion_model" and lora.modules
+    assert {weights.rank for weights in lora.modules.values()} == {4}
+
+
+def clone_edit_and_delete(page, server: UiServer) -> None:
+    from playwright.sync_api import expect
+
+    page.click(by("btn-clone"))
+    page.fill(by("ask-text"), "fox-copy")
+    page.click(by("ask-ok"))
+    expect(page).to_have_url(re.compile(r"#/jobs/fox-copy/edit$"))
+    expect(page.locator(by("field-target.rank"))).to_have_value("4")
+    expect(page.locator(by("field-job.name"))).to_be_disabled()
+    page.fill(by("field-target.rank"), "8")
+    expect(page.locator(by("validation-status"))).to_have_text("✓ Valid")
+    page.click(by("save-job"))
+    expect(page).to_have_url(re.compile(r"#/jobs/fox-copy$"))
+    expect(page.locator(by("job-status"))).to_have_text("draft")
+    assert server.api("/api/jobs/fox-copy")["config"]["target"]["rank"] == 8
+    page.click(by("btn-delete"))
+    ok = page.locator(by("confirm-ok"))
+    page.fill(by("confirm-name"), "fox")
+    expect(ok).to_be_disabled()
+    page.fill(by("confirm-name"), "fox-copy")
+    expect(page.locator(by("confirm-echo"))).to_contain_text('"fox-copy" matches')
+    expect(ok).to_be_enabled()
+    ok.click()
+    expect(page).to_have_url(re.compile(r"#/jobs$"))
+    expect(page.locator(by("job-row-fox-copy"))).to_have_count(0)
+    assert [j["name"] for j in server.api("/api/jobs")["jobs"]] == ["fox"]
+
+
+def generate_in_playground(page, server: UiServer) -> None:
+    from playwright.sync_api import expect
+
+    page.goto(f"{server.url}/#/playground")
+    page.click(by("pg-add-lora"))
+    final = next(lora for lora in server.api("/api/loras")["loras"] if lora["job"] == "fox" and lora["final"])
+    page.select_option(by("pg-lora-0"), final["path"])
+    expect(page.locator(by("pg-lora-weight-value-0"))).to_have_text("0.80")
+    page.locator(by("pg-lora-weight-0")).fill("1.2")
+    expect(page.locator(by("pg-lora-weight-value-0"))).to_have_text("1.20")
+    page.fill(by("pg-model"), "models/tiny")
+    page.select_option(by("pg-arch"), "zimage_turbo_adapter")
+    page.fill(by("pg-prompt"), "zfox, a cartoon fox head")
+    for key, value in (("width", "64"), ("height", "64"), ("steps", "2"), ("seed", "3")):
+        page.fill(by(f"pg-{key}"), value)
+    page.select_option(by("pg-device"), "cpu")
+    page.click(by("pg-generate"))
+    status = page.locator(by("gen-status")).first
+    expect(status).to_have_text(re.compile("queued|running|done"))
+    expect(status).to_have_text("done", timeout=120_000)
+    image = page.locator(by("gen-image")).first
+    expect(image).to_be_visible()
+    page.wait_for_function("img => img.complete && img.naturalWidth === 64", arg=image.element_handle())
+    shot(page, "08-playground")
+
+
+# --- the token ------------------------------------------------------------------------------------------------------
+
+
+def test_token_login(browser, tmp_path):
+    from playwright.sync_api import expect
+
+    data = tmp_path / "data"
+    (data / "datasets").mkdir(parents=True)
+    ui = UiServer(data, token="secret").wait_ready()
+    try:
+        # Something for the job page to show: a dataset with one image and a draft job (made through the API).
+        ui.api("/api/datasets", "POST", {"name": "one"})
+        shutil.copy(DEMO / "fox_01.png", data / "datasets" / "one" / "fox_01.png")
+        presets = ui.api("/api/presets")["presets"]
+        config = next(p["config"] for p in presets if p["name"] == "turbo-adapter-v2")
+        config["job"]["name"] = "guarded"
+        config["job"]["device"] = "cpu"
+        config["datasets"][0]["path"] = "datasets/one"
+        ui.api("/api/jobs", "POST", {"config": config})
+
+        context = browser.new_context(viewport={"width": 1100, "height": 760})
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(f"{ui.url}/#/jobs")
+        expect(page).to_have_url(re.compile(r"/login"))
+        page.fill(by("login-token"), "wrong")
+        page.click(by("login-submit"))
+        expect(page.locator(by("login-error"))).to_be_visible()
+        shot(page, "09-login")
+        assert not context.cookies()
+
+        page.fill(by("login-token"), "secret")
+        page.click(by("login-submit"))
+        expect(page.locator(by("job-row-guarded"))).to_be_visible()
+        cookie = next(c for c in context.cookies() if c["name"] == "zl_token")
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+
+        # The live stream works with the cookie: the page goes live, and a status change arrives without a reload.
+        page.click(by("job-link-guarded"))
+        expect(page.locator(by("job-status"))).to_have_text("draft")
+        expect(page.locator(by("live-state"))).to_have_text("live")
+        page.evaluate("window.__same_page = true")
+        ui.api("/api/jobs/guarded/start", "POST")  # the hub model is not there offline: the job fails
+        expect(page.locator(by("job-status"))).to_have_text("failed", timeout=90_000)
+        expect(page.locator(by("job-error"))).to_be_visible()
+        assert page.evaluate("window.__same_page") is True
+        context.close()
+    finally:
+        ui.stop()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU rows of benchmarks/RESULTS.md in one command, on a CUDA machine with the repo checked out:
-#   bash benchmarks/gpu_run.sh [baseline|full]     (results also under $OUT when set)
+#   bash benchmarks/gpu_run.sh [baseline|full|speed]     (results also under $OUT when set)
 # Wheels for packages the machine lacks may be put in .whl/ first (installed into /tmp/site, nothing else changes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,5 +37,10 @@ case "${1:-full}" in
     run python3 benchmarks/generate.py --config full --size 1024 --device cuda --dtype bf16
     run python3 benchmarks/generate.py --config full --size 1024 --device cuda --dtype bf16 --quant float8
     run python3 benchmarks/sync_check.py --quant float8 --offload 0.5
+    ;;
+  speed)  # the step-time targets still open: compiled rows not measured yet
+    run $B --size 1024 --compile
+    run $B --size 512 --compile
+    run python3 benchmarks/generate.py --config full --size 1024 --device cuda --dtype bf16 --compile
     ;;
 esac

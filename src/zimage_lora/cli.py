@@ -135,6 +135,9 @@ def generate(
     quantize: str = typer.Option(
         "none", help="Frozen weights of transformer and text encoder: none (bf16), float8, int8 or nf4."
     ),
+    compile_: bool = typer.Option(
+        False, "--compile/--no-compile", help="torch.compile the transformer blocks (pays off from a few images)."
+    ),
 ) -> None:
     """Generate images with a base model and LoRAs (the guide's "Run LoRA")."""
     from zimage_lora.quiet import quiet_libraries
@@ -159,6 +162,7 @@ def generate(
         device=device,
         progress=progress,
         quantize=quantize,
+        compile_blocks=compile_,
     )
     for path in paths:
         typer.echo(str(path))

@@ -4,6 +4,7 @@ The same sampler as the previews (so a preview is what you get here), the pipeli
 in our layout, diffusers/peft layout or kohya ``lora_unet_`` layout, each at its own weight. ``quantize`` stores the
 transformer's and the text encoder's frozen weights in float8, int8 or nf4 (``models/quant.py``); LoRA files stay
 full-precision branches on top, and LoKr/LoHa/DoRA deltas are merged into the weights before they are quantized.
+``compile_blocks`` compiles each transformer block as ``train.compile`` does (the first image pays for it).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from zimage_lora.lora import network
 from zimage_lora.lora.io import read_lora, read_safetensors
 from zimage_lora.lora.variants import detect_kind, merge_into, read_network
 from zimage_lora.models.arch import ARCHS
+from zimage_lora.models.compile import compile_blocks as compile_transformer_blocks
 from zimage_lora.models.loading import default_dtype, load_components, resolve_device
 from zimage_lora.models.quant import MODES
 from zimage_lora.models.text import encode_prompts
@@ -48,7 +50,15 @@ class LoraSpec:
 class Generator:
     """A loaded base model with LoRAs applied; call ``image`` for each prompt and seed."""
 
-    def __init__(self, model: str, arch: str, loras: list[LoraSpec], device: str = "auto", quantize: str = "none"):
+    def __init__(
+        self,
+        model: str,
+        arch: str,
+        loras: list[LoraSpec],
+        device: str = "auto",
+        quantize: str = "none",
+        compile_blocks: bool = False,
+    ):
         if arch not in ARCHS:
             raise UserError(f"--arch: unknown {arch!r}; choose one of {', '.join(ARCHS)}")
         if quantize not in MODES:
@@ -86,6 +96,8 @@ class Generator:
             adapters.append((name, spec.weight))
         if adapters:
             transformer.set_adapters([n for n, _ in adapters], [w for _, w in adapters])
+        if compile_blocks:  # after the LoRAs are in place, so the compiled blocks include their branches
+            compile_transformer_blocks(transformer, self.device)
 
     @torch.no_grad()
     def image(self, prompt: str, negative: str, settings: SampleSettings):
@@ -111,10 +123,11 @@ def generate(
     device: str = "auto",
     progress: bool = True,
     quantize: str = "none",
+    compile_blocks: bool = False,
 ) -> list[Path]:
     if width % 16 or height % 16 or min(width, height) < 64:
         raise UserError(f"--width/--height: {width}x{height} must be multiples of 16, at least 64")
-    gen = Generator(model, arch, loras, device, quantize=quantize)
+    gen = Generator(model, arch, loras, device, quantize=quantize, compile_blocks=compile_blocks)
     settings_steps = steps if steps is not None else gen.arch.sample_steps
     settings_guidance = guidance if guidance is not None else gen.arch.sample_guidance
     out = Path(out)

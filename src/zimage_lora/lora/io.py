@@ -13,7 +13,6 @@ or kill leaves either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
 from collections.abc import Iterable, Mapping
@@ -24,8 +23,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
-from zimage_lora import faults
 from zimage_lora.errors import UserError
+from zimage_lora.files import atomic_write_bytes, fsync_dir  # noqa: F401 - part of this module's API
 
 PREFIX = "diffusion_model."
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -56,43 +55,6 @@ class LoraFile:
     modules: dict[str, LoraWeights]  # diffusers module path -> weights
     metadata: dict[str, str]
     layout: str  # "diffusion_model" | "diffusers" | "kohya"
-
-
-def atomic_write_bytes(path: Path, data: bytes, fault: str | None = None, index: int | None = None) -> None:
-    """Write ``data`` to ``path`` so that a crash at any moment leaves the old file or the new one.
-
-    ``fault`` names the write for fault injection (``<fault>.tmp`` after the temporary file is on disk,
-    ``<fault>.renamed`` after it replaced the target); see ``zimage_lora.faults``.
-    """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if fault:
-            faults.fire(f"{fault}.tmp", index)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed write (disk full, Ctrl-C) leaves the old file and no debris
-        raise
-    fsync_dir(path.parent)
-    if fault:
-        faults.fire(f"{fault}.renamed", index)
-
-
-def fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def lora_state_dict(modules: Mapping[str, LoraWeights], dtype: torch.dtype) -> dict[str, torch.Tensor]:

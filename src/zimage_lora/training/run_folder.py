@@ -33,12 +33,11 @@ import socket
 import time
 from pathlib import Path
 
-import torch
-
 from zimage_lora.errors import UserError
-from zimage_lora.lora.io import atomic_write_bytes
+from zimage_lora.files import atomic_write_bytes
 
 STATE_RE = re.compile(r"^(\d{9})\.pt$")
+SAMPLE_RE = re.compile(r"^(\d{9})_(\d{2})\.png$")  # sample_path's names
 
 
 class RunFolder:
@@ -65,6 +64,13 @@ class RunFolder:
     def checkpoints(self) -> list[tuple[int, Path]]:
         pattern = re.compile(rf"^{re.escape(self.name)}_(\d{{9}})\.safetensors$")
         found = [(int(m.group(1)), p) for p in self.root.glob("*.safetensors") if (m := pattern.match(p.name))]
+        return sorted(found)
+
+    def samples(self) -> list[tuple[int, int, Path]]:
+        """Preview images as (step, prompt index, path), in that order."""
+        if not self.samples_dir.is_dir():
+            return []
+        found = [(int(m[1]), int(m[2]), p) for p in self.samples_dir.iterdir() if (m := SAMPLE_RE.match(p.name))]
         return sorted(found)
 
     def states(self) -> list[tuple[int, Path]]:
@@ -145,6 +151,8 @@ class RunFolder:
         atomic_write_bytes(self.root / relative, text.encode("utf-8"))
 
     def write_state(self, step: int, state: dict) -> Path:
+        import torch  # here, not at the top: the web UI reads run folders without loading torch
+
         buffer = io.BytesIO()
         torch.save(state, buffer)
         path = self.state_path(step)
@@ -153,6 +161,8 @@ class RunFolder:
 
     def read_latest_state(self) -> dict | None:
         """The newest state that loads completely; a damaged one is skipped, never trusted."""
+        import torch
+
         for _, path in reversed(self.states()):
             try:
                 return torch.load(path, map_location="cpu", weights_only=False)
@@ -177,6 +187,7 @@ class RunFolder:
 def environment_facts() -> dict:
     import diffusers
     import peft
+    import torch
     import transformers
 
     from zimage_lora import __version__

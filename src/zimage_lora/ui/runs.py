@@ -1,18 +1,18 @@
 """Reading a run folder for the UI: metrics, samples, checkpoints, logs, run.json (see training/run_folder.py).
 
-Read-only and torch-free, so the server answers these without loading the training stack. Files that a trainer is
-writing at the same moment are read defensively: a half-written last line of metrics.jsonl is skipped until it is
-complete.
+Read-only and torch-free (the layout itself is ``RunFolder``'s), so the server answers these without loading the
+training stack. Files that a trainer is writing at the same moment are read defensively: a half-written last line
+of metrics.jsonl is skipped until it is complete.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
-SAMPLE_RE = re.compile(r"^(\d{9})_(\d{2})\.png$")
+from zimage_lora.training.run_folder import RunFolder
+
 SPEED_WINDOW = 20  # s/it is the mean of the last this many steps
 
 
@@ -60,35 +60,32 @@ def progress(folder: Path, steps: int, running: bool) -> dict[str, Any]:
 
 def samples(folder: Path, url: str) -> dict[str, Any]:
     """Preview images by step and index; ``url`` is the run folder's /files URL."""
-    found = []
-    sheet = None
-    sample_dir = folder / "samples"
-    if sample_dir.is_dir():
-        for path in sorted(sample_dir.iterdir()):
-            if match := SAMPLE_RE.match(path.name):
-                found.append({"step": int(match[1]), "index": int(match[2]), "url": f"{url}/samples/{path.name}"})
-            elif path.name == "contact_sheet.png":  # rebuilt in place: the version defeats the browser's cache
-                sheet = f"{url}/samples/contact_sheet.png?v={path.stat().st_mtime_ns}"
-    return {"samples": found, "contact_sheet": sheet}
+    run = RunFolder(folder, folder.name)
+    found = [{"step": step, "index": index, "url": f"{url}/samples/{p.name}"} for step, index, p in run.samples()]
+    sheet = run.samples_dir / "contact_sheet.png"
+    try:  # rebuilt in place: the version defeats the browser's cache
+        version = sheet.stat().st_mtime_ns
+    except OSError:
+        return {"samples": found, "contact_sheet": None}
+    return {"samples": found, "contact_sheet": f"{url}/samples/{sheet.name}?v={version}"}
 
 
 def checkpoints(folder: Path, name: str, url: str) -> list[dict[str, Any]]:
     """The LoRA files of a run: ``<name>_<step>.safetensors`` checkpoints, then the final ``<name>.safetensors``."""
-    pattern = re.compile(rf"^{re.escape(name)}(?:_(\d{{9}}))?\.safetensors$")
-    found = []
-    for path in folder.glob("*.safetensors") if folder.is_dir() else []:
-        if match := pattern.match(path.name):
-            step = int(match[1]) if match[1] else None
-            found.append(
-                {
-                    "file": path.name,
-                    "step": step,
-                    "final": step is None,
-                    "bytes": path.stat().st_size,
-                    "url": f"{url}/{path.name}?download=1",
-                }
-            )
-    return sorted(found, key=lambda c: (c["final"], c["step"] or 0))
+    run = RunFolder(folder, name)
+    found = [(step, path) for step, path in run.checkpoints()]
+    if run.final_path.is_file():
+        found.append((None, run.final_path))
+    return [
+        {
+            "file": path.name,
+            "step": step,
+            "final": step is None,
+            "bytes": path.stat().st_size,
+            "url": f"{url}/{path.name}?download=1",
+        }
+        for step, path in found
+    ]
 
 
 def log_path(folder: Path) -> Path:

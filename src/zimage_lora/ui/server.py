@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import mimetypes
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -36,6 +38,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from zimage_lora.config import dump_yaml, parse_job
+from zimage_lora.files import atomic_write_bytes
 from zimage_lora.models.arch import ARCHS
 from zimage_lora.ui import runs, schema
 from zimage_lora.ui.db import Store, now
@@ -99,11 +102,13 @@ class Ui:
         _atomic_write(self.runner.job_dir(name) / "job.yaml", dump_yaml(cfg).encode())
 
 
+_WRITES = threading.Lock()  # handlers run on a thread pool; two writes of one file must not share its .tmp
+
+
 def _atomic_write(path: Path, content: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_bytes(content)
-    os.replace(tmp, path)
+    with _WRITES:
+        atomic_write_bytes(path, content)
 
 
 def _url(*parts: str) -> str:
@@ -625,10 +630,9 @@ def _dataset_routes(app: FastAPI, ui: Ui) -> None:
             except UserError:
                 raise ApiError(415, f"{file!r} cannot be read as an image; remove or replace it", "file") from None
             small.thumbnail((THUMB_SIZE, THUMB_SIZE))
-            cached.parent.mkdir(exist_ok=True)
-            tmp = cached.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
-            small.save(tmp, format="JPEG", quality=85)
-            os.replace(tmp, cached)
+            encoded = io.BytesIO()
+            small.save(encoded, format="JPEG", quality=85)
+            _atomic_write(cached, encoded.getvalue())
         return FileResponse(cached, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get("/api/datasets/{name}/check")

@@ -36,9 +36,11 @@ CONFIGS = {
 }
 
 
-def build_transformer(name: str, device: torch.device, dtype: torch.dtype) -> ZImageTransformer2DModel:
-    """Random weights, no download; built on the meta device first so the full size never sits in fp32 on the CPU."""
-    config = CONFIGS[name]
+def build_transformer(name: str | dict, device: torch.device, dtype: torch.dtype) -> ZImageTransformer2DModel:
+    """Random weights, no download; built on the meta device first so the full size never sits in fp32 on the CPU.
+
+    ``name`` is one of ``CONFIGS`` or a config of its own."""
+    config = CONFIGS[name] if isinstance(name, str) else name
     torch.manual_seed(0)
     with torch.device("meta"):
         model = ZImageTransformer2DModel(**config).to(dtype)  # on meta: the full size is never held in fp32

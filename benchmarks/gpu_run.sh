@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU rows of benchmarks/RESULTS.md in one command, on a CUDA machine with the repo checked out:
-#   bash benchmarks/gpu_run.sh [baseline|full|speed]     (results also under $OUT when set)
+#   bash benchmarks/gpu_run.sh [baseline|full|speed|next]     (results also under $OUT when set)
 # Wheels for packages the machine lacks may be put in .whl/ first (installed into /tmp/site, nothing else changes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,5 +42,14 @@ case "${1:-full}" in
     run $B --size 1024 --compile
     run $B --size 512 --compile
     run python3 benchmarks/generate.py --config full --size 1024 --device cuda --dtype bf16 --compile
+    ;;
+  next)  # the open rows with less recompute (train.checkpoint_fraction; sizes from benchmarks/activations.py on the
+         # CPU: compiled, 0.5 at 1024 and none at 512 should stay under 24 GB), the CPU estimate checked on the card
+    run $B --size 1024 --compile --checkpoint-fraction 0.5
+    run $B --size 512 --compile --no-checkpointing
+    run $B --size 512 --compile
+    run python3 benchmarks/generate.py --config full --size 1024 --device cuda --dtype bf16 --compile
+    run python3 benchmarks/activations.py --config full --size 1024 --layers 2 --device cuda --compile
+    run $B --size 1024 --compile
     ;;
 esac

@@ -22,6 +22,7 @@ from train_step import our_step_fn  # noqa: E402
 
 from zimage_lora.config import DEFAULT_TARGET_REGEX  # noqa: E402
 from zimage_lora.lora import network  # noqa: E402
+from zimage_lora.models.checkpointing import enable_checkpointing  # noqa: E402
 
 
 def minimal_step_fn(model, x0, caps):
@@ -57,8 +58,9 @@ def main() -> None:
     network.add_user_lora(ours_model, names, args.rank, float(args.rank), seed=0)
     plain_model = build_transformer(args.config, device, dtype)
     plain_model.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=names))
+    enable_checkpointing(ours_model)  # the recipe's switch (every block recomputes) ...
+    plain_model.enable_gradient_checkpointing()  # ... against diffusers' own
     for model in (ours_model, plain_model):
-        model.enable_gradient_checkpointing()
         model.train()
     x0, caps = inputs(CONFIGS[args.config], args.size, args.size, 1, 128, device, dtype)
     args.batch = 1

@@ -38,14 +38,16 @@ from common import (  # noqa: E402
 from zimage_lora.config import DEFAULT_TARGET_REGEX  # noqa: E402
 from zimage_lora.data.dataset import ImageItem, Sample  # noqa: E402
 from zimage_lora.lora import network  # noqa: E402
+from zimage_lora.models.checkpointing import enable_checkpointing  # noqa: E402
 from zimage_lora.models.compile import compile_blocks  # noqa: E402
 from zimage_lora.models.offload import BlockOffloader  # noqa: E402
-from zimage_lora.training.flops import train_step_flops  # noqa: E402
+from zimage_lora.training.flops import recompute_flops, train_step_flops  # noqa: E402
 from zimage_lora.training.recipe import _batch_loss  # noqa: E402
 
 
-def our_step_fn(model, x0, caps, args, device, dtype):
-    """One optimizer step exactly as the recipe takes it (its loss function, clipping and AdamW)."""
+def our_step_fn(model, x0, caps, args, device, dtype, forward_only: bool = False):
+    """One optimizer step exactly as the recipe takes it (its loss function, clipping and AdamW); with
+    ``forward_only``, a function that returns that step's loss with its graph and takes no step."""
     batch = len(caps)
     cfg = SimpleNamespace(
         datasets=[SimpleNamespace(caption_dropout=0.0)],
@@ -62,17 +64,20 @@ def our_step_fn(model, x0, caps, args, device, dtype):
     noise_gen, rng = torch.Generator().manual_seed(0), random.Random(0)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    def step():
+    def forward():
         with autocast:
             loss, _, _ = _batch_loss(
                 samples, cfg, arch, model, model, latents, text, items, noise_gen, rng, device, dtype
             )
-        loss.backward()
+        return loss
+
+    def step():
+        forward().backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step
+    return forward if forward_only else step
 
 
 def prepare(args):
@@ -85,7 +90,9 @@ def prepare(args):
     if dtype != torch.float32:  # the step runs under autocast, as the recipe's does in bf16
         network.keep_input_dtype(model)
     if args.checkpointing:
-        model.enable_gradient_checkpointing()
+        args.recomputed = enable_checkpointing(model, args.checkpoint_fraction)
+    else:
+        args.recomputed = []
     model.train()
     args.offloader = BlockOffloader(model, args.offload, device) if args.offload > 0 else None
     if args.compile:
@@ -107,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if torch.cuda.is_available() else "fp32")
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--checkpoint-fraction", type=float, default=1.0, help="share of main blocks that recompute (as in the job)"
+    )
     parser.add_argument("--quant", choices=["none", "float8", "int8", "nf4"], default="none", help="frozen weights")
     parser.add_argument("--offload", type=float, default=0.0, help="fraction of main blocks kept in CPU memory")
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
@@ -123,7 +133,8 @@ def main() -> None:
     achieved = flops / seconds / 1e12
     print(
         f"device: {describe(device)}; config {args.config}, {args.size}x{args.size}, batch {args.batch}, "
-        f"rank {args.rank}, {args.dtype}, checkpointing {args.checkpointing}, offload {args.offload:g}, "
+        f"rank {args.rank}, {args.dtype}, checkpointing {args.checkpointing}"
+        f"{f' (fraction {args.checkpoint_fraction:g})' if args.checkpointing else ''}, offload {args.offload:g}, "
         f"compile {args.compile}"
     )
     print(args.quant_report)
@@ -138,6 +149,12 @@ def main() -> None:
     print(
         f"model FLOPs {flops / 1e12:.3f} TFLOP/step -> {achieved:.3f} TFLOP/s = {100 * achieved / peak:.1f}% of the "
         f"measured {peak:.2f} TFLOP/s matmul peak"
+    )
+    extra = recompute_flops(CONFIGS[args.config], args.size, args.size, args.recomputed, args.caption, args.batch)
+    hardware = (flops + extra) / seconds / 1e12
+    print(
+        f"recompute: {len(args.recomputed)} blocks, {extra / 1e12:.3f} TFLOP/step more -> hardware FLOPs "
+        f"{hardware:.3f} TFLOP/s = {100 * hardware / peak:.1f}% of the matmul peak"
     )
 
 

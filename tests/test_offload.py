@@ -1,4 +1,5 @@
-"""Layer offloading and low_vram (issue 8): blocks really move, and nothing but memory changes.
+"""Layer offloading, low_vram and partial checkpointing (issue 8): blocks really move, only the chosen blocks
+recompute, and nothing but memory and time changes.
 
 On the CPU the offloader's "device copy" is a fresh clone of the home copy, so these tests prove the mechanics:
 which blocks are loaded and evicted when (counts per block, at most two offloaded blocks resident at once, empty
@@ -18,6 +19,7 @@ from diffusers import ZImageTransformer2DModel
 from zimage_lora.config import DEFAULT_TARGET_REGEX, load_job
 from zimage_lora.data.text_cache import PromptEmbeddings
 from zimage_lora.lora import network
+from zimage_lora.models.checkpointing import enable_checkpointing, main_blocks
 from zimage_lora.models.loading import load_components
 from zimage_lora.models.offload import BlockOffloader, OnDemand, offloaded_indices
 from zimage_lora.models.quant import TRANSFORMER_BLOCKS, quantize_model
@@ -36,7 +38,7 @@ def test_offloaded_blocks_are_spread_evenly():
 
 
 # --- the mechanics on a 4-block transformer ------------------------------------------------------------------------
-def _model(device="cpu", quant=None, checkpointing=False, dim=64):
+def _model(device="cpu", quant=None, checkpointing: bool | float = False, dim=64):
     torch.manual_seed(0)
     model = ZImageTransformer2DModel(
         dim=dim, n_layers=4, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
@@ -52,7 +54,7 @@ def _model(device="cpu", quant=None, checkpointing=False, dim=64):
         for p in network.user_parameters(model):
             p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
     if checkpointing:
-        model.enable_gradient_checkpointing()
+        enable_checkpointing(model, float(checkpointing))  # True: every block recomputes
     return model.train()
 
 
@@ -119,6 +121,46 @@ def _split(offloader, block):
     return _split_tensors(offloader.model.layers[block])[0]
 
 
+# --- partial checkpointing (train.checkpoint_fraction) ---------------------------------------------------------------
+def _forward_calls(model):
+    """Forward calls per main block: 2 per step for a block that recomputes, 1 for one that keeps activations."""
+    calls = [0] * len(main_blocks(model))
+    for index, block in enumerate(main_blocks(model)):
+        block.register_forward_pre_hook(lambda m, a, index=index: calls.__setitem__(index, calls[index] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("offload", [0.0, 1.0], ids=["resident", "offloaded"])
+def test_checkpoint_fraction_recomputes_only_the_chosen_blocks_and_changes_nothing_else(offload):
+    runs = {}
+    for setting in (False, 1.0, 0.5):
+        model = _model(checkpointing=setting)
+        calls = _forward_calls(model)
+        losses, grads, offloader, _ = _steps(model, offload, steps=2)
+        runs[setting] = losses, grads, calls, offloader
+    reference_losses, reference_grads, _, _ = runs[False]
+    for setting, (losses, grads, _, _) in runs.items():
+        assert [float(v) for v in losses] == [float(v) for v in reference_losses], setting
+        for ours, theirs in zip(grads, reference_grads, strict=True):
+            assert all(torch.equal(ours[k], theirs[k]) for k in ours), setting
+    assert runs[False][2] == [2, 2, 2, 2]  # two steps, one forward each
+    assert runs[1.0][2] == [4, 4, 4, 4]  # ... and a recompute each in the backward
+    assert runs[0.5][2] == [4, 2, 4, 2]  # blocks 0 and 2 recompute, 1 and 3 keep their activations
+    if offload:
+        # a block that keeps its activations saves references to its offloaded weights, not the weights
+        assert runs[0.5][3].saved_references > 0 and runs[1.0][3].saved_references == 0
+        assert runs[0.5][3].loads == [4, 4, 4, 4] and runs[0.5][3].max_resident == 2
+
+
+def test_checkpoint_fraction_spreads_the_recompute_and_is_checked():
+    model = _model()
+    assert enable_checkpointing(model, 0.5) == [0, 2]
+    assert enable_checkpointing(model, 0.25) == [0] and enable_checkpointing(model, 1.0) == [0, 1, 2, 3]
+    assert model.gradient_checkpointing
+    with pytest.raises(ValueError, match="checkpoint fraction"):
+        enable_checkpointing(model, 0.0)
+
+
 # --- training jobs through the recipe ------------------------------------------------------------------------------
 def _job(make_job, root, override):
     return train(load_job(make_job(override, folder=root)), progress=False)
@@ -157,6 +199,28 @@ def test_offloaded_training_job_equals_the_plain_one(make_job, tmp_path, extra):
     assert record["loads"] == [3 * per_step + 2 * 2] * 2
     assert "layer offload: 2 of 2 blocks" in (offloaded.run_dir / "train.log").read_text()
     assert "offload" not in plain.memory
+
+
+def test_partially_checkpointed_job_equals_the_fully_checkpointed_one(make_job, tmp_path):
+    job = {
+        "train": {"steps": 3, "gradient_checkpointing": True},
+        "sample": {"every": 1000, "steps": 2, "prompts": ["[trigger], a fox"]},
+    }
+    full = _job(make_job, tmp_path / "full", job)
+    half = _job(make_job, tmp_path / "half", {**job, "train": {**job["train"], "checkpoint_fraction": 0.5}})
+    assert [r["loss"] for r in _metrics(half)] == [r["loss"] for r in _metrics(full)]
+    assert half.final_lora.read_bytes() == full.final_lora.read_bytes()
+    assert "gradient checkpointing: 1 of 2 main blocks recompute" in (half.run_dir / "train.log").read_text()
+    assert "main blocks recompute" not in (full.run_dir / "train.log").read_text()
+
+
+@pytest.mark.parametrize("value", [0, -0.5, 1.5, "half"])
+def test_checkpoint_fraction_outside_0_to_1_is_refused_in_one_line(make_job, value):
+    from zimage_lora.errors import UserError
+
+    with pytest.raises(UserError, match=r"train\.checkpoint_fraction") as err:
+        load_job(make_job({"train": {"checkpoint_fraction": value}}))
+    assert "\n" not in str(err.value)
 
 
 # --- low_vram ------------------------------------------------------------------------------------------------------
@@ -259,7 +323,8 @@ def test_a_run_may_resume_with_other_memory_savers_but_not_other_weights():
 
     saved = {"model": {"layer_offload": 0.0, "low_vram": False}, "train": {"steps": 10, "compile": False}}
     saved["quantization"] = {"transformer": "none"}
-    changed = {**saved, "model": {"layer_offload": 0.5, "low_vram": True}, "train": {"steps": 10, "compile": True}}
+    changed = {**saved, "model": {"layer_offload": 0.5, "low_vram": True}}
+    changed["train"] = {"steps": 10, "compile": True, "checkpoint_fraction": 0.5}
     check_resumable(saved, changed, 4)  # an out-of-memory run continues with more offloading
     with pytest.raises(UserError, match=r"^--resume: quantization\.transformer changed"):
         check_resumable(saved, {**changed, "quantization": {"transformer": "float8"}}, 4)

@@ -337,6 +337,13 @@ class TrainSection(_Section):
         "auto", description="Autocast dtype for training; auto picks from the device."
     )
     gradient_checkpointing: bool = Field(True, description="Recompute activations to save memory (slower).")
+    checkpoint_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="With gradient checkpointing, the share of transformer blocks that recompute (1 = least memory; "
+        "lower is faster and holds more activations).",
+    )
     compile: bool = Field(
         False,
         description="torch.compile each transformer block: faster steps after slow first ones (needs a compiler).",

@@ -14,8 +14,9 @@ CUDA is used. Hooks on every block move them in and out:
   a marker on the block's input (an identity autograd function) runs after the block's whole backward and evicts it.
   Without gradient checkpointing, autograd would keep the forward's weight tensors (views of them) alive until the
   backward; saved-tensor hooks store a reference (block, tensor, view geometry) instead and rebuild the view from the
-  reloaded tensor when the backward unpacks it. With gradient checkpointing nothing is saved in the forward and the
-  recompute goes through the pre-hook, which finds the block resident.
+  reloaded tensor when the backward unpacks it. A block that recomputes (gradient checkpointing; with
+  ``train.checkpoint_fraction`` below 1 only some do) saves nothing in the forward, and its recompute goes through
+  the pre-hook, which finds the block resident.
 - with prefetch at most two offloaded blocks are resident at once (``max_resident`` records it; ``loads`` and
   ``evictions`` count per block). On the CPU the "device copy" is a fresh clone and the home copy stays, so CPU tests
   prove the mechanics (counts, residency, identical losses and gradients); the speed and memory gains need a GPU.
@@ -26,7 +27,6 @@ encode or decode; ``visits`` records each visit, ``active`` says whether one is 
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -35,11 +35,12 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from zimage_lora.models.checkpointing import recomputes, spread_indices
+
 
 def offloaded_indices(n_blocks: int, fraction: float) -> list[int]:
     """``ceil(fraction * n_blocks)`` block indices spread evenly, so resident blocks' compute hides the copies."""
-    count = min(n_blocks, math.ceil(fraction * n_blocks - 1e-9))
-    return sorted({int(j * n_blocks / count) for j in range(count)}) if count > 0 else []
+    return spread_indices(n_blocks, fraction)
 
 
 def in_backward() -> bool:
@@ -198,7 +199,7 @@ class BlockOffloader:
         if recompute:
             return args, kwargs
         self.pending[index] += 1
-        if not getattr(self.model, "gradient_checkpointing", False):
+        if not recomputes(self.model, module):
             hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
             hooks.__enter__()
             self._hook_contexts[index] = hooks

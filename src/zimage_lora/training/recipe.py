@@ -36,6 +36,7 @@ from zimage_lora.lora import network
 from zimage_lora.lora.io import read_lora, save_lora
 from zimage_lora.lora.variants import network_tensors, save_network
 from zimage_lora.models.arch import ARCHS
+from zimage_lora.models.checkpointing import enable_checkpointing, main_blocks
 from zimage_lora.models.compile import compile_blocks
 from zimage_lora.models.hub import resolve_file
 from zimage_lora.models.loading import load_components, resolve_device
@@ -89,6 +90,8 @@ def out_of_memory_advice(cfg: JobConfig, what: str) -> str:
     tips = []
     if not cfg.train.gradient_checkpointing:
         tips.append("train.gradient_checkpointing: true")
+    elif cfg.train.checkpoint_fraction < 1:
+        tips.append("train.checkpoint_fraction: 1 (every block recomputes instead of keeping its activations)")
     if not (cfg.train.cache_text_embeddings or cfg.train.unload_text_encoder):
         tips.append("train.cache_text_embeddings: true (frees the 8 GB text encoder)")
     if cfg.quantization.transformer == "none":
@@ -188,7 +191,10 @@ def _train(cfg: JobConfig, *, resume: bool, overwrite: bool, progress: bool) -> 
     if precision in ("bf16", "fp16"):
         network.keep_input_dtype(transformer)
     if cfg.train.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+        chosen = enable_checkpointing(transformer, cfg.train.checkpoint_fraction)
+        if cfg.train.checkpoint_fraction < 1:
+            n, kept = len(main_blocks(transformer)), "the others keep their activations"
+            log(f"gradient checkpointing: {len(chosen)} of {n} main blocks recompute, {kept}")
     transformer.train()
     offloader = None
     if cfg.model.layer_offload > 0:
@@ -592,6 +598,7 @@ RESUMABLE_CHANGES = (
     "sample.",
     "job.device",
     "train.gradient_checkpointing",
+    "train.checkpoint_fraction",
     "model.layer_offload",
     "model.low_vram",
     "train.compile",

@@ -43,6 +43,7 @@ const FIELD_LABELS = {
   'train.timestep_bias': 'Timestep bias',
   'train.mixed_precision': 'Mixed precision',
   'train.gradient_checkpointing': 'Gradient checkpointing',
+  'train.checkpoint_fraction': 'Checkpointed share of blocks',
   'train.compile': 'torch.compile',
   'train.cache_text_embeddings': 'Cache text embeddings',
   'train.unload_text_encoder': 'Unload TE',

@@ -50,6 +50,6 @@ case "${1:-full}" in
     run $B --size 512 --compile
     run python3 benchmarks/generate.py --config full --size 1024 --device cuda --dtype bf16 --compile
     run python3 benchmarks/activations.py --config full --size 1024 --layers 2 --device cuda --compile
-    run $B --size 1024 --compile
+    run python3 benchmarks/recompute.py --config full --size 1024 --device cuda --dtype bf16 --compile --steps 4 --warmup 2
     ;;
 esac

@@ -14,8 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CONFIGS, describe, synchronize  # noqa: E402
 from train_step import build_parser, our_step_fn, prepare  # noqa: E402

@@ -285,6 +285,11 @@ def test_several_errors_report_the_first_and_count_the_rest(tmp_path):
     message = error_of(c.load_job, write_job(tmp_path, minimal(train={"lr": "fast", "steps": 0, "lrr": 1})))
     # Unknown keys come first (a typo is the usual cause of the other errors), then the schema order.
     assert message == "train.lrr: unknown key (did you mean 'lr'?) (+2 more)"
+    # every problem, one line each, for the web UI's form
+    with pytest.raises(ConfigError) as err:
+        c.load_job(write_job(tmp_path, minimal(train={"lr": "fast", "steps": 0, "lrr": 1})))
+    assert [p.split(":")[0] for p in err.value.problems] == ["train.lrr", "train.steps", "train.lr"]
+    assert all("\n" not in p and "more)" not in p for p in err.value.problems)
 
 
 def test_config_error_is_a_user_error():
@@ -416,6 +421,9 @@ def test_semantic_errors_report_the_first_and_count_the_rest(tmp_path):
     data = minimal(model={}, train={"cache_text_embeddings": True, "unload_text_encoder": True})
     message = error_of(c.load_job, write_job(tmp_path, data))
     assert message.startswith("model.training_adapter: required") and message.endswith("(+1 more)")
+    with pytest.raises(ConfigError) as err:
+        c.load_job(write_job(tmp_path, data))
+    assert [p.split(":")[0] for p in err.value.problems] == ["model.training_adapter", "train.unload_text_encoder"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

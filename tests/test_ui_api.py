@@ -4,7 +4,9 @@ on the tiny model: jobs to done, save/sample now, stop, resume, the device lock,
 from __future__ import annotations
 
 import io
+import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -203,6 +205,17 @@ def test_config_validate_reports_the_clis_error_by_key(client, tiny_adapter, ove
     assert again["ok"] is False and again["config"] == sent and again["errors"] == body["errors"]
 
 
+def test_config_validate_marks_every_field_in_error_at_once(client, tiny_adapter):
+    sent = job_config("v", tiny_adapter, {"train": {"lr": -1, "steps": 0}, "sample": {"every": 0}})
+    body = client.post("/api/config/validate", json={"config": sent}).json()
+    assert body["ok"] is False
+    assert [e["key"] for e in body["errors"]] == ["train.steps", "train.lr", "sample.every"]
+    assert all(e["message"].startswith(e["key"] + ":") and "more)" not in e["message"] for e in body["errors"])
+    create = client.post("/api/jobs", json={"config": sent})  # saving refuses it with the same list
+    assert create.status_code == 422 and create.json()["field"] == "train.steps"
+    assert [e["key"] for e in create.json()["errors"]] == [e["key"] for e in body["errors"]]
+
+
 def test_config_validate_refuses_bad_yaml_and_ambiguous_bodies(client):
     body = client.post("/api/config/validate", json={"yaml": "job: [unclosed"}).json()
     assert body["ok"] is False and "syntax error at line" in body["errors"][0]["message"] and body["config"] is None
@@ -339,6 +352,13 @@ def test_job_runs_to_done_and_its_lora_generates(client, data_dir, tiny_adapter,
     assert generation["status"] == "done", generation["error"]
     assert len(generation["images"]) == 2
     assert Image.open(io.BytesIO(client.get(generation["images"][0]).content)).size == (64, 64)
+    # the playground's memory switches reach the generator (recorded in the PNG's settings)
+    small = client.post("/api/generate", json={**request, "count": 1, "quantize": "int8"}).json()["id"]
+    generation = wait_generation(client, small)
+    assert generation["status"] == "done", generation["error"]
+    assert Image.open(io.BytesIO(client.get(generation["images"][0]).content)).text["quantize"] == "int8"
+    refused = client.post("/api/generate", json={**request, "quantize": "int4"})
+    assert refused.status_code == 422 and refused.json()["field"] == "quantize"
 
     assert client.delete("/api/jobs/fox?confirm=fox").status_code == 200
     assert client.get("/api/loras").json() == {"loras": []}
@@ -400,6 +420,44 @@ def test_save_sample_stop_resume_and_the_device_lock(client, data_dir, tiny_adap
     assert (checkpoint["step"], False) in files and files[-1] == (None, True)
     log = "\n".join(client.get("/api/jobs/long/log?lines=1000").json()["lines"])
     assert "request: save" in log and "request: sample" in log and "stopped at step" in log
+
+
+def test_force_stop_kills_the_trainer_keeps_its_checkpoints_and_resume_continues(client, data_dir, tiny_adapter):
+    override = {
+        "train": {"steps": 400},
+        "save": {"every": 5, "keep": 3},
+        "sample": {"every": 1000, "steps": 2, "prompts": ["[trigger] head"]},
+    }
+    client.post("/api/jobs", json={"config": job_config("stuck", tiny_adapter, override)})
+    client.post("/api/jobs/stuck/start")
+    wait_status(client, "stuck", "running")
+    # two checkpoints: the state saved with the first is then surely whole, whenever the kill lands
+    checkpoints = lambda: client.get("/api/jobs/stuck/checkpoints").json()["checkpoints"]  # noqa: E731
+    wait_for(lambda: len(checkpoints()) >= 2, what="two checkpoints")
+    pid = client.app.state.ui.store.get("jobs", "stuck")["pid"]
+    assert client.post("/api/jobs/stuck/stop", json={"force": True}).json()["status"] == "stopping"
+    stopped = wait_status(client, "stuck", "stopped", "failed", "done")
+    assert stopped["status"] == "stopped" and stopped["exit_code"] == -signal.SIGKILL
+    assert "force-stopped" in stopped["error"] and "last checkpoint" in stopped["error"]
+    assert not alive(pid, None)
+    folder = data_dir / "jobs" / "stuck"
+    assert json.loads((folder / "run.json").read_text())["status"] == "running"  # killed: it could not say otherwise
+    saved = sorted(folder.glob("stuck_*.safetensors"))
+    assert saved and all(read_lora(path) for path in saved)  # every file it left is whole
+    last = int(saved[-1].stem.split("_")[-1])
+    assert client.post("/api/jobs/stuck/resume").json()["status"] == "queued"
+    wait_status(client, "stuck", "running")
+    assert client.get("/api/jobs/stuck").json()["error"] is None
+
+    def resumed_at():
+        log = "\n".join(client.get("/api/jobs/stuck/log?lines=2000").json()["lines"])
+        found = re.search(r"resumed from step (\d+)", log)
+        return found and int(found[1])
+
+    resumed = wait_for(resumed_at, what="the resumed trainer")
+    assert resumed % 5 == 0 and last - 5 <= resumed <= last  # its last whole save (a kill mid-save keeps the last)
+    client.post("/api/jobs/stuck/stop", json={"force": True})
+    assert wait_status(client, "stuck", "stopped", "failed")["status"] == "stopped"
 
 
 # --- datasets ---------------------------------------------------------------------------------------------------------

@@ -541,7 +541,7 @@ def parse_job(data: Mapping[str, Any], base_dir: str | os.PathLike[str], *, chec
     try:
         cfg = JobConfig.model_validate(dict(data), context=context)
     except ValidationError as exc:
-        raise ConfigError(_explain(exc)) from None
+        raise _config_error(_explain(exc)) from None
     check_supported(cfg)
     for warning in check_job(cfg, check_paths=check_paths):
         log.warning(warning)
@@ -754,13 +754,11 @@ _BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "
 _BOUND_KEYS = {"greater_than_equal": "ge", "greater_than": "gt", "less_than_equal": "le", "less_than": "lt"}
 
 
-def _explain(exc: ValidationError) -> str:
+def _explain(exc: ValidationError) -> list[str]:
+    """Every problem pydantic found, one line each."""
     # A misspelt key usually also causes a "missing" error for the right one: report the misspelling first.
     errors = sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
-    message = _explain_one(errors[0])
-    if len(errors) > 1:
-        message += f" (+{len(errors) - 1} more)"
-    return _one_line(message)
+    return [_one_line(_explain_one(error)) for error in errors]
 
 
 def _explain_one(error: Mapping[str, Any]) -> str:
@@ -946,8 +944,13 @@ def _check_image_folder(folder: Path, recursive: bool = False) -> str | None:
 
 def _raise_first(problems: Sequence[str]) -> None:
     if problems:
-        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ConfigError(_one_line(problems[0] + more))
+        raise _config_error(problems)
+
+
+def _config_error(problems: Sequence[str]) -> ConfigError:
+    """One line for the CLI (the first problem and how many more); every problem for the web UI's form."""
+    more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+    return ConfigError(_one_line(problems[0] + more), [_one_line(p) for p in problems])
 
 
 # ---------------------------------------------------------------------------------------------------------------

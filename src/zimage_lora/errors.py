@@ -12,7 +12,14 @@ class UserError(Exception):
 
 
 class ConfigError(UserError):
-    """The job config is malformed or asks for something not supported."""
+    """The job config is malformed or asks for something not supported.
+
+    The message is one line (the first problem, and how many more); ``problems`` lists every problem found at the
+    stage that failed (the schema's, or the checks after it), one line each, for a form that marks each field."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
 class NonFiniteLoss(Exception):

@@ -98,6 +98,7 @@ class Runner:
         self.data, self.store, self.poll_s = data, store, poll_s
         self.lock = threading.RLock()
         self.procs: dict[str, subprocess.Popen] = {}  # processes this UI started, by "job:<name>" / "gen:<id>"
+        self.forced: set[str] = set()  # jobs killed by a force stop, until their end is recorded
         self.wake = threading.Event()
         self.closing = threading.Event()
         self.thread: threading.Thread | None = None
@@ -195,6 +196,9 @@ class Runner:
         error = None
         if verdict in ("done", "stopped"):
             status = verdict
+        elif row["name"] in self.forced:
+            status = "stopped"
+            error = "force-stopped: the steps since the last checkpoint were not saved (resume continues from it)"
         elif row["status"] == "stopping":
             status = "stopped"  # stopped before training began: there is nothing to resume, start it again
         else:
@@ -202,6 +206,7 @@ class Runner:
             how = f"exit code {code}" if code is not None else "it was gone when the UI looked"
             tail = _last_lines(runs.log_path(self.job_dir(row["name"])))
             error = f"the trainer ended before finishing ({how}); its last log lines:\n{tail}"
+        self.forced.discard(row["name"])
         self.store.update("jobs", row["name"], status=status, exit_code=code, error=error, finished=now())
 
     def queue_job(self, name: str, resume: bool) -> None:
@@ -222,10 +227,20 @@ class Runner:
             )
         self.poke()
 
-    def stop_job(self, name: str) -> None:
+    def stop_job(self, name: str, force: bool = False) -> None:
+        """Stop a job: a queued one leaves the queue, a running one saves and ends after its step (SIGTERM).
+
+        ``force`` (for a trainer that does not come back, e.g. a step stuck on a hung device) kills its whole
+        process group at once: files are written atomically, so every saved checkpoint stays whole, and the steps
+        since the last one are lost."""
         with self.lock:
             row = self._job(name)
-            if row["status"] == "queued":
+            if force and row["status"] in ACTIVE:
+                if alive(row["pid"], row["pid_start"]):
+                    self.forced.add(name)
+                    os.killpg(row["pid"], signal.SIGKILL)  # its own session: the trainer and any child
+                self.store.update("jobs", name, status="stopping")
+            elif row["status"] == "queued":
                 self.store.update("jobs", name, status=row["prev_status"] or "draft", queued=None)
             elif row["status"] == "running":
                 if alive(row["pid"], row["pid_start"]):

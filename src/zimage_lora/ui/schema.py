@@ -231,13 +231,14 @@ def split_error(message: str) -> dict[str, Any]:
 
 
 def validate(config: Any, data: Path, check_paths: bool = True) -> tuple[dict[str, Any] | None, list[dict]]:
-    """(the UI's config, normalised; []) or (None, [error]) with the CLI's message for the first problem."""
+    """(the UI's config, normalised; []) or (None, errors): the CLI's message for each problem, so the form can mark
+    every field at once (the schema's problems first; the checks that need a valid schema run once those are fixed)."""
     if not isinstance(config, dict):
         return None, [{"key": None, "message": "config: expected a mapping of sections (job, model, ...)"}]
     try:
         cfg = parse_job(job_data(config, data), data, check_paths=check_paths)
     except ConfigError as e:
-        return None, [split_error(str(e))]
+        return None, [split_error(problem) for problem in e.problems]
     return ui_config(cfg, data), []
 
 

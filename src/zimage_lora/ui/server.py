@@ -23,7 +23,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 import yaml
@@ -135,6 +135,10 @@ class NameBody(_Body):
     name: str
 
 
+class StopBody(_Body):
+    force: bool = False
+
+
 class CaptionBody(_Body):
     caption: str
 
@@ -157,6 +161,8 @@ class GenerateBody(_Body):
     seed: int = Field(42, ge=0)
     count: int = Field(1, ge=1, le=64)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")
+    quantize: Literal["none", "float8", "int8", "nf4"] = "none"
+    compile: bool = False
 
 
 # --- the app ----------------------------------------------------------------------------------------------------------
@@ -386,9 +392,9 @@ def _job_routes(app: FastAPI, ui: Ui) -> None:
         return queue(name, resume=True)
 
     @app.post("/api/jobs/{name}/stop")
-    def stop_job(name: str) -> dict:
+    def stop_job(name: str, body: StopBody | None = None) -> dict:
         ui.job(name)
-        runner.stop_job(name)
+        runner.stop_job(name, force=body is not None and body.force)
         return {"name": name, "status": ui.job(name)["status"]}
 
     @app.post("/api/jobs/{name}/save")
@@ -715,6 +721,7 @@ def _playground_routes(app: FastAPI, ui: Ui) -> None:
         args += [f"--height={body.height}", f"--seed={body.seed}", f"--count={body.count}", f"--device={body.device}"]
         args += [f"--steps={body.steps}"] if body.steps is not None else []
         args += [f"--guidance={body.guidance}"] if body.guidance is not None else []
+        args += [f"--quantize={body.quantize}"] + (["--compile"] if body.compile else [])
         gen_id = uuid.uuid4().hex[:12]
         ui.runner.queue_generation(gen_id, body.model_dump(), [*args, "--no-progress"])
         return {"id": gen_id}

@@ -149,6 +149,26 @@ export async function jobView(ctx, root, name) {
     ),
     action('resume', 'Resume', request('resume', 'Queued to resume from the last saved state'), 'primary'),
     action('stop', 'Stop', request('stop', 'Stopping: the trainer saves, then stops')),
+    action(
+      'force',
+      'Force stop',
+      async () => {
+        const ok = await confirmAction({
+          title: `Force-stop ${name}?`,
+          text: 'The trainer is killed at once. Saved checkpoints stay whole; the steps since the last one are lost (Resume continues from it).',
+          action: 'Force stop',
+        });
+        if (!ok) return;
+        try {
+          await post(url('/stop'), { force: true });
+          toast('Force-stopped');
+          await refreshJob();
+        } catch (error) {
+          toast(error.message, 'error');
+        }
+      },
+      'danger',
+    ),
     action('save', 'Save now', request('save', 'Save requested: a checkpoint is written after this step')),
     action('sample', 'Sample now', request('sample', 'Samples requested: previews are rendered after this step')),
     action('edit', 'Edit', () => {
@@ -253,6 +273,7 @@ export async function jobView(ctx, root, name) {
       start: ['draft', 'done', 'failed', 'stopped'].includes(status),
       resume: ['stopped', 'failed'].includes(status),
       stop: ['queued', 'running'].includes(status),
+      force: status === 'stopping',
       save: status === 'running',
       sample: status === 'running',
       edit: !['queued', 'running', 'stopping'].includes(status),

@@ -55,6 +55,17 @@ export async function playgroundView(ctx, root) {
     { id: 'pg-device', 'data-testid': 'pg-device' },
     ['auto', 'cpu', 'cuda'].map((d) => h('option', { value: d }, d)),
   );
+  const quantize = h(
+    'select',
+    { id: 'pg-quantize', 'data-testid': 'pg-quantize' },
+    [
+      ['none', 'none (bf16)'],
+      ['float8', 'float8 (half the memory)'],
+      ['int8', 'int8 (half the memory)'],
+      ['nf4', 'nf4 (a quarter, lower quality)'],
+    ].map(([v, label]) => h('option', { value: v }, label)),
+  );
+  const compile = h('input', { type: 'checkbox', id: 'pg-compile', 'data-testid': 'pg-compile' });
   const archDefaults = () => {
     const info = archs[arch.value] || {};
     if (info.sample_steps !== undefined) steps.value = String(info.sample_steps);
@@ -156,9 +167,11 @@ export async function playgroundView(ctx, root) {
     [seed, 'seed'],
     [count, 'count'],
     [device, 'device'],
+    [quantize, 'quantize'],
   ]) {
     if (saved[key] !== undefined && saved[key] !== null) el.value = String(saved[key]);
   }
+  compile.checked = saved.compile === true;
   for (const l of saved.loras || []) if (l && l.path) chosen.push({ path: l.path, weight: Number(l.weight) || 0.8 });
   renderLoras();
 
@@ -191,6 +204,8 @@ export async function playgroundView(ctx, root) {
       field('pg-seed', 'Seed', seed),
       field('pg-count', 'Images', count),
       field('pg-device', 'Device', device),
+      field('pg-quantize', 'Quantize weights', quantize, 'Transformer and text encoder; for small cards.'),
+      field('pg-compile', 'torch.compile', compile, 'Slow first image, faster after: for batches.'),
     ),
     formError,
     h('div', { class: 'actions' }, generate),
@@ -217,6 +232,8 @@ export async function playgroundView(ctx, root) {
       seed: num(seed),
       count: num(count),
       device: device.value,
+      quantize: quantize.value,
+      compile: compile.checked,
     };
     try {
       localStorage.setItem(PLAYGROUND_KEY, JSON.stringify({ ...request, loras: chosen }));
@@ -244,7 +261,7 @@ export async function playgroundView(ctx, root) {
       { class: 'card gen', 'data-testid': `gen-${id}` },
       h('div', { class: 'gen-head' }, status, ' ', note),
       h('p', { class: 'gen-prompt' }, request.prompt || h('em', {}, '(empty prompt)')),
-      h('p', { class: 'muted small' }, `${request.width}×${request.height}, ${request.steps} steps, guidance ${request.guidance}, seed ${request.seed}` + (request.loras.length ? `, ${request.loras.map((l) => `${l.path.split('/').pop()} @ ${l.weight}`).join(', ')}` : ', no LoRA')),
+      h('p', { class: 'muted small' }, `${request.width}×${request.height}, ${request.steps} steps, guidance ${request.guidance}, seed ${request.seed}` + (request.loras.length ? `, ${request.loras.map((l) => `${l.path.split('/').pop()} @ ${l.weight}`).join(', ')}` : ', no LoRA') + (request.quantize && request.quantize !== 'none' ? `, ${request.quantize} weights` : '') + (request.compile ? ', compiled' : '')),
       images,
     );
     results.prepend(card);

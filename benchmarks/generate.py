@@ -4,6 +4,7 @@
     python benchmarks/generate.py --config full --size 1024 --device cuda --dtype bf16
     python benchmarks/generate.py --config full --size 1024 --device cuda --dtype bf16 --quant float8
     python benchmarks/generate.py --config full --size 1024 --device cuda --dtype bf16 --compile
+    python benchmarks/generate.py --config full --size 1024 --device cuda --dtype bf16 --loras 1 [--no-fuse]
 
 The VAE decode is not included (its weights are not part of this harness); the denoising loop is what is timed.
 """
@@ -29,9 +30,37 @@ from common import (  # noqa: E402
     timed,
 )
 
+from zimage_lora.config import DEFAULT_TARGET_REGEX  # noqa: E402
+from zimage_lora.lora import network  # noqa: E402
+from zimage_lora.lora.io import LoraWeights  # noqa: E402
+from zimage_lora.lora.variants import fuse_lora  # noqa: E402
 from zimage_lora.models.compile import compile_blocks  # noqa: E402
 from zimage_lora.sampling.sampler import SampleSettings, denoise  # noqa: E402
 from zimage_lora.training.flops import forward_flops  # noqa: E402
+
+
+def add_loras(model, count: int, fuse: bool) -> str:
+    """``count`` random LoRAs at weight 0.8, as ``Generator`` applies them: fused into the weights (before any
+    quantization) or as float32 peft branches."""
+    names = network.target_module_names(model, DEFAULT_TARGET_REGEX)
+    layers = dict(model.named_modules())
+    g = torch.Generator().manual_seed(1)
+    for index in range(count):
+        modules = {
+            name: LoraWeights(
+                torch.randn(16, layers[name].in_features, generator=g) * 0.01,
+                torch.randn(layers[name].out_features, 16, generator=g) * 0.01,
+                alpha=16.0,
+            )
+            for name in names
+        }
+        if fuse:
+            fuse_lora(model, modules, 0.8)
+        else:
+            network.add_frozen_lora(model, modules, f"lora_{index}")
+    if not fuse:
+        model.set_adapters([f"lora_{i}" for i in range(count)], [0.8] * count)
+    return f"{count} LoRA{'s' if count > 1 else ''} ({'fused' if fuse else 'float32 branches'})"
 
 
 def main() -> None:
@@ -44,11 +73,14 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if torch.cuda.is_available() else "fp32")
     parser.add_argument("--quant", choices=["none", "float8", "int8", "nf4"], default="none", help="frozen weights")
     parser.add_argument("--compile", action="store_true", help="compile the blocks (the untimed first image pays)")
+    parser.add_argument("--loras", type=int, default=0, help="random rank-16 LoRAs on the default targets")
+    parser.add_argument("--no-fuse", dest="fuse", action="store_false", help="keep the LoRAs as branches")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model = build_transformer(args.config, device, dtype).eval()
-    report = quantize(model, args.quant, device)
+    report = add_loras(model, args.loras, args.fuse and args.quant == "none") if args.loras else "no LoRA"
+    report += "; " + quantize(model, args.quant, device)
     if args.compile:
         report += f"; {compile_blocks(model, device)} blocks compiled"
     _, caps = inputs(CONFIGS[args.config], args.size, args.size, 1, 128, device, dtype)

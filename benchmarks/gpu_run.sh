@@ -47,9 +47,10 @@ case "${1:-full}" in
          # CPU: compiled, 0.5 at 1024 and none at 512 should stay under 24 GB), the CPU estimate checked on the card
     run $B --size 1024 --compile --checkpoint-fraction 0.5
     run $B --size 512 --compile --no-checkpointing
-    run $B --size 512 --compile
     run python3 benchmarks/generate.py --config full --size 1024 --device cuda --dtype bf16 --compile
     run python3 benchmarks/activations.py --config full --size 1024 --layers 2 --device cuda --compile
     run python3 benchmarks/recompute.py --config full --size 1024 --device cuda --dtype bf16 --compile --steps 4 --warmup 2
+    run python3 benchmarks/generate.py --config full --size 1024 --device cuda --dtype bf16 --loras 1 --repeats 2
+    run python3 benchmarks/generate.py --config full --size 1024 --device cuda --dtype bf16 --loras 1 --no-fuse --repeats 2
     ;;
 esac

@@ -70,9 +70,28 @@ def pipeline_image(model_dir, files_weights, settings: SampleSettings) -> np.nda
     return np.asarray(image).astype(int)
 
 
-def our_image(model_dir, files_weights, settings: SampleSettings, arch="zimage_turbo") -> np.ndarray:
-    gen = Generator(str(model_dir), arch, [LoraSpec(p, w) for p, w in files_weights], device="cpu")
+def our_image(model_dir, files_weights, settings: SampleSettings, arch="zimage_turbo", **options) -> np.ndarray:
+    gen = Generator(str(model_dir), arch, [LoraSpec(p, w) for p, w in files_weights], device="cpu", **options)
     return np.asarray(gen.image(PROMPT, NEGATIVE, settings)).astype(int)
+
+
+def test_fused_loras_give_the_branch_image_and_leave_no_branch(tiny_model_dir, loras):
+    from peft.tuners.lora import LoraLayer
+
+    settings = SampleSettings(64, 64, 8, 1.0, 4)
+    specs = [LoraSpec(loras[0], 0.6), LoraSpec(loras[1], 1.0)]
+    fused = Generator(str(tiny_model_dir), "zimage_turbo", specs, device="cpu")
+    branches = Generator(str(tiny_model_dir), "zimage_turbo", specs, device="cpu", fuse=False)
+    layers = lambda gen: sum(isinstance(m, LoraLayer) for m in gen.comps.transformer.modules())  # noqa: E731
+    assert fused.fused and layers(fused) == 0  # the update is in the weights: a step costs the base model's
+    assert not branches.fused and layers(branches) > 0
+    a = np.asarray(fused.image(PROMPT, NEGATIVE, settings)).astype(int)
+    b = np.asarray(branches.image(PROMPT, NEGATIVE, settings)).astype(int)
+    assert np.abs(a - b).max() <= 1
+    assert np.abs(a - our_image(tiny_model_dir, [], settings)).mean() > 2  # and the LoRAs are in it
+    # a quantized base keeps plain LoRAs as full-precision branches (fused, they would be rounded to its grid)
+    quantized = Generator(str(tiny_model_dir), "zimage_turbo", specs, device="cpu", quantize="int8")
+    assert not quantized.fused and layers(quantized) > 0
 
 
 @pytest.mark.parametrize(
@@ -142,7 +161,7 @@ def test_generate_command(tiny_model_dir, loras, tmp_path):
     with Image.open(files[1]) as im:
         info = json.loads(im.text["parameters"])
     assert info["seed"] == 6 and info["steps"] == 8 and info["guidance"] == 1.0
-    assert info["loras"] == "a.safetensors:0.7, b.safetensors:1"
+    assert info["loras"] == "a.safetensors:0.7, b.safetensors:1" and info["lora_fused"] == "true"
     bad = run_cli("generate", "--model", str(tiny_model_dir), "--lora", "a.safetensors:strong", "--prompt", "x")
     assert bad.returncode == 2 and "weight after ':'" in bad.stderr and "Traceback" not in bad.stderr
 

@@ -138,6 +138,12 @@ def generate(
     compile_: bool = typer.Option(
         False, "--compile/--no-compile", help="torch.compile the transformer blocks (pays off from a few images)."
     ),
+    fuse: bool = typer.Option(
+        True,
+        "--fuse/--no-fuse",
+        help="Add plain LoRAs into the weights (no per-step cost); --no-fuse keeps them as branches, as the "
+        "previews run them. With --quantize they always stay branches.",
+    ),
 ) -> None:
     """Generate images with a base model and LoRAs (the guide's "Run LoRA")."""
     from zimage_lora.quiet import quiet_libraries
@@ -163,6 +169,7 @@ def generate(
         progress=progress,
         quantize=quantize,
         compile_blocks=compile_,
+        fuse=fuse,
     )
     for path in paths:
         typer.echo(str(path))

@@ -187,7 +187,24 @@ def merge_into(model: nn.Module, network: NetworkFile, weight: float, source: st
                     f"{source} does not fit this transformer: {name} is {tuple(layer.weight.shape)} but "
                     f"the file makes {tuple(delta.shape)}"
                 )
-            layer.weight += (weight * delta).to(layer.weight.dtype)
+            _add_to_weight(layer, weight * delta)
+
+
+def fuse_lora(model: nn.Module, modules: Mapping[str, LoraWeights], weight: float) -> None:
+    """Add ``weight`` x each plain LoRA update (alpha/rank x B @ A) into the model's Linear weights.
+
+    A fused LoRA costs nothing per step (the adapter branch and its dtype casts are gone); the price is one
+    rounding of each changed weight to its dtype, and the weight cannot change without reloading. The caller checks
+    the modules fit (``network.check_adapter_fits``)."""
+    layers = dict(model.named_modules())
+    with torch.no_grad():
+        for name, lora in modules.items():
+            _add_to_weight(layers[name], weight * lora.delta().to(layers[name].weight.device))
+
+
+def _add_to_weight(layer: nn.Linear, delta: torch.Tensor) -> None:
+    """``W + delta`` in float32, rounded once to the weight's dtype."""
+    layer.weight.copy_((layer.weight.float() + delta.float()).to(layer.weight.dtype))
 
 
 def export_plain_lora(network: NetworkFile, model: nn.Module, rank: int | None) -> tuple[dict[str, LoraWeights], float]:

@@ -1,10 +1,15 @@
 """``zimage-lora generate``: run a base model with one or more LoRAs, as the guide's "Run LoRA" step.
 
 The same sampler as the previews (so a preview is what you get here), the pipeline's noise for a seed, LoRA files
-in our layout, diffusers/peft layout or kohya ``lora_unet_`` layout, each at its own weight. ``quantize`` stores the
-transformer's and the text encoder's frozen weights in float8, int8 or nf4 (``models/quant.py``); LoRA files stay
-full-precision branches on top, and LoKr/LoHa/DoRA deltas are merged into the weights before they are quantized.
-``compile_blocks`` compiles each transformer block as ``train.compile`` does (the first image pays for it).
+in our layout, diffusers/peft layout or kohya ``lora_unet_`` layout, each at its own weight.
+
+- ``fuse`` (the default): plain LoRAs are added into the transformer's weights at load, as ComfyUI's LoRA loader
+  patches them, so a step costs what the base model's does; ``fuse=False`` keeps each as a float32 branch beside
+  the weights, as the training previews run it (the same image up to one rounding of each changed weight).
+- ``quantize`` stores the transformer's and the text encoder's frozen weights in float8, int8 or nf4
+  (``models/quant.py``); plain LoRAs then stay full-precision branches on top (fused, their update would be rounded
+  to the quantization grid), and LoKr/LoHa/DoRA deltas are merged into the weights before they are quantized.
+- ``compile_blocks`` compiles each transformer block as ``train.compile`` does (the first image pays for it).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from tqdm import tqdm
 from zimage_lora.errors import UserError
 from zimage_lora.lora import network
 from zimage_lora.lora.io import read_lora, read_safetensors
-from zimage_lora.lora.variants import detect_kind, merge_into, read_network
+from zimage_lora.lora.variants import detect_kind, fuse_lora, merge_into, read_network
 from zimage_lora.models.arch import ARCHS
 from zimage_lora.models.compile import compile_blocks as compile_transformer_blocks
 from zimage_lora.models.loading import default_dtype, load_components, resolve_device
@@ -58,6 +63,7 @@ class Generator:
         device: str = "auto",
         quantize: str = "none",
         compile_blocks: bool = False,
+        fuse: bool = True,
     ):
         if arch not in ARCHS:
             raise UserError(f"--arch: unknown {arch!r}; choose one of {', '.join(ARCHS)}")
@@ -66,12 +72,22 @@ class Generator:
         self.arch = ARCHS[arch]
         self.device = resolve_device(device)
         kinds = [detect_kind(read_safetensors(spec.path)[0]) for spec in loras]
-        merged = [spec for spec, kind in zip(loras, kinds, strict=True) if kind != "lora"]
+        self.fused = fuse and quantize == "none"
+        branches = [kind == "lora" and not self.fused for kind in kinds]
 
         def merge(part: str, module) -> None:
-            # LoKr, LoHa, DoRA: their exact delta is merged into the weights, before any quantization
-            if part == "transformer":
-                for spec in merged:
+            # LoKr, LoHa, DoRA (and fused LoRAs): their exact delta goes into the weights, before any quantization
+            if part != "transformer":
+                return
+            names = network.linear_module_names(module)
+            for spec, kind, branch in zip(loras, kinds, branches, strict=True):
+                if branch:
+                    continue
+                if kind == "lora":
+                    lora = read_lora(spec.path, names)
+                    network.check_adapter_fits(module, lora.modules, f"LoRA {spec.path}")
+                    fuse_lora(module, lora.modules, spec.weight)
+                else:
                     merge_into(module, read_network(spec.path), spec.weight, f"LoRA {spec.path}")
 
         self.comps = load_components(
@@ -86,8 +102,8 @@ class Generator:
         transformer = self.comps.transformer
         names = network.linear_module_names(transformer)
         adapters = []
-        for index, (spec, kind) in enumerate(zip(loras, kinds, strict=True)):
-            if kind != "lora":
+        for index, (spec, branch) in enumerate(zip(loras, branches, strict=True)):
+            if not branch:
                 continue
             lora = read_lora(spec.path, names)
             network.check_adapter_fits(transformer, lora.modules, f"LoRA {spec.path}")
@@ -124,10 +140,11 @@ def generate(
     progress: bool = True,
     quantize: str = "none",
     compile_blocks: bool = False,
+    fuse: bool = True,
 ) -> list[Path]:
     if width % 16 or height % 16 or min(width, height) < 64:
         raise UserError(f"--width/--height: {width}x{height} must be multiples of 16, at least 64")
-    gen = Generator(model, arch, loras, device, quantize=quantize, compile_blocks=compile_blocks)
+    gen = Generator(model, arch, loras, device, quantize=quantize, compile_blocks=compile_blocks, fuse=fuse)
     settings_steps = steps if steps is not None else gen.arch.sample_steps
     settings_guidance = guidance if guidance is not None else gen.arch.sample_guidance
     out = Path(out)
@@ -153,6 +170,7 @@ def generate(
                 "arch": arch,
                 "loras": ", ".join(f"{s.path.name}:{s.weight:g}" for s in loras),
                 "quantize": quantize,
+                "lora_fused": str(gen.fused and bool(loras)).lower(),
                 "software": "zimage-lora",
             },
         )

@@ -356,7 +356,12 @@ def test_job_runs_to_done_and_its_lora_generates(client, data_dir, tiny_adapter,
     small = client.post("/api/generate", json={**request, "count": 1, "quantize": "int8"}).json()["id"]
     generation = wait_generation(client, small)
     assert generation["status"] == "done", generation["error"]
-    assert Image.open(io.BytesIO(client.get(generation["images"][0]).content)).text["quantize"] == "int8"
+    text = Image.open(io.BytesIO(client.get(generation["images"][0]).content)).text
+    assert text["quantize"] == "int8" and text["lora_fused"] == "false"  # a quantized base keeps branches
+    branches = client.post("/api/generate", json={**request, "count": 1, "fuse": False}).json()["id"]
+    generation = wait_generation(client, branches)
+    assert generation["status"] == "done", generation["error"]
+    assert Image.open(io.BytesIO(client.get(generation["images"][0]).content)).text["lora_fused"] == "false"
     refused = client.post("/api/generate", json={**request, "quantize": "int4"})
     assert refused.status_code == 422 and refused.json()["field"] == "quantize"
 

@@ -457,6 +457,9 @@ def generate_in_playground(page, server: UiServer) -> None:
     for key, value in (("width", "64"), ("height", "64"), ("steps", "2"), ("seed", "3")):
         page.fill(by(f"pg-{key}"), value)
     page.select_option(by("pg-device"), "cpu")
+    expect(page.locator(by("pg-fuse"))).to_be_checked()  # LoRAs fused by default, compile off
+    expect(page.locator(by("pg-compile"))).not_to_be_checked()
+    page.select_option(by("pg-quantize"), "int8")
     page.click(by("pg-generate"))
     status = page.locator(by("gen-status")).first
     expect(status).to_have_text(re.compile("queued|running|done"))
@@ -464,6 +467,7 @@ def generate_in_playground(page, server: UiServer) -> None:
     image = page.locator(by("gen-image")).first
     expect(image).to_be_visible()
     page.wait_for_function("img => img.complete && img.naturalWidth === 64", arg=image.element_handle())
+    expect(page.locator(by("pg-results"))).to_contain_text("int8 weights")
     shot(page, "08-playground")
 
 

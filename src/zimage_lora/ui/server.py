@@ -163,6 +163,7 @@ class GenerateBody(_Body):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")
     quantize: Literal["none", "float8", "int8", "nf4"] = "none"
     compile: bool = False
+    fuse: bool = True
 
 
 # --- the app ----------------------------------------------------------------------------------------------------------
@@ -722,6 +723,7 @@ def _playground_routes(app: FastAPI, ui: Ui) -> None:
         args += [f"--steps={body.steps}"] if body.steps is not None else []
         args += [f"--guidance={body.guidance}"] if body.guidance is not None else []
         args += [f"--quantize={body.quantize}"] + (["--compile"] if body.compile else [])
+        args += [] if body.fuse else ["--no-fuse"]
         gen_id = uuid.uuid4().hex[:12]
         ui.runner.queue_generation(gen_id, body.model_dump(), [*args, "--no-progress"])
         return {"id": gen_id}

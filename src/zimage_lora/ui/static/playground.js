@@ -66,6 +66,7 @@ export async function playgroundView(ctx, root) {
     ].map(([v, label]) => h('option', { value: v }, label)),
   );
   const compile = h('input', { type: 'checkbox', id: 'pg-compile', 'data-testid': 'pg-compile' });
+  const fuse = h('input', { type: 'checkbox', id: 'pg-fuse', 'data-testid': 'pg-fuse', checked: true });
   const archDefaults = () => {
     const info = archs[arch.value] || {};
     if (info.sample_steps !== undefined) steps.value = String(info.sample_steps);
@@ -172,6 +173,7 @@ export async function playgroundView(ctx, root) {
     if (saved[key] !== undefined && saved[key] !== null) el.value = String(saved[key]);
   }
   compile.checked = saved.compile === true;
+  fuse.checked = saved.fuse !== false;
   for (const l of saved.loras || []) if (l && l.path) chosen.push({ path: l.path, weight: Number(l.weight) || 0.8 });
   renderLoras();
 
@@ -206,6 +208,7 @@ export async function playgroundView(ctx, root) {
       field('pg-device', 'Device', device),
       field('pg-quantize', 'Quantize weights', quantize, 'Transformer and text encoder; for small cards.'),
       field('pg-compile', 'torch.compile', compile, 'Slow first image, faster after: for batches.'),
+      field('pg-fuse', 'Fuse LoRAs', fuse, 'Into the weights: no cost per step. Off: branches, as the previews run them.'),
     ),
     formError,
     h('div', { class: 'actions' }, generate),
@@ -234,6 +237,7 @@ export async function playgroundView(ctx, root) {
       device: device.value,
       quantize: quantize.value,
       compile: compile.checked,
+      fuse: fuse.checked,
     };
     try {
       localStorage.setItem(PLAYGROUND_KEY, JSON.stringify({ ...request, loras: chosen }));

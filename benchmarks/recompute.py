@@ -54,9 +54,9 @@ def main() -> None:
     print(f"device: {describe(device)}; config {args.config}, {args.size}x{args.size}, {args.dtype}, "
           f"compile {args.compile}, {args.steps} timed rounds after {args.warmup}")  # fmt: skip
     median = {f: sorted(t)[len(t) // 2] for f, t in times.items()}
+    full = recompute_flops(config, args.size, args.size, recomputed[1.0], args.caption, args.batch)
     for fraction in SETTINGS:
         extra = recompute_flops(config, args.size, args.size, recomputed[fraction], args.caption, args.batch)
-        full = recompute_flops(config, args.size, args.size, recomputed[1.0], args.caption, args.batch)
         predicted = (model_flops + extra) / (model_flops + full)
         label = f"checkpoint_fraction {fraction:g}" if fraction else "checkpointing off"
         print(

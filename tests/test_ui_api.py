@@ -358,7 +358,9 @@ def test_job_runs_to_done_and_its_lora_generates(client, data_dir, tiny_adapter,
     assert generation["status"] == "done", generation["error"]
     text = Image.open(io.BytesIO(client.get(generation["images"][0]).content)).text
     assert text["quantize"] == "int8" and text["lora_fused"] == "false"  # a quantized base keeps branches
-    branches = client.post("/api/generate", json={**request, "count": 1, "fuse": False}).json()["id"]
+    branches = client.post("/api/generate", json={**request, "count": 1, "fuse": False, "compile": True}).json()["id"]
+    args = client.app.state.ui.store.get("generations", branches)["request"]["args"]
+    assert "--no-fuse" in args and "--compile" in args
     generation = wait_generation(client, branches)
     assert generation["status"] == "done", generation["error"]
     assert Image.open(io.BytesIO(client.get(generation["images"][0]).content)).text["lora_fused"] == "false"

@@ -84,9 +84,7 @@ class Generator:
                 if branch:
                     continue
                 if kind == "lora":
-                    lora = read_lora(spec.path, names)
-                    network.check_adapter_fits(module, lora.modules, f"LoRA {spec.path}")
-                    fuse_lora(module, lora.modules, spec.weight)
+                    fuse_lora(module, _fitting_lora(module, spec, names), spec.weight)
                 else:
                     merge_into(module, read_network(spec.path), spec.weight, f"LoRA {spec.path}")
 
@@ -105,10 +103,8 @@ class Generator:
         for index, (spec, branch) in enumerate(zip(loras, branches, strict=True)):
             if not branch:
                 continue
-            lora = read_lora(spec.path, names)
-            network.check_adapter_fits(transformer, lora.modules, f"LoRA {spec.path}")
             name = f"lora_{index}"
-            network.add_frozen_lora(transformer, lora.modules, name)
+            network.add_frozen_lora(transformer, _fitting_lora(transformer, spec, names), name)
             adapters.append((name, spec.weight))
         if adapters:
             transformer.set_adapters([n for n, _ in adapters], [w for _, w in adapters])
@@ -121,6 +117,13 @@ class Generator:
         pos, neg = encode_prompts(tokenizer, encoder, [prompt, negative], device=self.device, batch_size=1)
         z = denoise(self.comps.transformer, self.comps.scheduler.config, pos, neg, settings, self.device)
         return tensor_to_pil(decode_latents(self.comps.vae, z.to(self.device, self.comps.vae.dtype)))[0]
+
+
+def _fitting_lora(transformer, spec: LoraSpec, names: list[str]):
+    """A plain LoRA file's modules, refused in one sentence when they do not fit ``transformer``."""
+    lora = read_lora(spec.path, names)
+    network.check_adapter_fits(transformer, lora.modules, f"LoRA {spec.path}")
+    return lora.modules
 
 
 def generate(

@@ -23,7 +23,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import quote
 
 import yaml
@@ -37,7 +37,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from zimage_lora.config import dump_yaml, parse_job
+from zimage_lora.config import Quant, dump_yaml, parse_job
 from zimage_lora.files import atomic_write_bytes
 from zimage_lora.models.arch import ARCHS
 from zimage_lora.ui import runs, schema
@@ -161,7 +161,7 @@ class GenerateBody(_Body):
     seed: int = Field(42, ge=0)
     count: int = Field(1, ge=1, le=64)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")
-    quantize: Literal["none", "float8", "int8", "nf4"] = "none"
+    quantize: Quant = "none"
     compile: bool = False
     fuse: bool = True
 

@@ -17,20 +17,16 @@ figure for a CUDA card is an estimate, checked against the card's own peak memor
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CONFIGS, build_transformer, describe, inputs  # noqa: E402
-from train_step import our_step_fn  # noqa: E402
+from common import CONFIGS, describe  # noqa: E402
+from train_step import build_parser, our_step_fn, prepare  # noqa: E402
 
-from zimage_lora.config import DEFAULT_TARGET_REGEX  # noqa: E402
-from zimage_lora.lora import network  # noqa: E402
 from zimage_lora.models.checkpointing import main_blocks, spread_indices  # noqa: E402
-from zimage_lora.models.compile import compile_blocks  # noqa: E402
 
 
 class SavedBytes:
@@ -79,36 +75,21 @@ class SavedBytes:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--caption", type=int, default=128, help="caption tokens")
-    parser.add_argument("--rank", type=int, default=16)
+    parser = build_parser()
+    parser.description = __doc__
     parser.add_argument("--layers", type=int, default=0, help="build this many main blocks (2 or more), 1 refiner each")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each block, as train.compile does")
+    parser.set_defaults(dtype="bf16", checkpointing=False, steps=1, warmup=0)
     args = parser.parse_args()
-    device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    if args.checkpointing or args.quant != "none" or args.offload:
+        parser.error("activations are counted without checkpointing, quantization or offloading")
     config = dict(CONFIGS[args.config])
     if args.layers:
         config.update(n_layers=args.layers, n_refiner_layers=1)
-    model = build_transformer(config, device, dtype)
-    targets = network.target_module_names(model, DEFAULT_TARGET_REGEX)
-    network.add_user_lora(model, targets, args.rank, float(args.rank), seed=0)
-    if dtype != torch.float32:
-        network.keep_input_dtype(model)
-    model.train()
-    if args.compile:  # inductor decides what a compiled block saves and what its backward recomputes
-        compile_blocks(model, device)
-    x0, caps = inputs(config, args.size, args.size, 1, args.caption, device, dtype)
-    args.batch, args.steps = 1, 1
+    bench = prepare(args, config)  # the recipe's model: our LoRA, compiled blocks with --compile
+    device, model = bench.device, bench.model
     counter = SavedBytes(model)
-    forward = our_step_fn(model, x0, caps, args, device, dtype, forward_only=True)
     with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda tensor: tensor):
-        loss = forward()
-    loss.backward()  # the graph was real: the counted tensors were what its backward used
+        our_step_fn(bench)()  # one real step: what its forward saved is what its backward used
 
     n_ref, n_main = config["n_refiner_layers"], config["n_layers"]
     print(

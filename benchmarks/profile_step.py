@@ -21,8 +21,9 @@ def main() -> None:
     parser = train_step.build_parser()
     parser.add_argument("--rows", type=int, default=25)
     args = parser.parse_args()
-    device, dtype, model, x0, caps = train_step.prepare(args)
-    step = train_step.our_step_fn(model, x0, caps, args, device, dtype)
+    bench = train_step.prepare(args)
+    device = bench.device
+    step = train_step.our_step_fn(bench)
     for _ in range(args.warmup):
         step()
     synchronize(device)

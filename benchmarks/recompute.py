@@ -28,8 +28,9 @@ def main() -> None:
     parser = build_parser()
     parser.description = __doc__
     args = parser.parse_args()
-    device, dtype, model, x0, caps = prepare(args)
-    step = our_step_fn(model, x0, caps, args, device, dtype)
+    bench = prepare(args)
+    device, model = bench.device, bench.model
+    step = our_step_fn(bench)
     recomputed = {}
 
     def use(fraction: float) -> None:

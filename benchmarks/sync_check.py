@@ -23,8 +23,9 @@ def main() -> None:
     parser = train_step.build_parser()
     parser.set_defaults(device="cuda", dtype="bf16")
     args = parser.parse_args()
-    device, dtype, model, x0, caps = train_step.prepare(args)
-    step = train_step.our_step_fn(model, x0, caps, args, device, dtype)
+    bench = train_step.prepare(args)
+    device = bench.device
+    step = train_step.our_step_fn(bench)
     step()  # warm-up: first-use allocations and lazy initialisation
     torch.cuda.synchronize(device)
     with warnings.catch_warnings(record=True) as caught:

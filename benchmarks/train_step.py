@@ -4,23 +4,25 @@
     python benchmarks/train_step.py --config full --size 1024 --device cuda --dtype bf16  # an H100
     python benchmarks/train_step.py --config full --size 1024 --quant float8 --offload 0.5  # 12-16 GB cards
 
-It builds the transformer from a config with random weights (no download), injects our LoRA (default targets, rank
-16) and times our training step (zimage_lora.training.recipe's loss with its noise and timestep sampling, backward,
-clipping, AdamW step) on precomputed latents and caption embeddings. Model FLOPs are defined in
-zimage_lora/training/flops.py; utilisation is reported against the device's measured large-matmul rate.
-``--quant``, ``--offload`` and ``--compile`` use the library's own quantization (models/quant.py), block offloading
-(models/offload.py) and regional compile (models/compile.py), set up as the recipe sets them up.
+It builds the transformer from a config with random weights (no download) and hands it to the training recipe
+(``LoraRecipe.setup`` with prebuilt components, fixed latents and caption embeddings instead of a dataset), which
+sets it up as a job would: our LoRA (default targets, rank 16), gradient checkpointing, ``--offload`` (block
+offloading, models/offload.py) and ``--compile`` (regional compile, models/compile.py). Each timed step is the
+recipe's public ``train_step``: keyed noise and timestep draws, loss, backward, clipping, AdamW, its one host read.
+``--quant`` stores the frozen weights with the library's own quantization (models/quant.py) before that. Model FLOPs
+are defined in zimage_lora/training/flops.py; utilisation is reported against the device's measured matmul rate.
 """
 
 from __future__ import annotations
 
 import argparse
-import random
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
@@ -35,71 +37,103 @@ from common import (  # noqa: E402
     timed,
 )
 
-from zimage_lora.config import DEFAULT_TARGET_REGEX  # noqa: E402
-from zimage_lora.data.dataset import ImageItem, Sample  # noqa: E402
-from zimage_lora.lora import network  # noqa: E402
-from zimage_lora.models.checkpointing import enable_checkpointing  # noqa: E402
-from zimage_lora.models.compile import compile_blocks  # noqa: E402
-from zimage_lora.models.offload import BlockOffloader  # noqa: E402
+from zimage_lora.config import parse_job  # noqa: E402
+from zimage_lora.data.batches import Example, StepBatch  # noqa: E402
+from zimage_lora.data.text_cache import PromptEmbeddings  # noqa: E402
+from zimage_lora.models.checkpointing import main_blocks, spread_indices  # noqa: E402
+from zimage_lora.models.loading import Components  # noqa: E402
 from zimage_lora.training.flops import recompute_flops, train_step_flops  # noqa: E402
-from zimage_lora.training.recipe import _batch_loss  # noqa: E402
+from zimage_lora.training.recipe import LoraRecipe  # noqa: E402
 
 
-def our_step_fn(model, x0, caps, args, device, dtype, forward_only: bool = False):
-    """One optimizer step exactly as the recipe takes it (its loss function, clipping and AdamW); with
-    ``forward_only``, a function that returns that step's loss with its graph and takes no step."""
-    batch = len(caps)
-    cfg = SimpleNamespace(
-        datasets=[SimpleNamespace(caption_dropout=0.0)],
-        train=SimpleNamespace(timestep_type="weighted", timestep_bias="balanced", dop=SimpleNamespace(enabled=False)),
-        advanced=SimpleNamespace(differential_guidance=SimpleNamespace(enabled=False)),
-    )
-    arch = SimpleNamespace(shift=3.0, uses_adapter=False)
-    items = [ImageItem(Path(f"{i}.png"), f"c{i}", 0) for i in range(batch)]
-    samples = [Sample(i, args.size, (args.size, args.size)) for i in range(batch)]
-    latents = SimpleNamespace(get=lambda path, bucket: x0[int(path.stem)])
-    text = lambda prompts: [caps[int(p[1:])] for p in prompts]  # noqa: E731
-    params = network.user_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    noise_gen, rng = torch.Generator().manual_seed(0), random.Random(0)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+class FixedBatches:
+    """The recipe's data without a dataset: the same latents and captions at every step."""
 
-    def forward():
-        with autocast:
-            loss, _, _ = _batch_loss(
-                samples, cfg, arch, model, model, latents, text, items, noise_gen, rng, device, dtype
-            )
-        return loss
+    def __init__(self, x0: torch.Tensor, captions: list[str]):
+        self.x0, self.captions_ = x0, captions
 
-    def step():
-        forward().backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def captions(self) -> set[str]:
+        return set(self.captions_)
 
-    return forward if forward_only else step
+    def next(self, position, step: int) -> StepBatch:
+        examples = [Example(i, self.x0[i], c, c) for i, c in enumerate(self.captions_)]
+        return StepBatch(step, [examples])
 
 
-def prepare(args):
+@dataclass
+class Bench:
+    device: torch.device
+    dtype: torch.dtype
+    recipe: LoraRecipe
+    model: torch.nn.Module  # the recipe's transformer, LoRA in place
+    data: FixedBatches
+    recomputed: list[int]
+    quant_report: str
+    folder: tempfile.TemporaryDirectory
+    step: int = 0
+
+    @property
+    def offloader(self):
+        return self.recipe.offloader
+
+    def next_batch(self) -> StepBatch:
+        self.step += 1
+        return self.data.next(None, self.step)
+
+
+def job_config(args, folder: Path):
+    """The job a user would write for this benchmark (the data folder is never read: the batches are given)."""
+    train = {
+        "optimizer": "adamw",
+        "lr": 1e-4,
+        "weight_decay": 0.01,
+        "steps": 1_000_000,
+        "timestep_type": "weighted",
+        "mixed_precision": "no" if args.dtype == "fp32" else "bf16",
+        "gradient_checkpointing": args.checkpointing,
+        "checkpoint_fraction": args.checkpoint_fraction,
+        "compile": args.compile,
+    }
+    data = {
+        "job": {"name": "bench", "output_dir": str(folder), "device": args.device, "seed": 0},
+        "model": {"arch": "zimage_deturbo", "name_or_path": str(folder), "layer_offload": args.offload},
+        "target": {"rank": args.rank},
+        "save": {"every": 1_000_000},
+        "train": train,
+        "datasets": [{"path": str(folder), "caption_dropout": 0.0}],
+        "sample": {"every": 1_000_000, "prompts": []},
+    }
+    return parse_job(data, folder, check_paths=False)
+
+
+def prepare(args, config: dict | None = None) -> Bench:
+    """The recipe set up on a random transformer of ``config`` (default: ``--config``), ready to step."""
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model = build_transformer(args.config, device, dtype)
-    args.quant_report = quantize(model, args.quant, device)
-    names = network.target_module_names(model, DEFAULT_TARGET_REGEX)
-    network.add_user_lora(model, names, args.rank, float(args.rank), seed=0)
-    if dtype != torch.float32:  # the step runs under autocast, as the recipe's does in bf16
-        network.keep_input_dtype(model)
-    if args.checkpointing:
-        args.recomputed = enable_checkpointing(model, args.checkpoint_fraction)
-    else:
-        args.recomputed = []
-    model.train()
-    args.offloader = BlockOffloader(model, args.offload, device) if args.offload > 0 else None
-    if args.compile:
-        compile_blocks(model, device)
-    x0, caps = inputs(CONFIGS[args.config], args.size, args.size, args.batch, args.caption, device, dtype)
+    config = config or CONFIGS[args.config]
+    model = build_transformer(config, device, dtype)
+    quant_report = quantize(model, args.quant, device)
+    x0, caps = inputs(config, args.size, args.size, args.batch, args.caption, device, dtype)
+    captions = [f"caption {i}" for i in range(args.batch)]
+    text = PromptEmbeddings(None, None, device)
+    text.cached.update(zip(captions, caps, strict=True))
+    folder = tempfile.TemporaryDirectory(prefix="zimage-bench-")
+    recipe = LoraRecipe(job_config(args, Path(folder.name)), progress=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    data = FixedBatches(x0, captions)
+    recipe.setup(components=Components(model, None, None, None, scheduler), data=data, text=text)
+    recomputed = spread_indices(len(main_blocks(model)), args.checkpoint_fraction) if args.checkpointing else []
     reset_peak(device)
-    return device, dtype, model, x0, caps
+    return Bench(device, dtype, recipe, model, data, recomputed, quant_report, folder)
+
+
+def our_step_fn(bench: Bench):
+    """One call = one optimizer step exactly as a job takes it: the recipe's public ``train_step``."""
+
+    def step():
+        return bench.recipe.train_step(bench.next_batch())
+
+    return step
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = build_parser().parse_args()
-    device, dtype, model, x0, caps = prepare(args)
-    seconds = timed(our_step_fn(model, x0, caps, args, device, dtype), args.steps, args.warmup, device)
+    bench = prepare(args)
+    device, dtype = bench.device, bench.dtype
+    seconds = timed(our_step_fn(bench), args.steps, args.warmup, device)
     memory = peak_memory_gb(device)  # before the matmul probe below allocates its own buffers
     flops = train_step_flops(CONFIGS[args.config], args.size, args.size, args.caption, args.batch)
     peak = matmul_peak_tflops(device, dtype)
@@ -137,9 +172,9 @@ def main() -> None:
         f"{f' (fraction {args.checkpoint_fraction:g})' if args.checkpointing else ''}, offload {args.offload:g}, "
         f"compile {args.compile}"
     )
-    print(args.quant_report)
-    if args.offloader is not None:
-        o = args.offloader
+    print(bench.quant_report)
+    if bench.offloader is not None:
+        o = bench.offloader
         print(
             f"offload: {len(o.offloaded)} of {o.n_blocks} blocks; loads {sum(o.loads)}, evictions {sum(o.evictions)}, "
             f"at most {o.max_resident} offloaded blocks resident at once"
@@ -150,10 +185,10 @@ def main() -> None:
         f"model FLOPs {flops / 1e12:.3f} TFLOP/step -> {achieved:.3f} TFLOP/s = {100 * achieved / peak:.1f}% of the "
         f"measured {peak:.2f} TFLOP/s matmul peak"
     )
-    extra = recompute_flops(CONFIGS[args.config], args.size, args.size, args.recomputed, args.caption, args.batch)
+    extra = recompute_flops(CONFIGS[args.config], args.size, args.size, bench.recomputed, args.caption, args.batch)
     hardware = (flops + extra) / seconds / 1e12
     print(
-        f"recompute: {len(args.recomputed)} blocks, {extra / 1e12:.3f} TFLOP/step more -> hardware FLOPs "
+        f"recompute: {len(bench.recomputed)} blocks, {extra / 1e12:.3f} TFLOP/step more -> hardware FLOPs "
         f"{hardware:.3f} TFLOP/s = {100 * hardware / peak:.1f}% of the matmul peak"
     )
 

@@ -273,37 +273,30 @@ def test_cache_entries_are_written_atomically(tmp_path, monkeypatch):
     assert cache_module.read_entry(target) is not None
 
 
-def test_text_encoder_leaves_after_caching(tmp_path, tiny_model_dir, monkeypatch):
+def test_text_encoder_leaves_after_caching(tmp_path, tiny_model_dir):
+    """Through the public lifecycle: the recipe gets the loaded components, we keep only a weak reference to the
+    text encoder; with the cache it is gone from memory (so from the device) before the first step, without it it
+    stays to encode each batch."""
     from conftest import demo_dataset
 
-    refs = {}
-    real_load = recipe.load_components
+    from zimage_lora.models.loading import load_components
 
-    def load_and_watch(*args, **kwargs):
-        comps = real_load(*args, **kwargs)
-        refs["text_encoder"] = weakref.ref(comps.text_encoder)
-        return comps
-
-    seen = []
-    real_loss = recipe._batch_loss
-
-    def loss_and_check(*args, **kwargs):
-        gc.collect()
-        seen.append(refs["text_encoder"]() is None)
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(recipe, "load_components", load_and_watch)
-    monkeypatch.setattr(recipe, "_batch_loss", loss_and_check)
     dataset = demo_dataset(tmp_path / "dataset", 2)
-    train(load_job(write_job(tmp_path, tiny_model_dir, dataset, steps=2)), progress=False)
-    assert seen == [True, True]  # gone from memory (and so from the device) before the first step
-    seen.clear()
-    train(
-        load_job(write_job(tmp_path, tiny_model_dir, dataset, steps=2, cache_text_embeddings=False)),
-        progress=False,
-        overwrite=True,
-    )
-    assert seen == [False, False]  # without the cache it stays to encode each batch
+    for cache, alive_after_setup in ((True, False), (False, True)):
+        cfg = load_job(write_job(tmp_path, tiny_model_dir, dataset, steps=2, cache_text_embeddings=cache))
+        components = load_components(cfg.model.name_or_path)
+        encoder = weakref.ref(components.text_encoder)
+        run = recipe.LoraRecipe(cfg, overwrite=True, progress=False)
+        run.setup(components=components)
+        del components
+        try:
+            for step in (1, 2):
+                gc.collect()
+                assert (encoder() is not None) == alive_after_setup, (cache, step)
+                metrics = run.train_step(run.data.next(run.state, step))
+                assert metrics.step == step and metrics.loss > 0
+        finally:
+            run.close()
 
 
 def test_caption_dropout_uses_the_empty_prompt_with_cached_embeddings(tmp_path, tiny_model_dir):

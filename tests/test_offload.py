@@ -319,7 +319,7 @@ def test_out_of_memory_advice_names_the_memory_switches(make_job):
 
 def test_a_run_may_resume_with_other_memory_savers_but_not_other_weights():
     from zimage_lora.errors import UserError
-    from zimage_lora.training.recipe import check_resumable
+    from zimage_lora.training.state import check_resumable
 
     saved = {"model": {"layer_offload": 0.0, "low_vram": False}, "train": {"steps": 10, "compile": False}}
     saved["quantization"] = {"transformer": "none"}

@@ -6,6 +6,7 @@ SIGKILL test, which kills a real process at random moments.
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -303,7 +304,9 @@ def test_request_files_save_sample_and_stop_a_running_trainer(make_job):
     )
     run = run_folder(job)
     (run / "requests").mkdir(parents=True)
-    (run / "requests" / "stop").touch()  # left from an earlier run: must not stop this one
+    stale = run / "requests" / "stop"
+    stale.touch()  # left from an earlier run (a minute before this one starts): must not stop this one
+    os.utime(stale, (time.time() - 60, time.time() - 60))
     proc = subprocess.Popen(
         [sys.executable, "-m", "zimage_lora.cli", "train", str(job), "--no-progress"],
         stdout=subprocess.PIPE,
@@ -331,3 +334,5 @@ def test_request_files_save_sample_and_stop_a_running_trainer(make_job):
     assert (run / "samples" / f"{saved_at:09d}_00.png").is_file()
     assert (run / "state" / f"{stopped_at:09d}.pt").is_file()
     assert not any((run / "requests").iterdir())  # every request, the unknown one too, was taken
+    log = (run / "train.log").read_text()
+    assert "stale request dropped: stop, made at " in log and "request: stop at step" in log

@@ -19,7 +19,9 @@ Requests: to ask a running trainer to save a checkpoint now, render previews now
 file ``requests/save``, ``requests/sample`` or ``requests/stop`` in the run folder (``touch`` will do; the web UI does
 the same). The trainer looks after every optimizer step, removes the files it found, logs ``request: <action> at
 step N`` and acts before the next step. Unknown names are removed and ignored. Stop behaves like Ctrl-C: the current
-state is saved and ``--resume`` continues from it.
+state is saved and ``--resume`` continues from it. A request made while the trainer is still loading acts at its
+first step; one older than the trainer's process is an earlier run's and is dropped (logged); one that comes after
+the last step is answered in the log with the final LoRA (``training/control.py``).
 """
 
 from __future__ import annotations
@@ -94,6 +96,21 @@ class RunFolder:
         path.touch()
         return path
 
+    def pending_requests(self) -> list[tuple[str, float]]:
+        """The request files waiting now, with the time each was made (its modification time)."""
+        if not self.requests_dir.is_dir():
+            return []
+        found = []
+        for path in self.requests_dir.iterdir():
+            try:
+                found.append((path.name, path.stat().st_mtime))
+            except FileNotFoundError:
+                continue
+        return sorted(found)
+
+    def remove_request(self, action: str) -> None:
+        (self.requests_dir / action).unlink(missing_ok=True)
+
     def take_requests(self) -> set[str]:
         """The pending requests, removed as they are read (each is acted on once)."""
         if not self.requests_dir.is_dir():
@@ -123,7 +140,6 @@ class RunFolder:
         if self.root.exists():  # debris of a write that a kill interrupted: never a checkpoint, so remove it
             for debris in [*self.root.glob("*.tmp"), *self.state_dir.glob("*.tmp")]:
                 debris.unlink(missing_ok=True)
-            self.take_requests()  # a request left from an earlier run is not meant for this one
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             self.samples_dir.mkdir(parents=True, exist_ok=True)

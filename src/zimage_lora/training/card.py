@@ -1,0 +1,76 @@
+"""What a run writes about its LoRA: the metadata inside each LoRA file and the model card (``README.md``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from zimage_lora import __version__
+from zimage_lora.config import JobConfig
+
+
+def lora_metadata(cfg: JobConfig, arch, step: int) -> dict[str, str]:
+    """Deterministic metadata: what the LoRA is for, never when or where it was made."""
+    return {
+        "zimage_lora.version": __version__,
+        "zimage_lora.arch": arch.name,
+        "zimage_lora.base_model": portable_ref(cfg.model.name_or_path),
+        "zimage_lora.training_adapter": portable_ref(cfg.model.training_adapter),
+        "zimage_lora.network": cfg.target.type,
+        "zimage_lora.rank": str(cfg.target.rank),
+        "zimage_lora.alpha": f"{cfg.target.resolved_alpha:g}",
+        "zimage_lora.step": str(step),
+        "zimage_lora.trigger_word": cfg.job.trigger_word or "",
+        "zimage_lora.resolutions": json.dumps(sorted({r for ds in cfg.datasets for r in ds.resolutions})),
+        "zimage_lora.format": "diffusion_model.<module>.lora_A/lora_B/alpha (diffusers + ComfyUI)",
+        "zimage_lora.suggested_weight": "0.6-1.0",
+    }
+
+
+def portable_ref(ref: str | None) -> str:
+    """A hub id as given; a local path by its name only (the same file trained elsewhere gives the same bytes)."""
+    if not ref:
+        return ""
+    path = Path(ref).expanduser()
+    return path.name if path.exists() else ref
+
+
+def model_card(cfg: JobConfig, arch, final_lora: Path, steps: int, contact_sheet: Path | None) -> str:
+    trigger = cfg.job.trigger_word
+    adapter = cfg.model.training_adapter is not None
+    lines = [
+        f"# {cfg.job.name}",
+        "",
+        f"A LoRA for **{arch.label}**, trained with zimage-lora {__version__}.",
+        "",
+        f"- Base model: `{cfg.model.name_or_path}`"
+        + (" (trained with the training adapter, which is not part of this LoRA)" if adapter else ""),
+        f"- Trigger word: `{trigger}`" if trigger else "- Trigger word: none",
+        "- Suggested LoRA weight: 0.6-1.0",
+        f"- Inference: {arch.sample_steps} steps, "
+        + ("no CFG" if arch.sample_guidance <= 1 else f"CFG {arch.sample_guidance:g}"),
+        f"- Rank {cfg.target.rank}, alpha {cfg.target.resolved_alpha:g}, {steps} steps, LR {cfg.train.lr:g}, "
+        f"optimizer {cfg.train.optimizer}, resolutions {sorted({r for d in cfg.datasets for r in d.resolutions})}",
+        "",
+        f"Files: `{final_lora.name}` (loads in ComfyUI and in diffusers `load_lora_weights`).",
+        "",
+    ]
+    if contact_sheet is not None:
+        lines += ["## Samples", "", "![samples](samples/contact_sheet.png)", ""]
+    guidance = 0.0 if arch.sample_guidance <= 1 else arch.sample_guidance - 1.0  # diffusers counts CFG from 0
+    lines += [
+        "## Run it (diffusers)",
+        "",
+        "```python",
+        "from diffusers import ZImagePipeline",
+        f'pipe = ZImagePipeline.from_pretrained("{portable_ref(cfg.model.name_or_path)}")',
+        f'pipe.load_lora_weights("{final_lora.name}", adapter_name="lora")',
+        'pipe.set_adapters(["lora"], [0.8])',
+        f'image = pipe("{trigger or "a photo"}, ...", num_inference_steps={arch.sample_steps}, '
+        f"guidance_scale={guidance:g}).images[0]",
+        "```",
+        "",
+        "In ComfyUI: put the file in `models/loras` and load it on the Z-Image model.",
+        "",
+    ]
+    return "\n".join(lines)

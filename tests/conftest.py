@@ -118,3 +118,65 @@ def run_cli(*args: str, fault: str | None = None, timeout: int = 300) -> subproc
         env=cli_env(fault),
         timeout=timeout,
     )
+
+
+# --- comparing two training runs that took different compute paths -------------------------------------------------
+# Bit-identity holds only where the same kernels run on the same data (a resume, a same-seed rerun). Two paths that
+# should give the same numbers (offloaded or resident blocks, partial or full recompute, cached or fresh latents)
+# agree only up to float rounding, which depends on the CPU's kernels and memory layout. These tolerances are about
+# 40x above the rounding measured between such paths on an AMD EPYC (LoRA effect 2.5e-6) and far below what a broken
+# path gives (offloaded weights rounded through bf16: LoRA effect 3e-2; test_offload shows the check catches it).
+LOSS_REL = 1e-5
+LORA_EFFECT_REL = 1e-4
+PIXELS = 2  # of 255: previews of LoRAs that differ by rounding may round a pixel the other way
+
+
+def lora_effect(path) -> dict:
+    """Each module's weight change (alpha / rank) B A in float64: what a LoRA does, whatever its factors."""
+    from zimage_lora.lora.io import read_lora
+
+    return {m: w.scale * (w.up.double() @ w.down.double()) for m, w in read_lora(path).modules.items()}
+
+
+def lora_effect_difference(a, b) -> float:
+    """|effect(a) - effect(b)| / |effect(a)| over all modules (Frobenius)."""
+    ea, eb = lora_effect(a), lora_effect(b)
+    assert ea.keys() == eb.keys()
+    num = sum(float(((ea[m] - eb[m]) ** 2).sum()) for m in ea) ** 0.5
+    den = sum(float((ea[m] ** 2).sum()) for m in ea) ** 0.5
+    return num / max(den, 1e-30)
+
+
+def training_differences(a, b) -> list[str]:
+    """How two finished runs (TrainResults) differ beyond float rounding: losses, DOP losses, the final LoRA's effect
+    and the previews; an empty list when they trained alike."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    def rows(result):
+        return [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    problems = []
+    ra, rb = rows(a), rows(b)
+    if [r["step"] for r in ra] != [r["step"] for r in rb]:
+        return [f"steps differ: {len(ra)} against {len(rb)}"]
+    for x, y in zip(ra, rb, strict=True):
+        if abs(x["loss"] - y["loss"]) > LOSS_REL * abs(x["loss"]):
+            problems.append(f"step {x['step']}: loss {x['loss']} against {y['loss']}")
+        if (x.get("dop_loss") is None) != (y.get("dop_loss") is None):
+            problems.append(f"step {x['step']}: a DOP loss in one run only")
+        elif x.get("dop_loss") is not None and abs(x["dop_loss"] - y["dop_loss"]) > LOSS_REL * abs(x["loss"]):
+            problems.append(f"step {x['step']}: DOP loss {x['dop_loss']} against {y['dop_loss']}")
+    effect = lora_effect_difference(a.final_lora, b.final_lora)
+    if effect > LORA_EFFECT_REL:
+        problems.append(f"the final LoRAs' effects differ by {effect:.2e} (relative)")
+    if [p.name for p in a.samples] != [p.name for p in b.samples]:
+        problems.append("different previews were written")
+    for pa, pb in zip(a.samples, b.samples, strict=False):
+        xa = np.asarray(Image.open(pa).convert("RGB"), dtype=np.int16)
+        xb = np.asarray(Image.open(pb).convert("RGB"), dtype=np.int16)
+        if xa.shape != xb.shape or np.abs(xa - xb).max() > PIXELS:
+            problems.append(f"preview {pa.name} differs by more than {PIXELS}/255")
+    return problems

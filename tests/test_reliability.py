@@ -270,9 +270,13 @@ def test_config_fuzz_every_malformed_job_is_one_line(make_job, tmp_path):
         assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1 and "Traceback" not in proc.stderr
 
 
-def test_sigterm_from_outside_stops_and_saves(make_job):
+def test_sigterm_from_outside_stops_and_saves(make_job, tmp_path):
+    """SIGTERM (a scheduler, the web UI's Stop) while a step is under way: that step finishes, is saved, and the
+    trainer exits 0. The trainer is held inside step 2 while the signal arrives, so this holds at any speed."""
     job = make_job({**OVERRIDE, "train": {**OVERRIDE["train"], "steps": 5000}})
-    env = cli_env()
+    holds = tmp_path / "holds"
+    holds.mkdir()
+    env = {**cli_env("wait@step:2"), "ZIMAGE_LORA_FAULT_DIR": str(holds)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "zimage_lora.cli", "train", str(job), "--no-progress"],
         stdout=subprocess.PIPE,
@@ -280,16 +284,17 @@ def test_sigterm_from_outside_stops_and_saves(make_job):
         text=True,
         env=env,
     )
-    for line in proc.stderr:  # wait until training has begun
-        if line.startswith("latents:"):
-            break
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    try:
+        _wait_for(holds / "held-step-2", proc)
+        proc.send_signal(signal.SIGTERM)  # handled (a flag) before the held step goes on to its after-step control
+        (holds / "release-step-2").touch()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     assert proc.returncode == 0, err
-    assert "stopped at step" in out
-    step = int(out.split("stopped at step ")[1].split(",")[0])
-    assert 0 < step < 5000 and (run_folder(job) / "state" / f"{step:09d}.pt").is_file()
+    assert "stopped at step 2," in out
+    assert (run_folder(job) / "state" / f"{2:09d}.pt").is_file()
     every_top_level_file_loads(job)
 
 
@@ -336,3 +341,53 @@ def test_request_files_save_sample_and_stop_a_running_trainer(make_job):
     assert not any((run / "requests").iterdir())  # every request, the unknown one too, was taken
     log = (run / "train.log").read_text()
     assert "stale request dropped: stop, made at " in log and "request: stop at step" in log
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the trainer ended (exit {proc.returncode}) before {path.name}"
+        assert time.monotonic() < deadline, f"no {path.name} after {timeout} s"
+        time.sleep(0.05)
+
+
+def test_requests_made_while_loading_act_at_the_first_step_and_late_ones_are_answered(make_job, tmp_path):
+    """The web UI's Start runs ``train --overwrite``; a click on Save now or Sample now while the trainer still
+    loads must act at the first step (nothing clears it), and one that comes after the last step is answered in the
+    log with the final LoRA, and leaves nothing behind. The trainer is held at both moments (the ``wait`` fault),
+    so the test does not depend on how fast this machine trains."""
+    job = make_job({"train": {"steps": 3}, "sample": {"every": 1000, "steps": 2, "prompts": ["a fox"]}})
+    run = run_folder(job)
+    holds = tmp_path / "holds"
+    holds.mkdir()
+    env = {**cli_env("wait@setup,wait@finished"), "ZIMAGE_LORA_FAULT_DIR": str(holds)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zimage_lora.cli", "train", str(job), "--no-progress", "--overwrite"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        _wait_for(holds / "held-setup", proc)
+        (run / "requests").mkdir(parents=True, exist_ok=True)
+        (run / "requests" / "save").touch()
+        (run / "requests" / "sample").touch()
+        (holds / "release-setup").touch()
+        _wait_for(holds / "held-finished", proc)
+        assert (run / "tiny.safetensors").is_file()  # the run is over, the process not yet
+        (run / "requests" / "save").touch()
+        (run / "requests" / "stop").touch()
+        (holds / "release-finished").touch()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    log = (run / "train.log").read_text()
+    assert "request: sample at step 1" in log and "request: save at step 1" in log
+    assert (run / "tiny_000000001.safetensors").is_file() and (run / "samples" / "000000001_00.png").is_file()
+    for action in ("save", "stop"):
+        assert f"request: {action} after the last step: the run has finished; its final LoRA is {run}" in log
+    assert not any((run / "requests").iterdir())  # nothing is left to fire on a later --resume
+    assert "stale request" not in log

@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import training_differences
 from PIL import Image
 from safetensors import safe_open
 from torch import nn
@@ -285,7 +286,8 @@ def test_text_and_latent_caches_change_nothing_but_the_work(make_job, tmp_path):
     a = run_job(make_job(plain, folder=tmp_path / "plain"))
     cached = {"train": {"steps": 3, "cache_text_embeddings": True}, "datasets": [{"cache_latents": True}]}
     b = run_job(make_job(cached, folder=tmp_path / "cached"))
-    assert a.final_lora.read_bytes() == b.final_lora.read_bytes()
+    # the caching pass encodes latents in batches, the uncached run one by one: equal up to float rounding
+    assert training_differences(a, b) == []
     log = (b.run_dir / "train.log").read_text()
     assert "the text encoder left the device" in log and "latents: 3 encoded, 0 reused" in log
     assert "latents:" not in (a.run_dir / "train.log").read_text()

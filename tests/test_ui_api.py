@@ -371,8 +371,14 @@ def test_job_runs_to_done_and_its_lora_generates(client, data_dir, tiny_adapter,
     assert client.get("/api/loras").json() == {"loras": []}
 
 
-def test_save_sample_stop_resume_and_the_device_lock(client, data_dir, tiny_adapter):
-    """Save/sample now act at an unscheduled step; stop saves; resume finishes; a generation waits for the job."""
+def test_save_sample_stop_resume_and_the_device_lock(client, data_dir, tiny_adapter, tmp_path, monkeypatch):
+    """Save/sample now act at an unscheduled step; stop saves; resume finishes; a generation waits for the job. The
+    trainer is held after steps 3 and 6 (``wait`` faults) while the requests are made, so they land at those steps
+    on any machine."""
+    holds = tmp_path / "holds"
+    holds.mkdir()
+    monkeypatch.setenv("ZIMAGE_LORA_FAULT", "wait@step:3,wait@step:6")  # the trainers the runner starts see it
+    monkeypatch.setenv("ZIMAGE_LORA_FAULT_DIR", str(holds))
     override = {
         "train": {"steps": 300},
         "save": {"every": 1000, "keep": 10},
@@ -381,21 +387,25 @@ def test_save_sample_stop_resume_and_the_device_lock(client, data_dir, tiny_adap
     client.post("/api/jobs", json={"config": job_config("long", tiny_adapter, override)})
     client.post("/api/jobs/long/start")
     wait_status(client, "long", "running")
-    wait_for(lambda: client.get("/api/jobs/long/metrics").json()["metrics"], what="the first step")
+    wait_for(lambda: (holds / "held-step-3").exists(), what="the trainer held after step 3")
     assert client.post("/api/jobs/long/save").json() == {"name": "long", "requested": "save"}
     assert client.post("/api/jobs/long/sample").status_code == 200
+    (holds / "release-step-3").touch()
 
     def unscheduled_checkpoint():
         found = client.get("/api/jobs/long/checkpoints").json()["checkpoints"]
         return next((c for c in found if c["step"] and c["step"] % 1000), None)
 
     checkpoint = wait_for(unscheduled_checkpoint, 60, "the requested checkpoint")
-    wait_for(lambda: any(s["step"] > 0 for s in client.get("/api/jobs/long/samples").json()["samples"]), 60)
+    assert checkpoint["step"] == 3
+    wait_for(lambda: any(s["step"] == 3 for s in client.get("/api/jobs/long/samples").json()["samples"]), 60)
+    wait_for(lambda: (holds / "held-step-6").exists(), what="the trainer held after step 6")
     assert client.post("/api/jobs/long/stop").json()["status"] == "stopping"
+    (holds / "release-step-6").touch()
     stopped = wait_status(client, "long", "stopped", "failed", "done")
     assert stopped["status"] == "stopped" and stopped["exit_code"] == 0
     stopped_at = stopped["step"]
-    assert checkpoint["step"] <= stopped_at < 300
+    assert stopped_at == 6
     assert (data_dir / "jobs" / "long" / "state" / f"{stopped_at:09d}.pt").is_file()
     assert client.post("/api/jobs/long/save").status_code == 409  # not running
 
@@ -416,6 +426,9 @@ def test_save_sample_stop_resume_and_the_device_lock(client, data_dir, tiny_adap
     assert client.get("/api/jobs/long").json()["status"] == "running"
     done = wait_status(client, "long", "done", "failed")
     assert done["status"] == "done" and done["step"] == 300
+    late = client.post("/api/jobs/long/sample")  # after the end: answered, pointing at the final LoRA
+    assert late.status_code == 409 and late.json()["error"].endswith("its final LoRA is jobs/long/long.safetensors")
+    assert not (data_dir / "jobs" / "long" / "requests" / "sample").exists()
     generation = wait_generation(client, gen_id)  # the device was freed
     assert generation["status"] == "done" and len(generation["images"]) == 1
     started = client.app.state.ui.store.get("generations", gen_id)["started"]
@@ -429,7 +442,15 @@ def test_save_sample_stop_resume_and_the_device_lock(client, data_dir, tiny_adap
     assert "request: save" in log and "request: sample" in log and "stopped at step" in log
 
 
-def test_force_stop_kills_the_trainer_keeps_its_checkpoints_and_resume_continues(client, data_dir, tiny_adapter):
+def test_force_stop_kills_the_trainer_keeps_its_checkpoints_and_resume_continues(
+    client, data_dir, tiny_adapter, tmp_path, monkeypatch
+):
+    """A trainer that does not come back (here: held after step 12 by a ``wait`` fault, as a hung device would hold
+    it) is killed by a force stop; its checkpoints stay whole and a resume goes on from the last one."""
+    holds = tmp_path / "holds"
+    holds.mkdir()
+    monkeypatch.setenv("ZIMAGE_LORA_FAULT", "wait@step:12")
+    monkeypatch.setenv("ZIMAGE_LORA_FAULT_DIR", str(holds))
     override = {
         "train": {"steps": 400},
         "save": {"every": 5, "keep": 3},
@@ -438,9 +459,7 @@ def test_force_stop_kills_the_trainer_keeps_its_checkpoints_and_resume_continues
     client.post("/api/jobs", json={"config": job_config("stuck", tiny_adapter, override)})
     client.post("/api/jobs/stuck/start")
     wait_status(client, "stuck", "running")
-    # two checkpoints: the state saved with the first is then surely whole, whenever the kill lands
-    checkpoints = lambda: client.get("/api/jobs/stuck/checkpoints").json()["checkpoints"]  # noqa: E731
-    wait_for(lambda: len(checkpoints()) >= 2, what="two checkpoints")
+    wait_for(lambda: (holds / "held-step-12").exists(), what="the trainer stuck after step 12")
     pid = client.app.state.ui.store.get("jobs", "stuck")["pid"]
     assert client.post("/api/jobs/stuck/stop", json={"force": True}).json()["status"] == "stopping"
     stopped = wait_status(client, "stuck", "stopped", "failed", "done")
@@ -462,7 +481,7 @@ def test_force_stop_kills_the_trainer_keeps_its_checkpoints_and_resume_continues
         return found and int(found[1])
 
     resumed = wait_for(resumed_at, what="the resumed trainer")
-    assert resumed % 5 == 0 and last - 5 <= resumed <= last  # its last whole save (a kill mid-save keeps the last)
+    assert resumed == last == 10  # its last save before it got stuck
     client.post("/api/jobs/stuck/stop", json={"force": True})
     assert wait_status(client, "stuck", "stopped", "failed")["status"] == "stopped"
 

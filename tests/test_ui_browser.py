@@ -76,9 +76,11 @@ def _free_port() -> int:
 class UiServer:
     """``zimage-lora ui`` in its own process on a free port; ``stop`` also stops jobs it left running."""
 
-    def __init__(self, data: Path, token: str | None = None):
+    def __init__(self, data: Path, token: str | None = None, fault: str | None = None):
         self.data = data
         self.token = token
+        self.holds = data.parent / f"{data.name}-holds"  # where trainers held by a ``wait`` fault say so (faults.py)
+        self.holds.mkdir(parents=True, exist_ok=True)
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = data.parent / f"{data.name}-server.log"
@@ -86,7 +88,8 @@ class UiServer:
         if token:
             args += ["--host", "127.0.0.1", "--token", token]
         with open(self.log, "wb") as out:
-            self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=cli_env())
+            env = {**cli_env(fault), "ZIMAGE_LORA_FAULT_DIR": str(self.holds)}
+            self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
 
     def wait_ready(self) -> UiServer:
         deadline = time.monotonic() + 60
@@ -111,7 +114,16 @@ class UiServer:
         with urllib.request.urlopen(request, data=data, timeout=10) as response:
             return json.loads(response.read() or b"null")
 
+    def wait_for_hold(self, name: str, timeout: float = 120) -> None:
+        """Until a trainer of this server is held at the fault point ``name`` (``held-<name>``)."""
+        wait_for(lambda: (self.holds / f"held-{name}").exists(), f"a trainer held at {name}", timeout)
+
+    def release(self, name: str) -> None:
+        (self.holds / f"release-{name}").touch()
+
     def stop(self) -> None:
+        for held in self.holds.glob("held-*"):  # a trainer still held goes on, so it can stop
+            self.release(held.name.removeprefix("held-"))
         try:
             for job in self.api("/api/jobs")["jobs"]:
                 if job["status"] in ("queued", "running"):
@@ -126,13 +138,22 @@ class UiServer:
             self.process.wait()
 
 
+def wait_for(condition, what: str, timeout: float = 120) -> None:
+    """Poll ``condition`` until it holds (a file appears): waiting on an event, not on how fast training runs."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout} s for {what}"
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The UI on a fresh data folder with a tiny model in DATA/models/tiny (and a tiny training adapter beside the
-    data folder: a local file that a user types in)."""
+    data folder: a local file that a user types in). Its trainers stop after step 2 and after their final files
+    until the test lets them go (``wait`` faults), so what the test clicks lands at a known step on any machine."""
     data = tmp_path_factory.mktemp("ui") / "data"
     (data / "models").mkdir(parents=True)
-    ui = UiServer(data)  # it starts up while the model is written
+    ui = UiServer(data, fault="wait@step:2,wait@finished")  # it starts up while the model is written
     try:
         made = run_cli("tiny-model", data / "models" / "tiny")
         assert made.returncode == 0, made.stderr
@@ -302,7 +323,7 @@ def fill_new_job(page, server: UiServer, data: Path, dataset: str) -> None:
     field("save.every").fill("1000")
     field("save.dtype").select_option("fp32")
     field("train.steps").fill(str(STEPS))
-    field("train.grad_accum").fill("2")  # a few forward passes per step: long enough to press Save now mid-run
+    field("train.grad_accum").fill("2")
     field("train.optimizer").select_option("adamw")
     field("train.lr").fill("0.001")
     field("train.gradient_checkpointing").uncheck()
@@ -361,25 +382,42 @@ def fill_new_job(page, server: UiServer, data: Path, dataset: str) -> None:
 def train_and_watch(page, server: UiServer, data: Path) -> None:
     from playwright.sync_api import expect
 
+    requests = data / "jobs" / "fox" / "requests"
+
+    def ask_save_and_sample() -> None:
+        page.click(by("btn-save"))
+        page.click(by("btn-sample"))
+        wait_for(lambda: (requests / "save").exists() and (requests / "sample").exists(), "both request files")
+
     page.click(by("btn-start"))
     expect(page.locator(by("job-status"))).to_have_text(re.compile("queued|running"))
     expect(page.locator(by("live-state"))).to_have_text("live")
-    # Save now as soon as training is under way: a checkpoint at a step that no schedule asked for.
-    step = page.locator(by("job-step"))
-    expect(step).to_have_text(re.compile(r"^([2-9]|1\d|2[0-5]) / 30$"), timeout=120_000)
-    page.click(by("btn-save"))
-    page.click(by("btn-sample"))
+    # Save now and Sample now while the trainer is held after step 2: both act at step 2, whatever the speed.
+    server.wait_for_hold("step-2")
+    ask_save_and_sample()
     shot(page, "06-job-running")
+    server.release("step-2")
     checkpoint_rows = page.locator(f'{by("checkpoints")} tr[data-final="false"]')
-    expect(checkpoint_rows.first).to_be_visible(timeout=60_000)
-    saved_step = int(checkpoint_rows.first.get_attribute("data-step"))
-    assert 2 <= saved_step < STEPS, saved_step
-    assert (data / "jobs" / "fox" / f"fox_{saved_step:09d}.safetensors").is_file()
+    expect(checkpoint_rows.first).to_have_attribute("data-step", "2", timeout=60_000)
+    assert (data / "jobs" / "fox" / f"fox_{2:09d}.safetensors").is_file()  # no schedule asked for step 2
+    expect(page.locator(by("sample-group-2"))).to_be_visible(timeout=60_000)
 
+    # After the last step: the final files are written, the process has not ended yet. The requests are answered
+    # with the final LoRA, and none is left behind for a later --resume.
+    server.wait_for_hold("finished")
+    ask_save_and_sample()
+    server.release("finished")
     expect(page.locator(by("job-status"))).to_have_text("done", timeout=120_000)
+    log = page.locator(by("job-log"))
+    for action in ("save", "sample"):
+        expect(log).to_contain_text(f"request: {action} after the last step: the run has finished; its final LoRA is")
+    assert not any(requests.iterdir())
+
+    step = page.locator(by("job-step"))
     expect(step).to_have_text(f"{STEPS} / {STEPS}")
     expect(page.locator(by("job-progress"))).to_have_attribute("aria-valuenow", str(STEPS))
-    # Samples grouped by step (0, 10, 20 and the end), the contact sheet, the final LoRA, the loss curve, the log.
+    # Samples grouped by step (0, 2 on request, 10, 20 and the end), the contact sheet, the final LoRA, the loss
+    # curve, the log.
     expect(page.locator(by(f"sample-group-{STEPS}"))).to_be_visible()
     expect(page.locator(by("sample-group-10"))).to_be_visible()
     first_sample = page.locator(by("sample-image")).first
@@ -388,14 +426,9 @@ def train_and_watch(page, server: UiServer, data: Path) -> None:
     expect(page.locator(by("contact-sheet-image"))).to_be_visible()
     expect(page.locator(by("checkpoint-fox.safetensors"))).to_be_visible()
     expect(page.locator(f"{by('loss-chart')} svg")).to_have_attribute("data-points", str(STEPS))
-    expect(page.locator(by("job-log"))).to_contain_text(f"request: save at step {saved_step}")
+    expect(log).to_contain_text("request: save at step 2")
+    expect(log).to_contain_text("request: sample at step 2")
     expect(page.locator(by("btn-save"))).to_be_hidden()
-    # Sample now: the trainer took the request after some step and rendered previews there.
-    expect(page.locator(by("job-log"))).to_contain_text(re.compile(r"request: sample at step \d+"))
-    log_text = page.locator(by("job-log")).text_content()
-    sampled = re.search(r"request: sample at step (\d+)", log_text)
-    assert sampled, log_text
-    expect(page.locator(by(f"sample-group-{sampled[1]}"))).to_be_visible()
     shot(page, "07-job-done")
 
 

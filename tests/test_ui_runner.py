@@ -30,9 +30,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(data: Path, port: int, log: Path) -> subprocess.Popen:
-    """``zimage-lora ui`` as a user starts it; returns once it answers."""
-    env = {**cli_env(), "OMP_NUM_THREADS": "1"}
+def start_server(data: Path, port: int, log: Path, holds: Path | None = None) -> subprocess.Popen:
+    """``zimage-lora ui`` as a user starts it; returns once it answers. With ``holds``, its trainers stop after step 3
+    until ``holds/release-step-3`` exists (the ``wait`` fault), so they cannot finish while the test is not looking."""
+    env = {**cli_env("wait@step:3" if holds else None), "OMP_NUM_THREADS": "1"}
+    if holds:
+        env["ZIMAGE_LORA_FAULT_DIR"] = str(holds)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "zimage_lora.cli", "ui", "--data", str(data), "--port", str(port)],
@@ -90,7 +93,9 @@ def test_a_restarted_ui_reattaches_to_its_running_trainer(data_dir, tiny_adapter
     port = free_port()
     log = tmp_path / "server.log"
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-    server = start_server(data_dir, port, log)
+    holds = tmp_path / "holds"
+    holds.mkdir()
+    server = start_server(data_dir, port, log, holds)  # its trainer waits after step 3 for the test
     pid = None
     try:
         config = job_config("survivor", tiny_adapter, {"train": {"steps": 500}, "save": {"every": 1000}})
@@ -117,7 +122,9 @@ def test_a_restarted_ui_reattaches_to_its_running_trainer(data_dir, tiny_adapter
         assert alive(pid, pid_start)
         server = start_server(data_dir, port, log)
         assert http.get("/api/jobs/survivor").json()["status"] == "running"
+        wait_for(lambda: (holds / "held-step-3").exists(), 60, "the trainer held after step 3")
         seen = http.get("/api/jobs/survivor").json()["step"]
+        (holds / "release-step-3").touch()
 
         events, steps = follow_events(http, "survivor")  # live, until the job is no longer running
         assert events[0] == "job" and events.count("metrics") > 1 and steps == sorted(set(steps))
@@ -130,6 +137,7 @@ def test_a_restarted_ui_reattaches_to_its_running_trainer(data_dir, tiny_adapter
     finally:
         server.kill()
         server.wait(timeout=30)
+        (holds / "release-step-3").touch()
         if pid is not None and alive(pid, pid_start):
             os.kill(pid, signal.SIGKILL)
         http.close()

@@ -1,33 +1,40 @@
-"""The random draws of training: caption dropout, noise and noise level per sample."""
+"""The random draws of training, keyed by (seed, step, sample index) instead of taken from a running generator.
+
+Each draw (an example's caption dropout, its noise, its noise level) comes from a generator seeded with a hash of
+the job's seed, the optimizer step, the example's position in that step's batch and what the draw is for. So a
+draw does not depend on what was drawn before it: a resumed run needs no generator state, a process that trains
+only part of a batch (several GPUs) draws what a single process would, and one example's noise does not change
+with what else shares its batch.
+"""
 
 from __future__ import annotations
 
-import random
+import hashlib
 
 import torch
 
 from zimage_lora.training import flow
 
 
-class SequentialDraws:
-    """Draws from two seeded generators, in the order the samples are met (the state is saved for resume)."""
+def keyed_generator(seed: int, step: int, index: int, purpose: str) -> torch.Generator:
+    """A CPU generator for one draw: the same key always gives the same numbers, on any machine."""
+    key = hashlib.blake2b(f"{seed}/{step}/{index}/{purpose}".encode(), digest_size=8).digest()
+    return torch.Generator("cpu").manual_seed(int.from_bytes(key, "little") & (2**63 - 1))
 
+
+class KeyedDraws:
     def __init__(self, seed: int):
-        self.noise_gen = torch.Generator("cpu").manual_seed(seed)
-        self.choice_rng = random.Random(seed)
+        self.seed = seed
 
     def caption_dropped(self, step: int, index: int, rate: float) -> bool:
-        return self.choice_rng.random() < rate
+        if rate <= 0:
+            return False
+        return float(torch.rand(1, generator=keyed_generator(self.seed, step, index, "caption_dropout"))) < rate
 
     def noise_and_sigma(
         self, step: int, index: int, shape, timestep_type: str, bias: str, shift: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        noise = torch.randn(shape, generator=self.noise_gen)
-        return noise, flow.sample_sigmas(1, timestep_type, bias, self.noise_gen, shift)
-
-    def state_dict(self) -> dict:
-        return {"noise_generator": self.noise_gen.get_state(), "choice_rng": self.choice_rng.getstate()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.noise_gen.set_state(state["noise_generator"])
-        self.choice_rng.setstate(state["choice_rng"])
+        """The example's noise (float32, on the CPU) and noise level, each from its own key."""
+        noise = torch.randn(shape, generator=keyed_generator(self.seed, step, index, "noise"))
+        sigma = flow.sample_sigmas(1, timestep_type, bias, keyed_generator(self.seed, step, index, "sigma"), shift)
+        return noise, sigma

@@ -54,7 +54,7 @@ from zimage_lora.sampling.previews import build_contact_sheet, png_info, preview
 from zimage_lora.sampling.sampler import denoise
 from zimage_lora.training import card, flow
 from zimage_lora.training.control import StepControl, process_started_at
-from zimage_lora.training.draws import SequentialDraws
+from zimage_lora.training.draws import KeyedDraws
 from zimage_lora.training.ema import LoraEMA
 from zimage_lora.training.optim import build_optimizer, build_scheduler
 from zimage_lora.training.run_folder import MetricsLog, RunFolder, environment_facts
@@ -147,7 +147,7 @@ class LoraRecipe:
         self.arch = ARCHS[cfg.model.arch]
         self.run = RunFolder(run_dir(cfg), cfg.job.name)
         self.state = TrainState()
-        self.draws = SequentialDraws(cfg.job.seed)
+        self.draws = KeyedDraws(cfg.job.seed)
         self.sample_paths: list[Path] = []
         self.metrics: MetricsLog | None = None
         self.offloader: BlockOffloader | None = None
@@ -206,6 +206,7 @@ class LoraRecipe:
         """Everything before the first step. ``components`` replaces loading the model; ``data`` (an object with
         ``next(state, step) -> StepBatch`` and ``captions()``) replaces the job's datasets; ``text`` replaces the
         prompt encoder (embeddings already computed)."""
+        faults.fire("setup")
         quiet_libraries()
         self._setup_run()
         self._setup_device()
@@ -407,7 +408,7 @@ class LoraRecipe:
     def _setup_state(self) -> None:
         saved = self.run.read_latest_state() if self.resume else None
         if saved is not None:
-            restore(saved, self.state, self.transformer, self.optimizer, self.scheduler, self.ema, self.draws)
+            restore(saved, self.state, self.transformer, self.optimizer, self.scheduler, self.ema)
             self.log(f"resumed from step {self.state.step}")
         elif self.resume:
             self.log("--resume: nothing was saved yet; starting from step 0")
@@ -499,7 +500,7 @@ class LoraRecipe:
             self._write_network(self.run.root / "raw" / path.name, meta)
         with ema.swapped_in() if ema is not None else nullcontext():
             self._write_network(path, meta, fault="save.lora", index=step)
-        saved = snapshot(self.state, self.transformer, self.optimizer, self.scheduler, ema, self.draws)
+        saved = snapshot(self.state, self.transformer, self.optimizer, self.scheduler, ema)
         self.run.write_state(step, saved)
         self.run.rotate(cfg.save.keep)
         faults.fire("save.rotated", step)
@@ -571,6 +572,7 @@ class LoraRecipe:
         self.run.write_text("README.md", card.model_card(self.cfg, self.arch, final, steps, result.contact_sheet))
         self.run.write_run_json(status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), final_lora=final.name)
         self.log(f"done: {final}")
+        faults.fire("finished")
         self.control.answer_late_requests(final)
         return result
 

@@ -24,10 +24,9 @@ class TrainState:
         return {"epoch": self.epoch, "batch": self.batch}
 
 
-def snapshot(state: TrainState, model, optimizer, scheduler, ema=None, draws=None) -> dict:
+def snapshot(state: TrainState, model, optimizer, scheduler, ema=None) -> dict:
     """Everything ``restore`` needs, as plain tensors and dicts (the file ``state/<step>.pt``)."""
     return {
-        "draws": draws.state_dict() if draws is not None else None,
         "ema": ema.state_dict() if ema is not None else None,
         "step": state.step,
         "lora": {k: v.detach().cpu().clone() for k, v in network.named_user_parameters(model).items()},
@@ -37,7 +36,7 @@ def snapshot(state: TrainState, model, optimizer, scheduler, ema=None, draws=Non
     }
 
 
-def restore(saved: dict, state: TrainState, model, optimizer, scheduler, ema=None, draws=None) -> None:
+def restore(saved: dict, state: TrainState, model, optimizer, scheduler, ema=None) -> None:
     params = network.named_user_parameters(model)
     if set(params) != set(saved["lora"]):
         raise UserError("--resume: the saved state does not match this job's LoRA (target or rank changed)")
@@ -52,8 +51,6 @@ def restore(saved: dict, state: TrainState, model, optimizer, scheduler, ema=Non
     state.epoch, state.batch = int(saved["position"]["epoch"]), int(saved["position"]["batch"])
     if ema is not None and saved.get("ema") is not None:
         ema.load_state_dict(saved["ema"])
-    if draws is not None and saved.get("draws") is not None:
-        draws.load_state_dict(saved["draws"])
 
 
 # Keys a resumed run may change: length, saving, previews and how memory is saved (layer offload and low_vram give

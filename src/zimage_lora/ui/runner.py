@@ -258,9 +258,21 @@ class Runner:
 
         with self.lock:
             row = self._job(name)
+            run = RunFolder(self.job_dir(name), name)
+            facts = runs.read_json(run.root / "run.json")
+            # done, or running but past its final files (that very process wrote "done"): the run is over
+            finished = row["status"] == "done" or (
+                row["status"] == "running" and facts.get("pid") == row["pid"] and facts.get("status") == "done"
+            )
+            if finished:
+                raise ApiError(
+                    409,
+                    f"job {name!r} has finished: nothing to {action} any more; its final LoRA is "
+                    f"jobs/{name}/{run.final_path.name}",
+                )
             if row["status"] != "running":
                 raise ApiError(409, f"job {name!r} is {row['status']}, not running; start it first")
-            RunFolder(self.job_dir(name), name).request(action)
+            run.request(action)
 
     def _job(self, name: str) -> dict[str, Any]:
         row = self.store.get("jobs", name)

@@ -5,11 +5,11 @@
 - actions: ``kill`` (SIGKILL itself: nothing runs after), ``sigint`` (one Ctrl-C), ``sigint2`` (two Ctrl-C),
   ``oom`` (raise an out-of-memory error), ``diskfull`` (raise ENOSPC), ``nan`` (make the loss non-finite),
   ``wait`` (hold there until a test lets it go, see below);
-- points: ``setup`` (the trainer starts loading, before it looks at its run folder), ``step`` (after optimizer step N, before the after-step
-  control looks at requests), ``loss`` (the loss of step N), ``save.lora.tmp`` / ``save.lora.renamed`` /
-  ``save.state.tmp`` / ``save.state.renamed`` / ``save.rotated`` (the phases of the save at step N), ``finished``
-  (the final files and run.json are written, before late requests are answered), ``cache.entry`` (the Nth latent
-  cache entry written).
+- points: ``setup`` (the trainer starts loading, before it looks at its run folder), ``step`` (after optimizer
+  step N, before the after-step control looks at requests), ``loss`` (the loss of step N), ``save.lora.tmp`` /
+  ``save.lora.renamed`` / ``save.state.tmp`` / ``save.state.renamed`` / ``save.rotated`` (the phases of the save at
+  step N), ``finished`` (the final files and run.json are written, before late requests are answered),
+  ``cache.entry`` (the Nth latent cache entry written).
 
 Without ``:N`` a point fires every time. Example: ``ZIMAGE_LORA_FAULT=kill@save.state.tmp:4``.
 

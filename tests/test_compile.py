@@ -65,8 +65,10 @@ def test_generate_with_compiled_blocks_gives_the_eager_image(tiny_model_dir, tmp
     from zimage_lora.sampling.sampler import SampleSettings
 
     settings = SampleSettings(64, 64, 2, 1.0, 5)
-    eager = Generator(str(tiny_model_dir), "zimage_turbo", [], device="cpu")
-    compiled = Generator(str(tiny_model_dir), "zimage_turbo", [], device="cpu", compile_blocks=True)
+    from zimage_lora.sampling.request import GenerationRequest
+
+    eager = Generator(GenerationRequest(model=str(tiny_model_dir), prompt="x", device="cpu"))
+    compiled = Generator(GenerationRequest(model=str(tiny_model_dir), prompt="x", device="cpu", compile=True))
     blocks = [m for m in compiled.comps.transformer.modules() if type(m).__name__ == "ZImageTransformerBlock"]
     assert blocks and all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
     a = torch.tensor(np.asarray(eager.image("a fox", "", settings)), dtype=torch.int16)

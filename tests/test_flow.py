@@ -149,6 +149,14 @@ def test_shift_sigma_values():
     s = torch.tensor([0.0, 0.25, 0.5, 1.0])
     assert torch.allclose(shift_sigma(s, 3.0), torch.tensor([0.0, 0.5, 0.75, 1.0]))
     assert torch.allclose(shift_sigma(s, 1.0), s)
+    # the formula is diffusers' scheduler's, restated: the same shifted schedule for Turbo's 3 and Base's 6
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    levels = [0.95, 0.7, 0.4, 0.1]
+    for shift in (3.0, 6.0):
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+        scheduler.set_timesteps(sigmas=levels)
+        assert torch.allclose(scheduler.sigmas[:-1], shift_sigma(torch.tensor(levels), shift))
 
 
 # --- the weighted curve ------------------------------------------------------------------------------------------

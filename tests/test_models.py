@@ -17,8 +17,9 @@ from transformers import Qwen2Tokenizer
 
 from zimage_lora.errors import UserError
 from zimage_lora.models import hub
+from zimage_lora.models.devices import device_name, resolve_device
 from zimage_lora.models.hub import parse_ref, resolve_file, resolve_model_dir
-from zimage_lora.models.loading import default_dtype, load_components, resolve_device
+from zimage_lora.models.loading import default_dtype, load_components
 from zimage_lora.models.text import encode_prompts
 from zimage_lora.models.tiny import build_tiny_model
 from zimage_lora.models.vae import decode_latents, encode_latents, pil_to_tensor, tensor_to_pil
@@ -187,7 +188,14 @@ def test_missing_or_broken_subfolder_is_a_user_error(tiny_model_dir, tmp_path):
 
 def test_resolve_device_and_default_dtype():
     assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("auto") == torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    # the rule itself, for a machine of any size: the queue's device keys and the trainer's devices agree
+    assert [device_name(s, gpus=2) for s in ("auto", "cpu", "cuda", "cuda:1", " CUDA:0 ")] == [
+        "cuda:0", "cpu", "cuda:0", "cuda:1", "cuda:0"
+    ]  # fmt: skip
+    assert device_name("auto", gpus=0) == "cpu"
+    with pytest.raises(UserError, match="'cuda:2' does not exist: this machine has 2 CUDA GPU"):
+        device_name("cuda:2", gpus=2)
     assert default_dtype("cpu") == torch.float32
     assert default_dtype("cuda:0") == torch.bfloat16
     with pytest.raises(UserError, match="'gpu' is not one of"):

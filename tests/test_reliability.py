@@ -6,6 +6,7 @@ SIGKILL test, which kills a real process at random moments.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -391,3 +392,44 @@ def test_requests_made_while_loading_act_at_the_first_step_and_late_ones_are_ans
         assert f"request: {action} after the last step: the run has finished; its final LoRA is {run}" in log
     assert not any((run / "requests").iterdir())  # nothing is left to fire on a later --resume
     assert "stale request" not in log
+
+
+def _folder_digest(folder: Path) -> dict[str, str]:
+    """Every file of a run folder, with a hash of its bytes."""
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_resume_writes_the_final_files_a_kill_left_out_and_then_has_nothing_to_do(make_job, tmp_path):
+    """Killed after the last state was saved but before the final files: --resume writes them (the final LoRA,
+    the last previews, the contact sheet, README.md, run.json) without taking a step again. Resumed again (scripts
+    on pre-emptible machines re-run --resume blindly), the finished run exits 0, says so, and changes no file."""
+    job_override = {**OVERRIDE, "sample": {"every": 1000, "steps": 2, "prompts": ["a fox", "a red car"]}}
+    straight = make_job(job_override, folder=tmp_path / "straight")
+    assert cli("train", str(straight)).returncode == 0
+    job = make_job(job_override, folder=tmp_path / "killed")
+    killed = cli("train", str(job), fault=f"kill@save.state.renamed:{STEPS}")  # the final save's state
+    assert killed.returncode == -signal.SIGKILL
+    run = run_folder(job)
+    assert (run / "state" / f"{STEPS:09d}.pt").is_file() and not (run / "README.md").exists()
+    assert json.loads((run / "run.json").read_text())["status"] == "running"
+    resumed = cli("train", str(job), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert final_bytes(job) == final_bytes(straight)
+    assert json.loads((run / "run.json").read_text())["status"] == "done" and (run / "README.md").is_file()
+    for name in (f"{STEPS:09d}_00.png", f"{STEPS:09d}_01.png"):
+        assert (run / "samples" / name).read_bytes() == (run_folder(straight) / "samples" / name).read_bytes()
+    assert (run / "samples" / "contact_sheet.png").is_file()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))  # no step taken twice
+
+    before = _folder_digest(run)
+    again = cli("train", str(job), "--resume")
+    assert again.returncode == 0, again.stderr
+    assert "the run is complete" in again.stdout and str(run / "tiny.safetensors") in again.stdout
+    assert _folder_digest(run) == before  # (asked for more steps, it goes on: test_resume_continues_to_the_same_lora)

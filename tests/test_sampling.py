@@ -15,7 +15,8 @@ from torch import nn
 
 from zimage_lora.config import DEFAULT_TARGET_REGEX, load_job
 from zimage_lora.lora.io import LoraWeights, read_lora, save_lora
-from zimage_lora.sampling.generate import Generator, LoraSpec
+from zimage_lora.sampling.generate import Generator, choose_arch
+from zimage_lora.sampling.request import GenerationRequest, LoraRef
 from zimage_lora.sampling.sampler import SampleSettings
 from zimage_lora.training.recipe import train
 
@@ -70,8 +71,14 @@ def pipeline_image(model_dir, files_weights, settings: SampleSettings) -> np.nda
     return np.asarray(image).astype(int)
 
 
+def request(model_dir, files_weights, arch="zimage_turbo", **options) -> GenerationRequest:
+    """A generation request as the CLI and the playground make it (the prompt and size are given per image here)."""
+    loras = [LoraRef(path=str(p), weight=w) for p, w in files_weights]
+    return GenerationRequest(model=str(model_dir), arch=arch, loras=loras, prompt=PROMPT, device="cpu", **options)
+
+
 def our_image(model_dir, files_weights, settings: SampleSettings, arch="zimage_turbo", **options) -> np.ndarray:
-    gen = Generator(str(model_dir), arch, [LoraSpec(p, w) for p, w in files_weights], device="cpu", **options)
+    gen = Generator(request(model_dir, files_weights, arch, **options))
     return np.asarray(gen.image(PROMPT, NEGATIVE, settings)).astype(int)
 
 
@@ -79,9 +86,9 @@ def test_fused_loras_give_the_branch_image_and_leave_no_branch(tiny_model_dir, l
     from peft.tuners.lora import LoraLayer
 
     settings = SampleSettings(64, 64, 8, 1.0, 4)
-    specs = [LoraSpec(loras[0], 0.6), LoraSpec(loras[1], 1.0)]
-    fused = Generator(str(tiny_model_dir), "zimage_turbo", specs, device="cpu")
-    branches = Generator(str(tiny_model_dir), "zimage_turbo", specs, device="cpu", fuse=False)
+    specs = [(loras[0], 0.6), (loras[1], 1.0)]
+    fused = Generator(request(tiny_model_dir, specs))
+    branches = Generator(request(tiny_model_dir, specs, fuse=False))
     layers = lambda gen: sum(isinstance(m, LoraLayer) for m in gen.comps.transformer.modules())  # noqa: E731
     assert fused.fused and layers(fused) == 0  # the update is in the weights: a step costs the base model's
     assert not branches.fused and layers(branches) > 0
@@ -90,7 +97,7 @@ def test_fused_loras_give_the_branch_image_and_leave_no_branch(tiny_model_dir, l
     assert np.abs(a - b).max() <= 1
     assert np.abs(a - our_image(tiny_model_dir, [], settings)).mean() > 2  # and the LoRAs are in it
     # a quantized base keeps plain LoRAs as full-precision branches (fused, they would be rounded to its grid)
-    quantized = Generator(str(tiny_model_dir), "zimage_turbo", specs, device="cpu", quantize="int8")
+    quantized = Generator(request(tiny_model_dir, specs, quantize="int8"))
     assert not quantized.fused and layers(quantized) > 0
 
 
@@ -164,6 +171,61 @@ def test_generate_command(tiny_model_dir, loras, tmp_path):
     assert info["loras"] == "a.safetensors:0.7, b.safetensors:1" and info["lora_fused"] == "true"
     bad = run_cli("generate", "--model", str(tiny_model_dir), "--lora", "a.safetensors:strong", "--prompt", "x")
     assert bad.returncode == 2 and "weight after ':'" in bad.stderr and "Traceback" not in bad.stderr
+    # the request's own rules, named as the command line spells them (one check, shared with the playground's API)
+    for option, value, says in (("--width", "1000", "multiple of 16"), ("--count", "0", ">= 1")):
+        bad = run_cli("generate", "--model", str(tiny_model_dir), "--prompt", "x", option, value)
+        assert bad.returncode == 2 and bad.stderr.startswith(f"error: {option}: ") and says in bad.stderr, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def lora_trained_for(source, folder, arch: str, base_model: str = "model"):
+    """A copy of a LoRA file whose metadata says it was trained for ``arch`` on ``base_model``."""
+    from zimage_lora.lora.io import read_safetensors, serialize_safetensors
+
+    tensors, _ = read_safetensors(source)
+    path = folder / f"{arch}.safetensors"
+    meta = {"zimage_lora.arch": arch, "zimage_lora.base_model": base_model}
+    path.write_bytes(serialize_safetensors(tensors, meta))
+    return path
+
+
+def test_generate_runs_the_arch_a_lora_was_trained_for(tiny_model_dir, loras, tmp_path):
+    """Without --arch, a De-Turbo LoRA runs as De-Turbo is meant to (25 steps, CFG 3) and a LoRA trained with the
+    training adapter on plain Turbo (8 steps, no CFG); what does not fit is said, not silently run."""
+    from zimage_lora.models.arch import ARCHS
+
+    deturbo = lora_trained_for(loras[0], tmp_path, "zimage_deturbo", tiny_model_dir.name)
+    adapter = lora_trained_for(loras[1], tmp_path, "zimage_turbo_adapter", tiny_model_dir.name)
+
+    def chosen(paths, arch=None, model=str(tiny_model_dir)):
+        said: list[str] = []
+        req = GenerationRequest(model=model, arch=arch, loras=[LoraRef(path=str(p)) for p in paths], prompt="x")
+        return choose_arch(req, said.append).name, said
+
+    assert chosen([deturbo]) == ("zimage_deturbo", [])
+    assert chosen([adapter]) == ("zimage_turbo", [])
+    name, said = chosen([deturbo], arch="zimage_turbo")
+    assert name == "zimage_turbo" and said == [
+        f"LoRA {deturbo.name} was trained for zimage_deturbo (used with zimage_deturbo: 25 steps, CFG 3); it runs on "
+        "zimage_turbo (8 steps, no CFG) as --arch asks"
+    ]
+    name, said = chosen([adapter, deturbo])
+    assert name == "zimage_turbo" and said[0].startswith("the LoRAs were trained for different archs")
+    name, said = chosen([loras[0]])  # no metadata: today's default, said
+    assert name == "zimage_turbo" and said == [
+        "LoRA a.safetensors records no arch; running zimage_turbo (8 steps, no CFG); give --arch to choose"
+    ]
+    name, said = chosen([deturbo], model=ARCHS["zimage_deturbo"].default_model)
+    assert said == [f"LoRA {deturbo.name} was trained on {tiny_model_dir.name}; this runs ostris/Z-Image-De-Turbo"]
+
+    proc = run_cli(
+        "generate", "--model", str(tiny_model_dir), "--lora", str(deturbo), "--prompt", PROMPT, "--width", "64",
+        "--height", "64", "--out", str(tmp_path / "out"), "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(next((tmp_path / "out").glob("*.png"))) as im:
+        info = json.loads(im.text["parameters"])
+    assert (info["arch"], info["steps"], info["guidance"]) == ("zimage_deturbo", 25, 3.0)
 
 
 def run_arch_job(tmp_path, tiny_model_dir, arch, **sample):

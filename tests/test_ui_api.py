@@ -193,6 +193,7 @@ def test_config_validate_round_trips_config_yaml_config(client, tiny_adapter):
         ({"model": {"name_or_path": "models/missing"}}, "model.name_or_path", "not found"),
         ({"model": {"arch": "zimage_deturbo"}}, "model.training_adapter", "only used with arch"),
         ({"job": {"name": "../x"}}, "job.name", "not allowed"),
+        ({"datasets": [{"resolutions": [1024]}]}, "datasets[0].resolutions", "no image is large enough for 1024"),
     ],
 )
 def test_config_validate_reports_the_clis_error_by_key(client, tiny_adapter, override, key, words):
@@ -203,6 +204,16 @@ def test_config_validate_reports_the_clis_error_by_key(client, tiny_adapter, ove
     # the YAML view of the same invalid config, and back: same error, and the form gets the config to show
     again = client.post("/api/config/validate", json={"yaml": body["yaml"]}).json()
     assert again["ok"] is False and again["config"] == sent and again["errors"] == body["errors"]
+
+
+def test_config_validate_warns_beside_the_field_and_still_accepts(client, tiny_adapter):
+    sent = job_config("v", tiny_adapter, {"train": {"lr": 3e-4}})
+    body = client.post("/api/config/validate", json={"config": sent}).json()
+    assert body["ok"] is True and body["errors"] == []
+    [warning] = [w for w in body["warnings"] if w["key"] == "train.lr"]
+    assert "the guide warns that 0.0002 and above" in warning["message"]
+    calm = client.post("/api/config/validate", json={"config": job_config("v", tiny_adapter, {"train": {"lr": 1e-4}})})
+    assert not [w for w in calm.json()["warnings"] if w["key"] == "train.lr"]
 
 
 def test_config_validate_marks_every_field_in_error_at_once(client, tiny_adapter):
@@ -333,6 +344,8 @@ def test_job_runs_to_done_and_its_lora_generates(client, data_dir, tiny_adapter,
     loras = client.get("/api/loras").json()["loras"]
     final_lora = next(item for item in loras if item["final"])
     assert final_lora.items() >= {"job": "fox", "path": "jobs/fox/fox.safetensors", "base_model": "models/tiny"}.items()
+    # trained with the training adapter, used on plain Turbo (the playground offers the arch LoRAs are used with)
+    assert (final_lora["trained_arch"], final_lora["arch"]) == ("zimage_turbo_adapter", "zimage_turbo")
     assert client.get("/api/models").json() == {"models": [{"name": "tiny", "path": "models/tiny"}]}
 
     request = {
@@ -518,7 +531,12 @@ def test_datasets_create_list_upload_caption_thumb_check_delete(client, data_dir
 
     check = client.get("/api/datasets/cats/check?resolutions=64&trigger=zcat").json()
     assert "dataset " in check["report"] and "resolution 64" in check["report"]
-    assert check["problems"] and all(p in check["report"] for p in check["problems"])
+    assert check["problems"] and all(p["message"] in check["report"] for p in check["problems"])
+    # problems come as data, not as lines to match: by kind and file (the two plain pictures look alike)
+    kinds = {(p["kind"], p["file"]) for p in check["problems"]}
+    assert ("near_duplicate", "Cat_One.png") in kinds and not any(p["fatal"] for p in check["problems"])
+    assert check["trainable"] == 2
+    assert client.get("/api/datasets/cats").json()["upload_exts"] == [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".txt"]
     assert client.get("/api/datasets/cats/check?resolutions=50").status_code == 400
 
     assert client.delete("/api/datasets/cats/images/Cat_One.png").status_code == 200

@@ -36,7 +36,7 @@ def train(
     """Train a LoRA from a job file."""
     from zimage_lora.config import load_job
 
-    cfg = load_job(job, set_)
+    cfg = load_job(job, set_, warnings=[])  # the trainer logs the job's warnings itself
     from zimage_lora.training.recipe import train as run_training
 
     result = run_training(cfg, resume=resume, overwrite=overwrite, progress=progress)
@@ -48,14 +48,24 @@ def validate(
     job: Path = typer.Argument(..., help="The job file (YAML)."),
     set_: list[str] = typer.Option([], "--set", help="Override a key (repeatable)."),
 ) -> None:
-    """Check a job file and print the fully resolved job (loads no model)."""
+    """Check a job file and print the fully resolved job (loads no model); warnings go to stderr."""
     from zimage_lora.config import dump_yaml, load_job
 
-    typer.echo(dump_yaml(load_job(job, set_)), nl=False)
+    warnings: list[str] = []
+    cfg = load_job(job, set_, warnings=warnings)
+    for warning in warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(dump_yaml(cfg), nl=False)
 
 
 @app.command()
-def init(preset: str = typer.Option("turbo-adapter-v2", help="turbo-adapter-v2, turbo-adapter-v1, deturbo or demo.")):
+def init(
+    preset: str = typer.Option(
+        "turbo-adapter-v2",
+        help="turbo-adapter-v2 (the recommended start), turbo-adapter-v1 (the safe baseline to go back to when "
+        "training with v2 is unstable), deturbo or demo.",
+    ),
+):
     """Print a commented job file with the guide's baseline settings."""
     from zimage_lora.config import preset_names, preset_yaml
     from zimage_lora.errors import UserError
@@ -112,66 +122,70 @@ def demo(
     job = out / "demo.yaml"
     job.write_text(preset_yaml("demo"))
     typer.echo(f"demo job: {job}")
-    result = run_training(load_job(job), overwrite=True, progress=progress)
+    result = run_training(load_job(job, warnings=[]), overwrite=True, progress=progress)
     _report(result)
+
+
+def _field_help(name: str) -> str:
+    """A generation option's help: the request's own description (``sampling/request.py``), written once."""
+    from zimage_lora.sampling.request import GenerationRequest
+
+    return GenerationRequest.model_fields[name].description or ""
+
+
+def _arch_help() -> str:
+    from zimage_lora.models.arch import inference_archs
+
+    choices = ", ".join(f"{a.name} ({a.cfg_label})" for a in inference_archs())
+    return f"{_field_help('arch')} One of {choices}."
 
 
 @app.command()
 def generate(
-    model: str = typer.Option(..., help="Base model: hub id (optionally @revision) or a diffusers-layout folder."),
-    arch: str = typer.Option("zimage_turbo", help="zimage_turbo (8 steps, no CFG), zimage_deturbo or zimage_base."),
+    prompt: str = typer.Option(..., help=_field_help("prompt")),
+    model: str = typer.Option(None, help=_field_help("model")),
+    arch: str = typer.Option(None, help=_arch_help()),
     lora: list[str] = typer.Option([], help="LoRA file, optionally FILE:WEIGHT (repeatable)."),
-    prompt: str = typer.Option(..., help="The prompt."),
-    negative: str = typer.Option("", help="Negative prompt (used when guidance > 1)."),
-    steps: int = typer.Option(None, min=1, help="Transformer forwards; default from the arch."),
-    guidance: float = typer.Option(None, min=0, help="Classic CFG scale (<= 1: none); default from the arch."),
-    width: int = typer.Option(1024),
-    height: int = typer.Option(1024),
-    seed: int = typer.Option(42),
-    count: int = typer.Option(1, min=1, help="Images to make, with seeds seed, seed+1, ..."),
+    negative: str = typer.Option("", help=_field_help("negative_prompt")),
+    steps: int = typer.Option(None, help=_field_help("steps")),
+    guidance: float = typer.Option(None, help=_field_help("guidance")),
+    width: int = typer.Option(1024, help=_field_help("width")),
+    height: int = typer.Option(1024, help=_field_help("height")),
+    seed: int = typer.Option(42, help=_field_help("seed")),
+    count: int = typer.Option(1, help=_field_help("count")),
     out: Path = typer.Option(Path("generated"), help="Folder for the PNGs (settings in their text metadata)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", help=_field_help("device")),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
-    quantize: str = typer.Option(
-        "none", help="Frozen weights of transformer and text encoder: none (bf16), float8, int8 or nf4."
-    ),
-    compile_: bool = typer.Option(
-        False, "--compile/--no-compile", help="torch.compile the transformer blocks (pays off from a few images)."
-    ),
-    fuse: bool = typer.Option(
-        True,
-        "--fuse/--no-fuse",
-        help="Add plain LoRAs into the weights (no per-step cost); --no-fuse keeps them as branches, as the "
-        "previews run them. With --quantize they always stay branches.",
-    ),
+    quantize: str = typer.Option("none", help=_field_help("quantize")),
+    compile_: bool = typer.Option(False, "--compile/--no-compile", help=_field_help("compile")),
+    fuse: bool = typer.Option(True, "--fuse/--no-fuse", help=_field_help("fuse")),
 ) -> None:
     """Generate images with a base model and LoRAs (the guide's "Run LoRA")."""
     from zimage_lora.quiet import quiet_libraries
-    from zimage_lora.sampling.generate import LoraSpec
     from zimage_lora.sampling.generate import generate as run_generate
+    from zimage_lora.sampling.request import GenerationRequest, LoraRef
 
     quiet_libraries()
-    specs = [LoraSpec.parse(text) for text in lora]
-    paths = run_generate(
-        model,
-        arch,
-        specs,
-        prompt,
-        negative,
-        steps,
-        guidance,
-        width,
-        height,
-        seed,
-        count,
-        out,
-        device=device,
-        progress=progress,
+    flags = {"negative_prompt": "--negative", "loras": "--lora", "compile": "--compile"}
+    request = GenerationRequest.build(
+        {name: flags.get(name, f"--{name}") for name in GenerationRequest.model_fields},
+        model=model,
+        arch=arch,
+        loras=[LoraRef.parse(text) for text in lora],
+        prompt=prompt,
+        negative_prompt=negative,
+        steps=steps,
+        guidance=guidance,
+        width=width,
+        height=height,
+        seed=seed,
+        count=count,
         quantize=quantize,
-        compile_blocks=compile_,
+        compile=compile_,
         fuse=fuse,
+        device=device,
     )
-    for path in paths:
+    for path in run_generate(request, out, progress=progress):
         typer.echo(str(path))
 
 
@@ -245,15 +259,10 @@ def dataset_check(
     recursive: bool = typer.Option(False, help="Also look in sub-folders."),
 ) -> None:
     """Report a dataset's images, captions, duplicates and buckets; exit 2 only if it cannot train."""
+    from zimage_lora.config import parse_resolutions
     from zimage_lora.data.check import check_dataset, format_report
-    from zimage_lora.errors import UserError
 
-    try:
-        sizes = [int(r) for r in resolutions.split(",") if r.strip()]
-    except ValueError:
-        raise UserError(f"--resolutions: expected numbers like 512,768,1024, got {resolutions!r}") from None
-    if not sizes or any(r < 64 or r % 16 for r in sizes):
-        raise UserError(f"--resolutions: each must be a multiple of 16 from 64 up, got {resolutions!r}")
+    sizes = parse_resolutions(resolutions, "--resolutions")
     report = check_dataset(folder, sizes, trigger, caption_ext.lstrip("."), recursive)
     typer.echo(format_report(report, trigger))
     if not report.trainable:
@@ -261,6 +270,9 @@ def dataset_check(
 
 
 def _report(result) -> None:
+    if result.complete:
+        typer.echo(f"the run is complete: {result.steps} steps, nothing to resume; LoRA: {result.final_lora}")
+        return
     if result.stopped_at is not None:
         typer.echo(f"stopped at step {result.stopped_at}, saved in {result.run_dir}; continue with --resume")
         return

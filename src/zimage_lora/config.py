@@ -4,9 +4,9 @@ A job file is YAML with the sections ``job, model, quantization, target, save, t
 (the web UI shows one panel per section, in this order). The pydantic models below are the contract that the docs,
 the UI and the training recipe share; each field's ``description`` is the help text the UI shows.
 
-Loading is a pipeline: read YAML -> apply ``--set`` overrides -> validate the schema -> reject switches that are
-not supported yet -> semantic checks (folders exist, options that fight each other). Every failure is a
-``ConfigError`` whose message is one line that starts with the key path (``train.lr``, ``datasets[0].path``).
+Loading is a pipeline: read YAML -> apply ``--set`` overrides -> validate the schema -> semantic checks (folders
+exist, options that fight each other, images that can train). Every failure is a ``ConfigError`` whose message is
+one line that starts with the key path (``train.lr``, ``datasets[0].path``).
 
 Relative paths in a job file are resolved against the folder of the job file, never the current directory, so a
 job runs the same from anywhere. That applies to ``job.output_dir``, ``datasets[].path``, ``datasets[].cache_dir``
@@ -26,7 +26,7 @@ import logging
 import os
 import re
 import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -42,8 +42,13 @@ from pydantic import (
     model_validator,
 )
 
+from zimage_lora.data.check import FEW_IMAGES, FEW_IMAGES_STEPS, HIGH_LR, untrainable
+from zimage_lora.data.dataset import IMAGE_EXTS, list_images
 from zimage_lora.errors import ConfigError
-from zimage_lora.models.arch import ARCHS
+from zimage_lora.models.arch import ARCHS, DEFAULT_ARCH, TRAINING_ADAPTERS, describe_archs
+from zimage_lora.models.devices import DEVICE_PATTERN
+from zimage_lora.models.refs import is_hub_ref, looks_local
+from zimage_lora.training.optim import OPTIMIZERS
 
 log = logging.getLogger(__name__)
 
@@ -51,34 +56,31 @@ log = logging.getLogger(__name__)
 # Choices and per-architecture defaults
 # ---------------------------------------------------------------------------------------------------------------
 
-Arch = Literal["zimage_turbo_adapter", "zimage_deturbo", "zimage_base", "zimage_turbo"]
+ArchName = Literal[tuple(ARCHS)]  # the registry's keys, in its order (models/arch.py)
 Quant = Literal["none", "float8", "int8", "nf4"]
 NetworkType = Literal["lora", "lokr", "loha", "dora"]
 SaveDtype = Literal["bf16", "fp16", "fp32"]
-Optimizer = Literal["adamw8bit", "adamw", "adafactor", "prodigy"]
+Optimizer = Literal[tuple(OPTIMIZERS)]  # the optimizer registry's names (training/optim.py)
 Scheduler = Literal["constant", "cosine", "linear"]
 TimestepType = Literal["weighted", "sigmoid", "linear", "shift", "lognorm"]
 TimestepBias = Literal["balanced", "high_noise", "low_noise"]
 MixedPrecision = Literal["auto", "bf16", "fp16", "no"]
 
 # Image sides must be multiples of 16: the VAE downsamples by 8 and the transformer patchifies latents 2x2.
-ImageSide = Annotated[int, Field(ge=64, le=4096, multiple_of=16)]
+MIN_SIDE, MAX_SIDE, SIDE_STEP = 64, 4096, 16
+ImageSide = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_STEP)]
+DeviceSpec = Annotated[str, Field(pattern=DEVICE_PATTERN)]  # models/devices.py resolves it
 # Generous ceilings: past them a value is a typo, not a plan.
 MAX_STEPS = 10_000_000
 MAX_BATCH = 1024
 
 
-# Per-architecture facts (default weights, preview steps and guidance, shift) live in one place.
-ARCH_DEFAULTS = ARCHS
-
-DEFAULT_TRAINING_ADAPTER = "ostris/zimage_turbo_training_adapter/zimage_turbo_training_adapter_v2.safetensors"
+DEFAULT_TRAINING_ADAPTER = TRAINING_ADAPTERS[0].ref
 
 # Every linear of the main transformer blocks (not the refiner blocks, embedders or final layer).
 DEFAULT_TARGET_REGEX = (
     r"^layers\.\d+\.(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.(w1|w2|w3)|adaLN_modulation\.0)$"
 )
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -100,27 +102,20 @@ def _local_path(value: str | None, info: ValidationInfo) -> str | None:
     return os.path.abspath(path if path.is_absolute() else base / path)
 
 
-HUB_REF = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?(/[\w./ -]+)?$")
-
-
 def _hub_or_local(value: str | None, info: ValidationInfo) -> str | None:
-    """A hub id (``owner/name[@revision]`` or ``owner/name/file``) or a local path; only local ones are resolved."""
+    """A hub id (``owner/name[@revision]`` or ``owner/name/file``) or a local path; only local ones are resolved.
+    The rule is ``models/refs.py``'s, which the downloader follows too."""
     base = _base_dir(info)
     if value == "":
         return None  # an empty entry means "not set" (the arch's default model, no adapter)
     if value is None or base is None:
         return value
     path = Path(value).expanduser()
-    explicit = path.is_absolute() or value.startswith(("./", "../", ".\\", "..\\", "~")) or value in (".", "..")
-    if explicit or (base / path).exists():
+    if looks_local(value, max_slashes=None) or (base / path).exists():
         return os.path.abspath(path if path.is_absolute() else base / path)
-    if not HUB_REF.match(value):
+    if not is_hub_ref(value):
         raise ValueError(f"{value!r} is neither an existing path nor a hub id like owner/name[@revision]")
     return value
-
-
-def _looks_local(value: str) -> bool:
-    return Path(value).expanduser().is_absolute()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -152,8 +147,6 @@ class _Section(BaseModel):
 
 
 class JobSection(_Section):
-    model_config = ConfigDict(extra="forbid")
-
     name: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
         description="Run name: 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit; "
@@ -165,9 +158,7 @@ class JobSection(_Section):
     output_dir: str = Field(
         "output", validate_default=True, description="Folder that holds run folders (relative to the job file)."
     )
-    device: str = Field(
-        "auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$", description="Where to train: auto, cpu, cuda or cuda:N."
-    )
+    device: DeviceSpec = Field("auto", description="Where to train: auto, cpu, cuda or cuda:N.")
     seed: int = Field(42, ge=0, description="Seed for noise, timesteps and caption dropout; same seed, same run.")
 
     @field_validator("output_dir")
@@ -177,12 +168,9 @@ class JobSection(_Section):
 
 
 class ModelSection(_Section):
-    model_config = ConfigDict(extra="forbid")
-
-    arch: Arch = Field(
-        "zimage_turbo_adapter",
-        description="Which Z-Image variant to train: Turbo with the training adapter (recommended), De-Turbo, "
-        "Base, or raw Turbo (drifts).",
+    arch: ArchName = Field(
+        DEFAULT_ARCH,
+        description=f"Which Z-Image variant to train: {describe_archs()}. The first is recommended.",
     )
     name_or_path: str | None = Field(
         None,
@@ -190,8 +178,11 @@ class ModelSection(_Section):
     )
     training_adapter: str | None = Field(
         None,
-        description="LoRA merged into Turbo while training so the LoRA does not undo the distillation; "
-        "hub file (owner/repo/file.safetensors) or local file. Only for zimage_turbo_adapter.",
+        description="The de-distilling training adapter: a LoRA applied to Turbo as a separate frozen branch while "
+        "training (never merged, never saved with your LoRA, off for previews), so your LoRA does not undo the "
+        "distillation; hub file (owner/repo/file.safetensors) or local file. "
+        + "; ".join(f"{a.version}: {a.note}" for a in TRAINING_ADAPTERS)
+        + ". Only for the archs that take one.",
     )
     text_encoder_path: str | None = Field(None, description="Replace the text encoder (hub id or folder).")
     vae_path: str | None = Field(None, description="Replace the VAE (hub id or folder).")
@@ -214,13 +205,11 @@ class ModelSection(_Section):
     @model_validator(mode="after")
     def _default_weights(self) -> ModelSection:
         if self.name_or_path is None:
-            self.name_or_path = ARCH_DEFAULTS[self.arch].default_model
+            self.name_or_path = ARCHS[self.arch].default_model
         return self
 
 
 class QuantizationSection(_Section):
-    model_config = ConfigDict(extra="forbid")
-
     transformer: Quant = Field(
         "none",
         description="Frozen transformer weights: none (bf16, 12.3 GB), float8 or int8 (half), nf4 (about a quarter); "
@@ -237,8 +226,6 @@ class QuantizationSection(_Section):
 
 
 class TargetSection(_Section):
-    model_config = ConfigDict(extra="forbid")
-
     type: NetworkType = Field("lora", description="Kind of trainable network.")
     rank: int = Field(16, ge=1, le=1024, description="Rank of the low-rank update: capacity (and file size).")
     alpha: float | None = Field(None, gt=0, description="Scale numerator (update x alpha/rank); empty = rank.")
@@ -267,14 +254,8 @@ class TargetSection(_Section):
     def resolved_alpha(self) -> float:
         return self.alpha if self.alpha is not None else float(self.rank)
 
-    @property
-    def resolved_modules(self) -> str:
-        return self.modules if self.modules is not None else DEFAULT_TARGET_REGEX
-
 
 class SaveSection(_Section):
-    model_config = ConfigDict(extra="forbid")
-
     dtype: SaveDtype = Field("bf16", description="Precision of the saved LoRA weights.")
     every: int = Field(250, ge=1, le=MAX_STEPS, description="Save a checkpoint every this many steps.")
     keep: int = Field(
@@ -283,24 +264,18 @@ class SaveSection(_Section):
 
 
 class EmaSection(_Section):
-    model_config = ConfigDict(extra="forbid")
-
     enabled: bool = Field(False, description="Keep an exponential moving average of the LoRA weights.")
     decay: float = Field(0.999, gt=0, lt=1, description="EMA decay per step (closer to 1 = smoother).")
     save_raw: bool = Field(False, description="Also save the raw (non-EMA) weights, in raw/ of the run folder.")
 
 
 class DopSection(_Section):
-    model_config = ConfigDict(extra="forbid")
-
     enabled: bool = Field(False, description="Differential output preservation: keep the class word unchanged.")
     multiplier: float = Field(1.0, gt=0, description="Weight of the preservation loss.")
     class_word: str | None = Field(None, description="Word the trigger replaces in preservation prompts (e.g. man).")
 
 
 class ValidationSection(_Section):
-    model_config = ConfigDict(extra="forbid")
-
     enabled: bool = Field(False, description="Measure loss on held-out images at fixed noise levels.")
     every: int = Field(250, ge=1, le=MAX_STEPS, description="Run validation every this many steps.")
     sigmas: list[Annotated[float, Field(gt=0, le=1)]] = Field(
@@ -315,13 +290,11 @@ class ValidationSection(_Section):
 
 
 class TrainSection(_Section):
-    model_config = ConfigDict(extra="forbid")
-
     batch_size: int = Field(1, ge=1, le=MAX_BATCH, description="Images per forward pass.")
     grad_accum: int = Field(1, ge=1, le=MAX_BATCH, description="Forward passes per optimizer step.")
     steps: int = Field(3000, ge=1, le=MAX_STEPS, description="Optimizer steps in the run.")
     optimizer: Optimizer = Field(
-        "adamw8bit", description="Optimizer (adamw8bit keeps its state in 8 bits to save memory)."
+        next(iter(OPTIMIZERS)), description="; ".join(f"{o.name}: {o.note}" for o in OPTIMIZERS.values()) + "."
     )
     lr: float = Field(1e-4, gt=0, description="Learning rate.")
     weight_decay: float = Field(1e-4, ge=0, description="Decoupled weight decay.")
@@ -366,8 +339,6 @@ class TrainSection(_Section):
 
 
 class DatasetSection(_Section):
-    model_config = ConfigDict(extra="forbid")
-
     path: str = Field(description="Folder with the images and their caption files (relative to the job file).")
     default_caption: str = Field("", description="Caption for images without a caption file.")
     caption_ext: str = Field("txt", pattern=r"^[A-Za-z0-9]+$", description="Extension of the caption files.")
@@ -404,8 +375,6 @@ class DatasetSection(_Section):
 class SamplePrompt(_Section):
     """One preview prompt; a plain string in YAML is the same as ``{prompt: ...}``."""
 
-    model_config = ConfigDict(extra="forbid")
-
     prompt: str = Field(min_length=1, description="Prompt text; [trigger] is replaced by the trigger word.")
     seed: int | None = Field(None, ge=0, description="Seed for this prompt; empty = the section's.")
     width: ImageSide | None = Field(None, description="Width; empty = the section's.")
@@ -421,8 +390,6 @@ class SamplePrompt(_Section):
 
 
 class SampleSection(_Section):
-    model_config = ConfigDict(extra="forbid")
-
     every: int = Field(250, ge=1, le=MAX_STEPS, description="Render previews every this many steps.")
     width: ImageSide = Field(1024, description="Preview width (multiple of 16).")
     height: ImageSide = Field(1024, description="Preview height (multiple of 16).")
@@ -435,33 +402,25 @@ class SampleSection(_Section):
     negative_prompt: str = Field("", description="Negative prompt (only used when guidance > 1).")
 
     def resolved_steps(self, arch: str) -> int:
-        return self.steps if self.steps is not None else ARCH_DEFAULTS[arch].sample_steps
+        return self.steps if self.steps is not None else ARCHS[arch].sample_steps
 
     def resolved_guidance(self, arch: str) -> float:
-        return self.guidance if self.guidance is not None else ARCH_DEFAULTS[arch].sample_guidance
+        return self.guidance if self.guidance is not None else ARCHS[arch].sample_guidance
 
     def resolved_prompts(self, arch: str) -> list[SamplePrompt]:
-        """Every prompt with its empty fields filled from this section."""
-        section = {
-            "seed": self.seed,
-            "width": self.width,
-            "height": self.height,
-            "steps": self.resolved_steps(arch),
-            "guidance": self.resolved_guidance(arch),
-        }
+        """Every prompt with its empty fields filled from this section (each field both have; the arch's preview
+        steps and guidance where the section has none)."""
+        section = {name: getattr(self, name) for name in SamplePrompt.model_fields if name in type(self).model_fields}
+        section.update(steps=self.resolved_steps(arch), guidance=self.resolved_guidance(arch))
         return [p.model_copy(update={k: v for k, v in section.items() if getattr(p, k) is None}) for p in self.prompts]
 
 
 class DifferentialGuidanceSection(_Section):
-    model_config = ConfigDict(extra="forbid")
-
     enabled: bool = Field(False, description="Push the training target past the data, away from the prediction.")
     scale: float = Field(3.0, gt=0, description="How far past the target to push.")
 
 
 class AdvancedSection(_Section):
-    model_config = ConfigDict(extra="forbid")
-
     differential_guidance: DifferentialGuidanceSection = Field(
         default_factory=DifferentialGuidanceSection, description="Differential guidance."
     )
@@ -469,8 +428,6 @@ class AdvancedSection(_Section):
 
 class JobConfig(_Section):
     """A whole training job. Validation fills every default that depends on another section."""
-
-    model_config = ConfigDict(extra="forbid")
 
     version: Literal[1] = Field(1, description="Job file format version.")
     job: JobSection = Field(description="Run name, trigger word, output folder, device, seed.")
@@ -500,7 +457,13 @@ def run_dir(cfg: JobConfig) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def load_job(path: str | os.PathLike[str], overrides: Sequence[str] = (), *, check_paths: bool = True) -> JobConfig:
+def load_job(
+    path: str | os.PathLike[str],
+    overrides: Sequence[str] = (),
+    *,
+    check_paths: bool = True,
+    warnings: list[str] | None = None,
+) -> JobConfig:
     """Read a job file, apply ``--set`` overrides and validate it; relative paths are relative to the file.
 
     ``check_paths=False`` skips the checks that look at the disk (dataset folders, local model files), for presets
@@ -515,7 +478,7 @@ def load_job(path: str | os.PathLike[str], overrides: Sequence[str] = (), *, che
         raise ConfigError(f"job file not found: {path}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file; a job file is YAML") from None
-    return load_job_text(text, path.parent, overrides, check_paths=check_paths, source=str(path))
+    return load_job_text(text, path.parent, overrides, check_paths=check_paths, source=str(path), warnings=warnings)
 
 
 def load_job_text(
@@ -525,14 +488,24 @@ def load_job_text(
     *,
     check_paths: bool = True,
     source: str = "job",
+    warnings: list[str] | None = None,
 ) -> JobConfig:
     """Like ``load_job`` for YAML that is not in a file (a preset, a web UI form); ``source`` names it in errors."""
     data = _parse_yaml(text, source)
-    return parse_job(apply_overrides(data, overrides), base_dir, check_paths=check_paths)
+    return parse_job(apply_overrides(data, overrides), base_dir, check_paths=check_paths, warnings=warnings)
 
 
-def parse_job(data: Mapping[str, Any], base_dir: str | os.PathLike[str], *, check_paths: bool = True) -> JobConfig:
-    """Validate a job given as plain data (parsed YAML, web UI JSON) with the same errors as ``load_job``."""
+def parse_job(
+    data: Mapping[str, Any],
+    base_dir: str | os.PathLike[str],
+    *,
+    check_paths: bool = True,
+    warnings: list[str] | None = None,
+) -> JobConfig:
+    """Validate a job given as plain data (parsed YAML, web UI JSON) with the same errors as ``load_job``.
+
+    What is allowed but unwise (raw Turbo, a high learning rate, many steps on few images) goes to ``warnings``
+    when a list is given, else to this module's logger."""
     if not isinstance(data, Mapping):
         raise ConfigError(
             f"job config: the top level must be a mapping of sections (job, model, ...), got {_show(data)}"
@@ -541,10 +514,13 @@ def parse_job(data: Mapping[str, Any], base_dir: str | os.PathLike[str], *, chec
     try:
         cfg = JobConfig.model_validate(dict(data), context=context)
     except ValidationError as exc:
-        raise _config_error(_explain(exc)) from None
-    check_supported(cfg)
-    for warning in check_job(cfg, check_paths=check_paths):
-        log.warning(warning)
+        raise _config_error(explain_errors(exc)) from None
+    found = check_job(cfg, check_paths=check_paths)
+    if warnings is None:
+        for warning in found:
+            log.warning(warning)
+    else:
+        warnings.extend(found)
     return cfg
 
 
@@ -754,7 +730,7 @@ _BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "
 _BOUND_KEYS = {"greater_than_equal": "ge", "greater_than": "gt", "less_than_equal": "le", "less_than": "lt"}
 
 
-def _explain(exc: ValidationError) -> list[str]:
+def explain_errors(exc: ValidationError) -> list[str]:
     """Every problem pydantic found, one line each."""
     # A misspelt key usually also causes a "missing" error for the right one: report the misspelling first.
     errors = sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
@@ -835,26 +811,6 @@ def _one_line(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Not supported yet: accepted by the schema so jobs and the UI can name them, rejected before any work starts.
-# Remove an entry when the feature lands (with its test).
-# ---------------------------------------------------------------------------------------------------------------
-
-NOT_SUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = []
-
-
-def check_supported(cfg: JobConfig) -> None:
-    """Raise ``ConfigError`` when the job turns on something the schema knows but the trainer does not do yet."""
-    problems = []
-    for path, is_on, hint in NOT_SUPPORTED:
-        value: Any = cfg
-        for part in path.split("."):
-            value = getattr(value, part)
-        if is_on(value):
-            problems.append(f"{path}: not supported yet ({_plain(value)}); {hint}")
-    _raise_first(problems)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Semantic checks
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -864,21 +820,19 @@ def check_job(cfg: JobConfig, *, check_paths: bool = True) -> list[str]:
     errors: list[str] = []
     warnings: list[str] = []
     model = cfg.model
-    if model.arch == "zimage_turbo_adapter" and model.training_adapter is None:
+    arch = ARCHS[model.arch]
+    if arch.adapter == "required" and model.training_adapter is None:
         errors.append(
-            f"model.training_adapter: required for arch zimage_turbo_adapter; set it to {DEFAULT_TRAINING_ADAPTER} "
-            "or a local file"
+            f"model.training_adapter: required for arch {arch.name}; set it to {arch.adapters[0].ref} or a local file"
         )
-    if model.arch != "zimage_turbo_adapter" and model.training_adapter is not None:
+    if arch.adapter == "forbidden" and model.training_adapter is not None:
+        takers = " or ".join(a.name for a in ARCHS.values() if a.adapter != "forbidden")
         errors.append(
-            f"model.training_adapter: only used with arch zimage_turbo_adapter, not {model.arch}; remove it "
-            "(or set model.arch: zimage_turbo_adapter)"
+            f"model.training_adapter: only used with arch {takers}, not {arch.name}; remove it "
+            f"(or set model.arch: {takers})"
         )
-    if model.arch == "zimage_turbo":
-        warnings.append(
-            "model.arch: zimage_turbo trains raw Turbo, which undoes its step distillation (previews drift and need "
-            "more steps); use zimage_turbo_adapter"
-        )
+    if arch.training_warning:
+        warnings.append(f"model.arch: {arch.name} {arch.training_warning}")
     if cfg.train.cache_text_embeddings and cfg.train.unload_text_encoder:
         errors.append(
             "train.unload_text_encoder: cannot be combined with train.cache_text_embeddings; pick one of the two"
@@ -902,12 +856,31 @@ def check_job(cfg: JobConfig, *, check_paths: bool = True) -> list[str]:
     for index, prompt in enumerate(cfg.sample.prompts):
         if "[trigger]" in prompt.prompt and not cfg.job.trigger_word:
             errors.append(f"sample.prompts[{index}]: uses [trigger] but job.trigger_word is not set; set it")
+    if not OPTIMIZERS[cfg.train.optimizer].lr_is_multiplier and cfg.train.lr >= HIGH_LR:
+        warnings.append(
+            f"train.lr: {cfg.train.lr:g} is high for Z-Image; the guide warns that {HIGH_LR:g} and above makes "
+            "Turbo-style models unstable quickly: start at 1e-4 (5e-5 to 8e-5 if samples get noisy)"
+        )
     if check_paths:
         errors += _check_model_paths(cfg)
+        images = set()
         for index, dataset in enumerate(cfg.datasets):
-            problem = _check_image_folder(Path(dataset.path), dataset.recursive)
+            folder = Path(dataset.path)
+            problem = _check_image_folder(folder, dataset.recursive)
             if problem:
                 errors.append(f"datasets[{index}].path: {problem}")
+                continue
+            problem = untrainable(folder, dataset.resolutions, dataset.recursive)
+            if problem:
+                errors.append(f"datasets[{index}].resolutions: {problem}")
+            images.update(list_images(folder, dataset.recursive, dataset.cache_dir))
+        low, high = FEW_IMAGES_STEPS
+        if images and len(images) < FEW_IMAGES and cfg.train.steps > high:
+            warnings.append(
+                f"train.steps: {cfg.train.steps} steps on {len(images)} image{'s' if len(images) > 1 else ''} will "
+                "likely overfit; the guide "
+                f"suggests {low}-{high} steps for fewer than {FEW_IMAGES} images"
+            )
     _raise_first(errors)
     return warnings
 
@@ -924,7 +897,7 @@ def _check_model_paths(cfg: JobConfig) -> list[str]:
     return [
         f"{key}: {kind} not found: {value}"
         for key, value, kind in wanted
-        if value is not None and _looks_local(value) and not Path(value).expanduser().exists()
+        if value is not None and Path(value).expanduser().is_absolute() and not Path(value).expanduser().exists()
     ]
 
 
@@ -933,7 +906,7 @@ def _check_image_folder(folder: Path, recursive: bool = False) -> str | None:
         return f"folder not found: {folder}"
 
     def has_images(files) -> bool:
-        return any(p.name.lower().endswith(IMAGE_SUFFIXES) and p.is_file() for p in files)
+        return any(p.suffix.lower() in IMAGE_EXTS and p.is_file() for p in files)
 
     if has_images(folder.rglob("*") if recursive else folder.iterdir()):
         return None
@@ -1014,3 +987,14 @@ def preset_yaml(name: str) -> str:
     if name not in names:
         raise ConfigError(f"unknown preset {name!r}{_did_you_mean(name, names)}; presets: {', '.join(names)}")
     return (_presets_folder() / f"{name}.yaml").read_text(encoding="utf-8")
+
+
+def parse_resolutions(text: str, key: str = "resolutions") -> list[int]:
+    """``"512,768,1024"`` as image sides (the rule of ``ImageSide``); a ``ConfigError`` naming ``key`` otherwise."""
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"{key}: expected numbers like 512,768,1024, got {text!r}") from None
+    if not sizes or any(not (MIN_SIDE <= r <= MAX_SIDE and r % SIDE_STEP == 0) for r in sizes):
+        raise ConfigError(f"{key}: each must be a multiple of {SIDE_STEP} from {MIN_SIDE} to {MAX_SIDE}, got {text!r}")
+    return sizes

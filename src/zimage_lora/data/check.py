@@ -1,13 +1,16 @@
 """``zimage-lora dataset check``: what a dataset folder holds and what will go wrong with it, before training.
 
-Every problem names its file. The report ends with the guide's advice on dataset size. Only a folder with no
-trainable image is a failure (exit code 2): everything else is a warning that training would also print.
+Every problem names its file and comes as data (``DatasetReport.problems``: kind, file, message, fatal), which the
+printed report and the web UI both show. The report ends with the guide's advice on dataset size (and, for a small
+set, on steps and learning rate). Only a folder with no trainable image is a failure (exit code 2): everything else
+is a warning that training would also print. ``untrainable`` is the same trainability rule for a job's datasets,
+run when a job is validated (image sizes from the file headers, remembered per file).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -23,6 +26,21 @@ from zimage_lora.data.dataset import (
 from zimage_lora.errors import UserError
 
 NEAR_DUPLICATE_BITS = 6  # of 64: difference hashes this close are the same picture, resized or re-encoded
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing ``dataset check`` reports; ``fatal`` only when nothing can train."""
+
+    kind: str  # unreadable, missing_caption, empty_caption, not_utf8, without_trigger, near_duplicate, too_small,
+    # cannot_train
+    message: str  # one line, as the report prints it
+    file: str | None = None  # relative to the dataset folder
+    resolution: int | None = None  # for too_small
+    fatal: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -43,6 +61,49 @@ class DatasetReport:
     @property
     def trainable(self) -> int:
         return sum(1 for p in self.sizes if any(p not in small for small in self.too_small.values()))
+
+    def problems(self, trigger_word: str | None = None) -> list[Problem]:
+        """Everything worth a look, in the report's order, each naming its file."""
+        name = lambda p: str(p.relative_to(self.folder))  # noqa: E731
+        out = [
+            Problem("unreadable", f"unreadable: {name(p)}: {why} (training skips it)", name(p))
+            for p, why in self.unreadable.items()
+        ]
+        out += [
+            Problem("missing_caption", f"missing caption: {name(p)} (the default caption is used)", name(p))
+            for p in self.missing_captions
+        ]
+        out += [
+            Problem("empty_caption", f"empty caption: {name(p)} (the default caption is used)", name(p))
+            for p in self.empty_captions
+        ]
+        out += [
+            Problem("not_utf8", f"caption not UTF-8: {name(p)} (read as Latin-1; save it as UTF-8)", name(p))
+            for p in self.not_utf8
+        ]
+        what = f"'{trigger_word}' or [trigger]" if trigger_word else "[trigger]"
+        out += [
+            Problem("without_trigger", f"caption without the trigger ({what}): {name(p)}", name(p))
+            for p in self.without_trigger
+        ]
+        out += [
+            Problem("near_duplicate", f"near-duplicates: {name(a)} and {name(b)} (hash distance {d} of 64)", name(a))
+            for a, b, d in self.near_duplicates
+        ]
+        for res, small in self.too_small.items():
+            out += [
+                Problem(
+                    "too_small",
+                    f"too small for {res}: {name(p)} {self.sizes[p][0]}x{self.sizes[p][1]} (skipped at {res})",
+                    name(p),
+                    res,
+                )
+                for p in small
+            ]
+        if not self.trainable:
+            message = "cannot train: no readable image fills any of the resolutions"
+            out.append(Problem("cannot_train", message, fatal=True))
+        return out
 
 
 def check_dataset(
@@ -114,6 +175,7 @@ def difference_hash(image: Image.Image) -> int:
 
 def format_report(r: DatasetReport, trigger_word: str | None = None) -> str:
     name = lambda p: str(p.relative_to(r.folder))  # noqa: E731
+    problems = r.problems(trigger_word)
     lines = [f"dataset {r.folder}: {len(r.images)} image files, {len(r.sizes)} readable"]
     if r.formats:
         lines.append("formats: " + ", ".join(f"{k} x{v}" for k, v in sorted(r.formats.items())))
@@ -122,34 +184,73 @@ def format_report(r: DatasetReport, trigger_word: str | None = None) -> str:
         widths, heights = [s[0] for s in r.sizes.values()], [s[1] for s in r.sizes.values()]
         lines.append(f"sizes: width {min(widths)}-{max(widths)}, height {min(heights)}-{max(heights)}")
         lines.append("smallest: " + ", ".join(f"{name(p)} ({w}x{h})" for p, (w, h) in by_area[:3]))
-    for path, why in r.unreadable.items():
-        lines.append(f"unreadable: {name(path)}: {why} (training skips it)")
-    lines += [f"missing caption: {name(p)} (the default caption is used)" for p in r.missing_captions]
-    lines += [f"empty caption: {name(p)} (the default caption is used)" for p in r.empty_captions]
-    lines += [f"caption not UTF-8: {name(p)} (read as Latin-1; save it as UTF-8)" for p in r.not_utf8]
-    what = f"'{trigger_word}' or [trigger]" if trigger_word else "[trigger]"
-    lines += [f"caption without the trigger ({what}): {name(p)}" for p in r.without_trigger]
-    lines += [f"near-duplicates: {name(a)} and {name(b)} (hash distance {d} of 64)" for a, b, d in r.near_duplicates]
+    lines += [p.message for p in problems if p.kind not in ("too_small", "cannot_train")]
     for res, counts in r.buckets.items():
         spread = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(counts.items()))
         lines.append(f"resolution {res}: {sum(counts.values())} images in buckets {spread or '(none)'}")
-        lines += [
-            f"too small for {res}: {name(p)} {r.sizes[p][0]}x{r.sizes[p][1]} (skipped at {res})"
-            for p in r.too_small[res]
-        ]
-    lines.append(advice(r.trainable))
-    if not r.trainable:
-        lines.append("cannot train: no readable image fills any of the resolutions")
+        lines += [p.message for p in problems if p.kind == "too_small" and p.resolution == res]
+    lines += advice(r.trainable)
+    lines += [p.message for p in problems if p.kind == "cannot_train"]
     return "\n".join(lines)
 
 
-def advice(count: int) -> str:
+# the guide's numbers: 10-30 images for a character, 15-40 for a style, diminishing returns past ~50; under 10
+# images, 1500-2200 steps instead of 2500-3000; learning rates from 2e-4 up make Turbo-style models unstable
+FEW_IMAGES = 10
+FEW_IMAGES_STEPS = (1500, 2200)
+HIGH_LR = 2e-4
+
+
+def advice(count: int) -> list[str]:
+    """The guide's advice for a dataset of ``count`` trainable images, one line each."""
     if count == 0:
-        return "advice: add images; a character LoRA wants 10-30, a style 15-40"
-    if count < 10:
-        return f"advice: {count} images is few; a character LoRA wants 10-30 varied images, a style 15-40"
+        return ["advice: add images; a character LoRA wants 10-30, a style 15-40"]
+    if count < FEW_IMAGES:
+        low, high = FEW_IMAGES_STEPS
+        return [
+            f"advice: {count} images is few; a character LoRA wants 10-30 varied images, a style 15-40",
+            f"advice: with fewer than {FEW_IMAGES} images the guide suggests train.steps {low}-{high} (not 3000) "
+            f"and train.lr at 1e-4 or below (not {HIGH_LR:g} or more), so the LoRA does not overfit",
+        ]
     if count <= 40:
-        return f"advice: {count} images is in the usual range (10-30 for a character, 15-40 for a style)"
+        return [f"advice: {count} images is in the usual range (10-30 for a character, 15-40 for a style)"]
     if count <= 50:
-        return f"advice: {count} images is on the large side; returns diminish past about 50"
-    return f"advice: {count} images: returns diminish past about 50; curate the best, or raise the steps"
+        return [f"advice: {count} images is on the large side; returns diminish past about 50"]
+    return [f"advice: {count} images: returns diminish past about 50; curate the best, or raise the steps"]
+
+
+def can_train(size: tuple[int, int], resolutions: list[int]) -> bool:
+    """Whether an image of ``size`` trains at one of ``resolutions`` at least (no more than 5% upscaling)."""
+    return any(upscale_needed(*size, res) <= MAX_UPSCALE for res in resolutions)
+
+
+_HEADER_SIZES: dict[tuple[str, int, int], tuple[int, int] | None] = {}
+
+
+def header_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from the image file's header (None when it is no image), remembered per file version."""
+    stat = path.stat()
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _HEADER_SIZES:
+        try:
+            with Image.open(path) as image:
+                _HEADER_SIZES[key] = image.size
+        except (OSError, ValueError):
+            _HEADER_SIZES[key] = None
+    return _HEADER_SIZES[key]
+
+
+def untrainable(folder: Path, resolutions: list[int], recursive: bool = False) -> str | None:
+    """Why no image of ``folder`` can train at ``resolutions`` (as ``dataset check`` judges it), or None when one
+    can. Sizes come from the file headers, so a job validates in moments even with large images."""
+    sizes = [size for path in list_images(folder, recursive) if (size := header_size(path)) is not None]
+    if not sizes:
+        return "no readable image"
+    if any(can_train(size, resolutions) for size in sizes):
+        return None
+    largest = max(sizes, key=lambda s: s[0] * s[1])
+    top = int(max(largest) * MAX_UPSCALE) // 16 * 16  # no bucket side beyond this can take the image
+    fits = [r for r in range(top, 63, -16) if can_train(largest, [r])]
+    hint = f"lower them to {fits[0]} or less, or add larger images" if fits else "add larger images"
+    shown = ", ".join(map(str, resolutions))
+    return f"no image is large enough for {shown} (the largest is {largest[0]}x{largest[1]}); {hint}"

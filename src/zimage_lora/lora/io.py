@@ -136,6 +136,21 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     return tensors, meta
 
 
+def read_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file, from its header only (the tensors are not read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"LoRA file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            size = struct.unpack("<Q", f.read(8))[0]
+            if size > 100_000_000:
+                raise ValueError("header too large")
+            return _read_metadata(struct.pack("<Q", size) + f.read(size))
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a readable .safetensors file ({e}); re-download or re-export it") from None
+
+
 def _read_metadata(data: bytes) -> dict[str, str]:
     n = struct.unpack("<Q", data[:8])[0]
     header = json.loads(data[8 : 8 + n])

@@ -14,12 +14,12 @@ import re
 from collections.abc import Mapping
 
 import torch
-from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from zimage_lora.errors import UserError
 from zimage_lora.lora.io import LoraWeights
+from zimage_lora.lora.variants import peft_config
 
 USER = "zimage_lora"
 ADAPTER = "training_adapter"
@@ -49,21 +49,9 @@ def _inside_lora(name: str) -> bool:
     return ".lora_" in name or name.endswith(".base_layer") or ".base_layer." in name
 
 
-def _lora_config(names: list[str], rank: int, alpha: float, patterns: Mapping[str, LoraWeights] | None = None):
-    kwargs = {}
-    if patterns:
-        kwargs["rank_pattern"] = {re.escape(n): w.rank for n, w in patterns.items()}
-        kwargs["alpha_pattern"] = {re.escape(n): w.alpha for n, w in patterns.items()}
-    return LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=0.0, init_lora_weights=True, target_modules=list(names), **kwargs
-    )
-
-
 def add_user_lora(model: nn.Module, names: list[str], rank: int, alpha: float, seed: int, kind: str = "lora") -> None:
     """Inject the trainable network (``target.type``; its update starts at zero, so the model is unchanged at step
     0), fp32, seeded."""
-    from zimage_lora.lora.variants import peft_config
-
     devices = {p.device for p in model.parameters()}
     with torch.random.fork_rng(devices=[d for d in devices if d.type == "cuda"]):
         torch.manual_seed(seed)
@@ -105,7 +93,7 @@ def add_frozen_lora(model: nn.Module, modules: Mapping[str, LoraWeights], adapte
     """Attach LoRA weights read from a file as a frozen fp32 peft adapter named ``adapter_name``."""
     names = sorted(modules)
     first = modules[names[0]]
-    model.add_adapter(_lora_config(names, first.rank, first.alpha, patterns=modules), adapter_name=adapter_name)
+    model.add_adapter(peft_config("lora", names, first.rank, first.alpha, patterns=modules), adapter_name=adapter_name)
     layers = dict(model.named_modules())
     with torch.no_grad():
         for name in names:

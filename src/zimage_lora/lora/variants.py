@@ -13,6 +13,7 @@ File layouts (keys under ``diffusion_model.<module>.``):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +41,14 @@ _PARTS = {
 }
 
 
-def peft_config(kind: str, names: list[str], rank: int, alpha: float):
+def peft_config(kind: str, names: list[str], rank: int, alpha: float, patterns: Mapping | None = None):
+    """The peft config of a network on the modules ``names``; ``patterns`` (module -> weights with ``rank`` and
+    ``alpha``) gives each module its own rank and alpha, for a LoRA read from a file."""
     if kind in ("lora", "dora"):
+        kwargs = {}
+        if patterns:
+            kwargs["rank_pattern"] = {re.escape(n): w.rank for n, w in patterns.items()}
+            kwargs["alpha_pattern"] = {re.escape(n): w.alpha for n, w in patterns.items()}
         return LoraConfig(
             r=rank,
             lora_alpha=alpha,
@@ -49,6 +56,7 @@ def peft_config(kind: str, names: list[str], rank: int, alpha: float):
             init_lora_weights=True,
             target_modules=list(names),
             use_dora=kind == "dora",
+            **kwargs,
         )
     if kind == "lokr":
         return LoKrConfig(r=rank, alpha=alpha, target_modules=list(names), init_weights=True)

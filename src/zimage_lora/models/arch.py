@@ -1,10 +1,43 @@
-"""What each ``model.arch`` means for loading, training and previews."""
+"""The architecture registry: every difference between the Z-Image variants, and the only place that names them.
+
+An entry says where the weights come from, how the scheduler is set, how previews and inference run, whether the
+training adapter is required, allowed or forbidden, what to warn about, and which arch a LoRA trained on it is used
+with. The config's choices, the CLI's help, the web UI's labels, the recipe and ``generate`` all read it from here,
+so a new variant is one entry below plus a preset in ``presets/``. Nothing here imports torch.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 TURBO_REPO = "Tongyi-MAI/Z-Image-Turbo"
+ADAPTER_REPO = "ostris/zimage_turbo_training_adapter"
+
+AdapterRule = Literal["required", "allowed", "forbidden"]
+
+
+@dataclass(frozen=True)
+class TrainingAdapter:
+    """A published de-distilling training adapter for the Turbo path."""
+
+    version: str
+    ref: str  # hub file (owner/repo/file) that model.training_adapter takes
+    note: str  # what to know when choosing it (the guide's advice)
+
+
+TRAINING_ADAPTERS = (
+    TrainingAdapter(
+        "v2",
+        f"{ADAPTER_REPO}/zimage_turbo_training_adapter_v2.safetensors",
+        "the newer adapter and the presets' default",
+    ),
+    TrainingAdapter(
+        "v1",
+        f"{ADAPTER_REPO}/zimage_turbo_training_adapter_v1.safetensors",
+        "the safe baseline: go back to it when training with v2 is unstable (noise, Turbo drift, odd artefacts)",
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -12,28 +45,101 @@ class Arch:
     name: str
     label: str
     default_model: str
-    shift: float  # scheduler shift, also used by the ``shift`` / ``lognorm`` timestep types
-    sample_steps: int  # transformer forwards for previews
+    shift: float  # the scheduler's shift; also used by the ``shift`` and ``lognorm`` timestep types
+    sample_steps: int  # transformer forwards for previews and inference
     sample_guidance: float  # classic CFG; <= 1 means none
-    uses_adapter: bool  # the training adapter is applied while training, removed for previews
+    adapter: AdapterRule  # the training adapter (``model.training_adapter``) while training
+    use_with: str  # the arch a LoRA trained on this one is used with at inference
     parts_from: str | None = None  # where text encoder, tokenizer, VAE and scheduler come from if the repo lacks them
+    override_shift: bool = False  # True: ``shift`` replaces the shift in the model folder's scheduler config
+    training_warning: str | None = None  # said by ``validate`` and the trainer whenever a job trains this arch
+    adapters: tuple[TrainingAdapter, ...] = field(default=())  # the published adapters offered for this arch
+
+    @property
+    def cfg_label(self) -> str:
+        """How previews and inference run, in words."""
+        guidance = "no CFG" if self.sample_guidance <= 1 else f"CFG {self.sample_guidance:g}"
+        return f"{self.sample_steps} steps, {guidance}"
 
 
-ARCHS = {
+ARCHS: dict[str, Arch] = {
     a.name: a
     for a in (
-        Arch("zimage_turbo_adapter", "Z-Image Turbo (w/ Training Adapter)", TURBO_REPO, 3.0, 8, 1.0, True),
-        Arch("zimage_turbo", "Z-Image Turbo (raw, drifts)", TURBO_REPO, 3.0, 8, 1.0, False),
+        Arch(
+            "zimage_turbo_adapter",
+            "Z-Image Turbo (w/ Training Adapter)",
+            TURBO_REPO,
+            shift=3.0,
+            sample_steps=8,
+            sample_guidance=1.0,
+            adapter="required",
+            use_with="zimage_turbo",
+            adapters=TRAINING_ADAPTERS,
+        ),
         Arch(
             "zimage_deturbo",
             "Z-Image De-Turbo (De-Distilled)",
             "ostris/Z-Image-De-Turbo",
-            3.0,
-            25,
-            3.0,
-            False,
+            shift=3.0,
+            sample_steps=25,
+            sample_guidance=3.0,
+            adapter="forbidden",
+            use_with="zimage_deturbo",
             parts_from=TURBO_REPO,
         ),
-        Arch("zimage_base", "Z-Image (Base)", "Tongyi-MAI/Z-Image", 6.0, 30, 4.0, False),
+        Arch(
+            "zimage_base",
+            "Z-Image (Base)",
+            "Tongyi-MAI/Z-Image",
+            shift=6.0,
+            sample_steps=30,
+            sample_guidance=4.0,
+            adapter="forbidden",
+            use_with="zimage_base",
+            override_shift=True,
+        ),
+        Arch(
+            "zimage_turbo",
+            "Z-Image Turbo (raw, drifts)",
+            TURBO_REPO,
+            shift=3.0,
+            sample_steps=8,
+            sample_guidance=1.0,
+            adapter="forbidden",
+            use_with="zimage_turbo",
+            training_warning=(
+                "trains raw Turbo, which undoes its step distillation (Turbo drift: previews blur and need more "
+                "steps); zimage_turbo_adapter avoids it"
+            ),
+        ),
     )
 }
+
+DEFAULT_ARCH = "zimage_turbo_adapter"  # what a job trains when model.arch is not given
+DEFAULT_INFERENCE_ARCH = "zimage_turbo"  # what ``generate`` runs when neither --arch nor a LoRA's metadata says
+
+
+def get_arch(name: str) -> Arch:
+    return ARCHS[name]
+
+
+def inference_arch(name: str) -> Arch:
+    """The arch that LoRAs trained on ``name`` are used with (Turbo + adapter -> plain Turbo)."""
+    return ARCHS[ARCHS[name].use_with]
+
+
+def inference_archs() -> list[Arch]:
+    """The archs that ``generate`` and the playground offer: those that LoRAs are used with."""
+    targets = {arch.use_with for arch in ARCHS.values()}
+    return [arch for arch in ARCHS.values() if arch.name in targets]
+
+
+def describe_archs() -> str:
+    """``name (label)`` of every arch, for help texts."""
+    return "; ".join(f"{a.name} ({a.label})" for a in ARCHS.values())
+
+
+for _arch in ARCHS.values():  # the registry's own consistency, checked once at import
+    assert _arch.use_with in ARCHS and ARCHS[_arch.use_with].use_with == _arch.use_with, _arch.name
+    assert bool(_arch.adapters) == (_arch.adapter != "forbidden"), _arch.name
+assert DEFAULT_ARCH in ARCHS and DEFAULT_INFERENCE_ARCH in ARCHS

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,34 +20,10 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import errors as hub_errors
 
 from zimage_lora.errors import UserError
+from zimage_lora.models.refs import is_hub_id, looks_local, parse_ref, split_file_ref
 
 # The subfolders of a diffusers-layout Z-Image folder.
 COMPONENT_SUBFOLDERS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
-
-# Hugging Face repo names: letters, digits, '-', '_', '.'; at most 96 characters per part.
-_REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
-_REPO_ID = re.compile(rf"{_REPO_PART}/{_REPO_PART}")
-_REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/+-]*")
-
-
-def parse_ref(ref: str) -> tuple[str, str | None]:
-    """Split ``org/name@revision`` into ``("org/name", "revision")``; no ``@`` gives ``("org/name", None)``."""
-    ref = ref.strip()
-    if "@" not in ref:
-        return ref, None
-    repo_id, revision = ref.rsplit("@", 1)
-    if not revision or not _REVISION.fullmatch(revision):
-        raise UserError(f"'{ref}' has an empty or malformed revision after '@': write org/name@branch-tag-or-commit.")
-    return repo_id, revision
-
-
-def is_hub_id(ref: str) -> bool:
-    """Whether ``ref`` has the shape ``org/name`` or ``org/name@revision`` (says nothing about the hub)."""
-    try:
-        repo_id, _ = parse_ref(ref)
-    except UserError:
-        return False
-    return bool(_REPO_ID.fullmatch(repo_id)) and "--" not in repo_id and ".." not in repo_id
 
 
 def resolve_model_dir(
@@ -77,7 +52,7 @@ def resolve_model_dir(
         return path
     if path.exists():
         raise UserError(f"{key} {path} is a file, not a folder: point {key} at a diffusers-layout model folder.")
-    if _looks_local(ref, max_slashes=1):
+    if looks_local(ref, max_slashes=1):
         raise UserError(f"{key} folder {path} does not exist: fix the path, or give a hub id like org/name.")
     if not is_hub_id(ref):
         raise UserError(
@@ -104,8 +79,8 @@ def resolve_file(ref: str, *, key: str = "file") -> Path:
         return path
     if path.is_dir():
         raise UserError(f"{key} {path} is a folder, not a file: point {key} at the .safetensors file inside it.")
-    repo_id, revision, filename = _split_file_ref(ref)
-    if _looks_local(ref, max_slashes=None) or repo_id is None:
+    repo_id, revision, filename = split_file_ref(ref)
+    if looks_local(ref, max_slashes=None) or repo_id is None:
         raise UserError(
             f"{key} {ref} is not an existing file and not a hub path: give a file on disk or org/repo[@rev]/file."
         )
@@ -121,37 +96,10 @@ def resolve_file(ref: str, *, key: str = "file") -> Path:
     return Path(downloaded)
 
 
-def _split_file_ref(ref: str) -> tuple[str | None, str | None, str]:
-    """Split a hub file path; ``(None, None, ref)`` when it does not have the shape ``org/repo/file``."""
-    parts = ref.strip().split("/")
-    if len(parts) < 3 or any(not part for part in parts):
-        return None, None, ref
-    org, repo, rest = parts[0], parts[1], "/".join(parts[2:])
-    revision = None
-    if "@" in repo:
-        repo, revision = repo.split("@", 1)
-    elif "@" in parts[-1]:
-        rest, revision = rest.rsplit("@", 1)
-    repo_id = f"{org}/{repo}"
-    if not is_hub_id(repo_id) or (revision is not None and not _REVISION.fullmatch(revision)) or "@" in rest:
-        return None, None, ref
-    return repo_id, revision, rest
-
-
 def _cli_args(repo_id: str, revision: str | None, filename: str | None = None) -> str:
     """The arguments of the ``hf download`` command that fetches the same files on another machine."""
     args = [repo_id] + ([filename] if filename else []) + (["--revision", revision] if revision else [])
     return " ".join([*args, "--local-dir", repo_id.split("/")[1]])
-
-
-def _looks_local(ref: str, *, max_slashes: int | None) -> bool:
-    """Whether ``ref`` is clearly meant as a path on disk rather than a hub id."""
-    ref = ref.strip()
-    if ref.startswith(("/", "./", "../", "~", ".\\", "..\\")) or ref in (".", "..") or "\\" in ref:
-        return True
-    if re.match(r"^[A-Za-z]:[\\/]", ref):  # a Windows drive
-        return True
-    return max_slashes is not None and ref.split("@", 1)[0].count("/") > max_slashes
 
 
 def _offline() -> bool:

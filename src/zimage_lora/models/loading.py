@@ -44,28 +44,6 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
-    text = str(spec).strip().lower()
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if text == "cpu":
-        return torch.device("cpu")
-    if text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
-        if not torch.cuda.is_available():
-            raise UserError(
-                f"device '{spec}' asks for CUDA but no CUDA GPU is available here: set device to cpu or auto."
-            )
-        device = torch.device(text)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(
-                f"device '{spec}' does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
-                f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}."
-            )
-        return device
-    raise UserError(f"device '{spec}' is not one of auto, cpu, cuda, cuda:N: fix the device setting.")
-
-
 def load_components(
     name_or_path: str,
     *,

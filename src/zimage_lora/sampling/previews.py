@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import io
 import json
-import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from zimage_lora.lora.io import atomic_write_bytes
+from zimage_lora.files import atomic_write_bytes
 from zimage_lora.sampling.sampler import SampleSettings
-
-SAMPLE_RE = re.compile(r"^(\d{9})_(\d{2})\.png$")
+from zimage_lora.training.run_folder import sample_files
 
 
 @dataclass(frozen=True)
@@ -33,7 +31,7 @@ def preview_prompts(sample_cfg, arch: str, trigger_word: str | None) -> list[Pre
     """The job's sample prompts with ``[trigger]`` replaced and the section's settings filled in."""
     out = []
     for p in sample_cfg.resolved_prompts(arch):
-        settings = SampleSettings(width=p.width, height=p.height, steps=p.steps, guidance=p.guidance, seed=p.seed)
+        settings = SampleSettings(**{f.name: getattr(p, f.name) for f in fields(SampleSettings)})
         text = p.prompt.replace("[trigger]", trigger_word or "")
         out.append(PreviewPrompt(text, sample_cfg.negative_prompt, settings, p.lora_scale))
     return out
@@ -50,17 +48,21 @@ def save_png(path: Path, image: Image.Image, info: dict) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def image_info(prompt: str, negative: str, settings: SampleSettings, arch: str, shift: float, **extra) -> dict:
+    """The PNG text metadata of an image we make, a preview or ``generate``'s: what made it, so it can be made
+    again; ``extra`` adds what only one of them knows (the training step, the LoRAs), ``None`` values left out."""
+    info = {"prompt": prompt, "negative_prompt": negative, **asdict(settings), "arch": arch, "shift": shift}
+    info.update({k: v for k, v in extra.items() if v is not None})
+    info["software"] = "zimage-lora"
+    return info
+
+
 def png_info(prompt: PreviewPrompt, step: int, arch: str, shift: float) -> dict:
-    return {
-        "prompt": prompt.prompt,
-        "negative_prompt": prompt.negative_prompt,
-        **asdict(prompt.settings),
-        "lora_scale": prompt.lora_scale,
-        "training_step": step,
-        "arch": arch,
-        "shift": shift,
-        "software": "zimage-lora",
-    }
+    """A preview's metadata: its prompt and settings, its LoRA scale and the training step."""
+    return image_info(
+        prompt.prompt, prompt.negative_prompt, prompt.settings, arch, shift, lora_scale=prompt.lora_scale,
+        training_step=step,
+    )  # fmt: skip
 
 
 def build_contact_sheet(samples_dir: Path, prompts: list[str], thumb: int = 256) -> Path | None:
@@ -79,11 +81,7 @@ def build_contact_sheet(samples_dir: Path, prompts: list[str], thumb: int = 256)
 
 def preview_files(samples_dir: Path) -> dict[tuple[int, int], Path]:
     """Preview PNGs of a run by (step, prompt index)."""
-    found = {}
-    for p in Path(samples_dir).glob("*.png"):
-        if m := SAMPLE_RE.match(p.name):
-            found[(int(m.group(1)), int(m.group(2)))] = p
-    return found
+    return {(step, index): path for step, index, path in sample_files(samples_dir)}
 
 
 def save_grid(

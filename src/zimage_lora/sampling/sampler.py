@@ -8,6 +8,7 @@ decode are the pipeline's. Guidance here is classic CFG as in ComfyUI and the of
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -58,7 +59,7 @@ def denoise(
     for t in scheduler.timesteps:
         time = ((1000 - t.expand(1)) / 1000).repeat(len(caps))
         x = [latents.to(dtype)[0].unsqueeze(1)] * len(caps)
-        with autocast() if autocast is not None else _null():
+        with autocast() if autocast is not None else nullcontext():
             out = transformer(x, time, caps, return_dict=False)[0]
         if cfg:
             pos, neg = out[0].float(), out[1].float()
@@ -72,18 +73,11 @@ def denoise(
 
 def _mu(latents: torch.Tensor, scheduler) -> float:
     # The pipeline passes the resolution-dependent shift ``mu``; it only matters with dynamic shifting, which
-    # Z-Image's scheduler turns off. Computed the same way so a scheduler that turns it on behaves the same.
+    # Z-Image's scheduler turns off. Computed the same way so a scheduler that turns it on behaves the same: this is
+    # diffusers' ``calculate_shift`` (diffusers/pipelines/z_image/pipeline_z_image.py, 0.42.1), restated.
     cfg = scheduler.config
     seq = (latents.shape[2] // 2) * (latents.shape[3] // 2)
     base, top = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
     lo, hi = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
     m = (hi - lo) / (top - base)
     return seq * m + (lo - m * base)
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

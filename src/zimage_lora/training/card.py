@@ -7,6 +7,8 @@ from pathlib import Path
 
 from zimage_lora import __version__
 from zimage_lora.config import JobConfig
+from zimage_lora.models.arch import inference_arch
+from zimage_lora.models.refs import portable_ref
 
 
 def lora_metadata(cfg: JobConfig, arch, step: int) -> dict[str, str]:
@@ -27,28 +29,22 @@ def lora_metadata(cfg: JobConfig, arch, step: int) -> dict[str, str]:
     }
 
 
-def portable_ref(ref: str | None) -> str:
-    """A hub id as given; a local path by its name only (the same file trained elsewhere gives the same bytes)."""
-    if not ref:
-        return ""
-    path = Path(ref).expanduser()
-    return path.name if path.exists() else ref
-
-
 def model_card(cfg: JobConfig, arch, final_lora: Path, steps: int, contact_sheet: Path | None) -> str:
+    """The run's README: what the LoRA is for, how it was trained, and how to run it (on the arch it is used with:
+    a LoRA trained with the training adapter runs on plain Turbo)."""
     trigger = cfg.job.trigger_word
     adapter = cfg.model.training_adapter is not None
+    used = inference_arch(arch.name)
     lines = [
         f"# {cfg.job.name}",
         "",
-        f"A LoRA for **{arch.label}**, trained with zimage-lora {__version__}.",
+        f"A LoRA trained on **{arch.label}** with zimage-lora {__version__}, used with **{used.label}**.",
         "",
         f"- Base model: `{cfg.model.name_or_path}`"
         + (" (trained with the training adapter, which is not part of this LoRA)" if adapter else ""),
         f"- Trigger word: `{trigger}`" if trigger else "- Trigger word: none",
         "- Suggested LoRA weight: 0.6-1.0",
-        f"- Inference: {arch.sample_steps} steps, "
-        + ("no CFG" if arch.sample_guidance <= 1 else f"CFG {arch.sample_guidance:g}"),
+        f"- Inference: {used.cfg_label}",
         f"- Rank {cfg.target.rank}, alpha {cfg.target.resolved_alpha:g}, {steps} steps, LR {cfg.train.lr:g}, "
         f"optimizer {cfg.train.optimizer}, resolutions {sorted({r for d in cfg.datasets for r in d.resolutions})}",
         "",
@@ -57,7 +53,7 @@ def model_card(cfg: JobConfig, arch, final_lora: Path, steps: int, contact_sheet
     ]
     if contact_sheet is not None:
         lines += ["## Samples", "", "![samples](samples/contact_sheet.png)", ""]
-    guidance = 0.0 if arch.sample_guidance <= 1 else arch.sample_guidance - 1.0  # diffusers counts CFG from 0
+    guidance = 0.0 if used.sample_guidance <= 1 else used.sample_guidance - 1.0  # diffusers counts CFG from 0
     lines += [
         "## Run it (diffusers)",
         "",
@@ -66,7 +62,7 @@ def model_card(cfg: JobConfig, arch, final_lora: Path, steps: int, contact_sheet
         f'pipe = ZImagePipeline.from_pretrained("{portable_ref(cfg.model.name_or_path)}")',
         f'pipe.load_lora_weights("{final_lora.name}", adapter_name="lora")',
         'pipe.set_adapters(["lora"], [0.8])',
-        f'image = pipe("{trigger or "a photo"}, ...", num_inference_steps={arch.sample_steps}, '
+        f'image = pipe("{trigger or "a photo"}, ...", num_inference_steps={used.sample_steps}, '
         f"guidance_scale={guidance:g}).images[0]",
         "```",
         "",

@@ -34,12 +34,12 @@ def compare(job: Path, varies: list[str], progress: bool = True) -> CompareResul
     for text, overrides in zip(varies, variants, strict=True):
         if not overrides or any("=" not in o for o in overrides):
             raise UserError(f"--vary {text!r}: expected KEY=VALUE (several joined by ';')")
-    base = load_job(job)  # the job itself must be valid before anything runs
+    base = load_job(job, warnings=[])  # the job itself must be valid before anything runs (its trainer warns)
     if not base.sample.prompts:
         raise UserError("sample.prompts: compare needs preview prompts to put side by side")
     folder = Path(base.job.output_dir) / f"{base.job.name}_compare"
     configs = [
-        load_job(job, [*overrides, f"job.name={base.job.name}_v{i}", f"job.output_dir={folder}"])
+        load_job(job, [*overrides, f"job.name={base.job.name}_v{i}", f"job.output_dir={folder}"], warnings=[])
         for i, overrides in enumerate(variants)
     ]  # all variants are validated before the first one trains
     runs = [train(cfg, overwrite=True, progress=progress) for cfg in configs]

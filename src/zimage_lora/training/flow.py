@@ -41,7 +41,11 @@ def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) ->
 
 
 def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
-    """The scheduler's time shift, ``shift * s / (1 + (shift - 1) * s)`` (3.0 for Turbo, 6.0 for Base)."""
+    """The scheduler's time shift, ``shift * s / (1 + (shift - 1) * s)`` (3.0 for Turbo, 6.0 for Base).
+
+    Restated from diffusers' ``FlowMatchEulerDiscreteScheduler`` (``set_timesteps`` in
+    diffusers/schedulers/scheduling_flow_match_euler_discrete.py, 0.42.1), so training draws the noise levels that
+    sampling visits; ``tests/test_flow.py`` checks the two agree."""
     return shift * sigma / (1.0 + (shift - 1.0) * sigma)
 
 

@@ -1,32 +1,66 @@
-"""Optimizers and learning-rate schedules named by ``train.optimizer`` and ``train.lr_scheduler``."""
+"""Optimizers and learning-rate schedules named by ``train.optimizer`` and ``train.lr_scheduler``.
+
+``OPTIMIZERS`` is the registry: the config's choices and the UI's help come from it, so a new optimizer is one entry
+here. Nothing is imported until an optimizer is built (the job config must validate without torch).
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
-import torch
-from torch.optim.lr_scheduler import LambdaLR
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: str
+    note: str  # what it is for, in the UI's help
+    build: Callable  # (params, lr, weight_decay) -> torch optimizer
+    lr_is_multiplier: bool = False  # True: train.lr scales the optimizer's own step size estimate (no LR advice)
 
 
-def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float):
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8)
-    if name == "adamw8bit":
-        import bitsandbytes as bnb
+def _adamw(params, lr, weight_decay):
+    import torch
 
-        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8)
-    if name == "adafactor":
-        from transformers.optimization import Adafactor
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8)
 
-        return Adafactor(
-            params, lr=lr, weight_decay=weight_decay, scale_parameter=False, relative_step=False, warmup_init=False
-        )
-    if name == "prodigy":
-        from prodigyopt import Prodigy
 
-        # Prodigy estimates the step size itself; ``lr`` is a multiplier on that estimate (1.0 is its default).
-        return Prodigy(params, lr=lr, weight_decay=weight_decay, safeguard_warmup=True, use_bias_correction=True)
-    raise ValueError(f"unknown optimizer {name!r}")
+def _adamw8bit(params, lr, weight_decay):
+    import bitsandbytes as bnb
+
+    return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8)
+
+
+def _adafactor(params, lr, weight_decay):
+    from transformers.optimization import Adafactor
+
+    return Adafactor(
+        params, lr=lr, weight_decay=weight_decay, scale_parameter=False, relative_step=False, warmup_init=False
+    )
+
+
+def _prodigy(params, lr, weight_decay):
+    from prodigyopt import Prodigy
+
+    # Prodigy estimates the step size itself; ``lr`` is a multiplier on that estimate (1.0 is its default).
+    return Prodigy(params, lr=lr, weight_decay=weight_decay, safeguard_warmup=True, use_bias_correction=True)
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    spec.name: spec
+    for spec in (
+        OptimizerSpec("adamw8bit", "AdamW with its state in 8 bits: far less memory, the guide's choice", _adamw8bit),
+        OptimizerSpec("adamw", "AdamW in full precision", _adamw),
+        OptimizerSpec("adafactor", "Adafactor with a fixed learning rate: factored state, least memory", _adafactor),
+        OptimizerSpec("prodigy", "Prodigy: finds its own step size; lr is a multiplier (start at 1.0)", _prodigy, True),
+    )
+}
+
+
+def build_optimizer(name: str, params, lr: float, weight_decay: float):
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}")
+    return OPTIMIZERS[name].build(params, lr, weight_decay)
 
 
 def lr_lambda(kind: str, warmup_steps: int, total_steps: int):
@@ -48,5 +82,7 @@ def lr_lambda(kind: str, warmup_steps: int, total_steps: int):
     return factor
 
 
-def build_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int) -> LambdaLR:
+def build_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
+    from torch.optim.lr_scheduler import LambdaLR
+
     return LambdaLR(optimizer, lr_lambda(kind, warmup_steps, total_steps))

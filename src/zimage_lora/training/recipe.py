@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import math
 import sys
 import time
@@ -32,20 +33,21 @@ from accelerate.state import AcceleratorState
 from tqdm import tqdm
 
 from zimage_lora import __version__, faults
-from zimage_lora.config import DEFAULT_TARGET_REGEX, JobConfig, dump_yaml, job_to_dict, run_dir
+from zimage_lora.config import DEFAULT_TARGET_REGEX, JobConfig, check_job, dump_yaml, job_to_dict, run_dir
 from zimage_lora.data.batches import DatasetBatches, Example, StepBatch
 from zimage_lora.data.cache import LatentStore
 from zimage_lora.data.dataset import build_samples, discover
 from zimage_lora.data.text_cache import PromptEmbeddings
 from zimage_lora.errors import NonFiniteLoss, UserError
 from zimage_lora.lora import network
-from zimage_lora.lora.io import read_lora, save_lora
+from zimage_lora.lora.io import read_lora, read_metadata, save_lora
 from zimage_lora.lora.variants import network_tensors, save_network
 from zimage_lora.models.arch import ARCHS
 from zimage_lora.models.checkpointing import enable_checkpointing, main_blocks
 from zimage_lora.models.compile import compile_blocks
+from zimage_lora.models.devices import resolve_device
 from zimage_lora.models.hub import resolve_file
-from zimage_lora.models.loading import Components, load_components, resolve_device
+from zimage_lora.models.loading import Components, load_components
 from zimage_lora.models.offload import BlockOffloader, OnDemand, to_device
 from zimage_lora.models.quant import quantized_bytes
 from zimage_lora.models.vae import decode_latents, tensor_to_pil
@@ -74,6 +76,7 @@ class TrainResult:
     samples: list[Path] = field(default_factory=list)
     contact_sheet: Path | None = None
     stopped_at: int | None = None  # set when a signal stopped the run early (saved; resume with --resume)
+    complete: bool = False  # --resume found the run finished already: nothing was done
     # what the memory savers did: device visits of the text encoder and the VAE; with layer offload, the offloaded
     # blocks, their loads and evictions per block and the most offloaded blocks resident at once
     memory: dict = field(default_factory=dict)
@@ -158,12 +161,32 @@ class LoraRecipe:
 
     # --- the loop ---------------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
-        """Set up, take the steps, write the final files; a stop request or signal ends early with all saved."""
+        """Set up, take the steps, write the final files; a stop request or signal ends early with all saved.
+        ``--resume`` on a run that is complete changes nothing and says where its LoRA is."""
+        complete = self.completed_run() if self.resume else None
+        if complete is not None:
+            return complete
         try:
             self.setup()
             return self._loop()
         finally:
             self.close()
+
+    def completed_run(self) -> TrainResult | None:
+        """The result of this job's run when it has finished all of ``train.steps`` (run.json says done and the final
+        LoRA records that step), read without writing anything; None when there is training left to do."""
+        run, steps = self.run, self.cfg.train.steps
+        facts = json.loads((run.root / "run.json").read_text()) if (run.root / "run.json").is_file() else {}
+        if facts.get("status") != "done" or not run.final_path.is_file():
+            return None
+        if read_metadata(run.final_path).get("zimage_lora.step") != str(steps):
+            return None  # more steps asked for (or fewer: the resume check says so)
+        sheet = run.samples_dir / "contact_sheet.png"
+        result = TrainResult(run.root, run.final_path, steps, complete=True)
+        result.samples = [path for _, _, path in run.samples()]
+        result.contact_sheet = sheet if sheet.is_file() else None
+        tqdm.write(f"{run.root}: the run is complete ({steps} steps); nothing to resume", file=sys.stderr)
+        return result
 
     def _loop(self) -> TrainResult:
         steps, losses, smoothed = self.cfg.train.steps, [], None
@@ -210,6 +233,8 @@ class LoraRecipe:
         quiet_libraries()
         self._setup_run()
         self._setup_device()
+        for warning in check_job(self.cfg, check_paths=data is None):  # raw Turbo, a high LR, long on few images
+            self.log(f"warning: {warning}")
         if data is None:
             self._setup_dataset()
         self._setup_model(components)
@@ -249,10 +274,6 @@ class LoraRecipe:
             f"zimage-lora {__version__}: job {cfg.job.name!r}, arch {self.arch.name}, device {self.device}, "
             f"precision {self.precision}"
         )
-        if self.arch.name == "zimage_turbo":
-            self.log(
-                "warning: training raw Turbo undoes its distillation (Turbo drift); zimage_turbo_adapter avoids it"
-            )
         self.control.drop_stale_requests()
 
     def _setup_dataset(self) -> None:
@@ -276,7 +297,7 @@ class LoraRecipe:
                 dtype=self.weight_dtype,
                 device=self.device,
                 fallback_ref=self.arch.parts_from,
-                scheduler_shift=self.arch.shift if self.arch.name == "zimage_base" else None,
+                scheduler_shift=self.arch.shift if self.arch.override_shift else None,
                 quantization=cfg.quantization.model_dump(),
                 layer_offload=cfg.model.layer_offload,
                 low_vram=cfg.model.low_vram,
@@ -561,14 +582,20 @@ class LoraRecipe:
         return result
 
     def _finish(self, result: TrainResult) -> TrainResult:
+        """The final files: the LoRA (and its state), the last previews, the contact sheet, the model card, run.json.
+        A run killed after its last state but before these writes them on ``--resume`` (no step is taken again)."""
         steps = self.cfg.train.steps
         final = self.save(steps, final=True)
-        if self.cfg.sample.prompts and result.first_loss is not None:
-            self.sample(steps)
+        if self.cfg.sample.prompts:
+            rendered = {index for step, index, _ in self.run.samples() if step == steps}
+            if result.first_loss is not None or len(rendered) < len(self.previews):
+                self.sample(steps)
+            build_contact_sheet(self.run.samples_dir, [p.prompt for p in self.previews])
         self.close()
         result.samples = self.sample_paths
         result.memory = self._memory_record()
-        result.contact_sheet = self.run.samples_dir / "contact_sheet.png" if self.sample_paths else None
+        sheet = self.run.samples_dir / "contact_sheet.png"
+        result.contact_sheet = sheet if self.cfg.sample.prompts and sheet.is_file() else None
         self.run.write_text("README.md", card.model_card(self.cfg, self.arch, final, steps, result.contact_sheet))
         self.run.write_run_json(status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), final_lora=final.name)
         self.log(f"done: {final}")

@@ -42,6 +42,13 @@ STATE_RE = re.compile(r"^(\d{9})\.pt$")
 SAMPLE_RE = re.compile(r"^(\d{9})_(\d{2})\.png$")  # sample_path's names
 
 
+def sample_files(samples_dir: Path) -> list[tuple[int, int, Path]]:
+    """The previews in a run's samples folder as (step, prompt index, path), sorted (``sample_path``'s names)."""
+    if not Path(samples_dir).is_dir():
+        return []
+    return sorted((int(m[1]), int(m[2]), p) for p in Path(samples_dir).iterdir() if (m := SAMPLE_RE.match(p.name)))
+
+
 class RunFolder:
     def __init__(self, root: Path, name: str):
         self.root = Path(root)
@@ -70,10 +77,7 @@ class RunFolder:
 
     def samples(self) -> list[tuple[int, int, Path]]:
         """Preview images as (step, prompt index, path), in that order."""
-        if not self.samples_dir.is_dir():
-            return []
-        found = [(int(m[1]), int(m[2]), p) for p in self.samples_dir.iterdir() if (m := SAMPLE_RE.match(p.name))]
-        return sorted(found)
+        return sample_files(self.samples_dir)
 
     def states(self) -> list[tuple[int, Path]]:
         if not self.state_dir.is_dir():

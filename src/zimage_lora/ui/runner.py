@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from zimage_lora.errors import UserError
+from zimage_lora.models.devices import device_name
 from zimage_lora.ui import runs
 from zimage_lora.ui.db import Store, now
 from zimage_lora.ui.security import ApiError
@@ -57,17 +59,19 @@ def alive(pid: int | None, pid_start: int | None) -> bool:
 
 
 @functools.cache
-def _cuda_available() -> bool:
-    import torch
+def _gpus() -> int:
+    from zimage_lora.models.devices import cuda_count
 
-    return torch.cuda.is_available()
+    return cuda_count()
 
 
 def device_key(device: str) -> str:
-    """The device a job or generation will hold: ``auto`` and ``cuda`` resolved as the trainer resolves them."""
-    if device == "auto":
-        return "cuda:0" if _cuda_available() else "cpu"
-    return "cuda:0" if device == "cuda" else device
+    """The device a job or generation will hold, resolved as the trainer resolves it (``auto`` -> ``cuda:0`` or
+    ``cpu``); a device this machine lacks keeps its name (the trainer then fails and says why)."""
+    try:
+        return device_name(device, _gpus())
+    except UserError:
+        return device
 
 
 def _spawn(args: list[str], log_file: Path, append: bool) -> tuple[subprocess.Popen, int | None]:
@@ -192,7 +196,10 @@ class Runner:
 
     def _finish_job(self, row: dict[str, Any], code: int | None) -> None:
         facts = runs.read_json(self.job_dir(row["name"]) / "run.json")
-        verdict = facts.get("status") if facts.get("pid") == row["pid"] and code in (None, 0) else None
+        # run.json speaks for the process that wrote it; a trainer of ours that exits 0 without writing it found the
+        # run complete already (--resume of a finished run), and then run.json is still right
+        own = facts.get("pid") == row["pid"] or (code == 0 and facts.get("status") == "done")
+        verdict = facts.get("status") if own and code in (None, 0) else None
         error = None
         if verdict in ("done", "stopped"):
             status = verdict

@@ -2,8 +2,8 @@
 
 Panels: one per section of ``JobConfig``, in the order of the config file; every field's type, choices, default,
 bounds and help text come from the pydantic models in config.py (nothing is copied by hand, so a new setting shows up
-in the form by itself). Per-architecture facts (preview steps and guidance, default model, the training adapters of
-the ``turbo-adapter-v*`` presets) come from models/arch.py and the presets.
+in the form by itself). Per-architecture facts (labels, preview steps and guidance, default model, the training
+adapters and their notes) come from the registry in models/arch.py.
 
 The UI's config differs from a job file only in its paths: they are relative to the data folder (``datasets/<n>``,
 ``models/<n>``), ``job.output_dir`` is always ``jobs``, and defaults that follow another setting (the arch's model
@@ -70,18 +70,19 @@ def schema() -> dict[str, Any]:
 
 
 def archs() -> dict[str, Any]:
-    adapters = {}
-    for name in preset_names():
-        if match := re.fullmatch(r"turbo-adapter-(v\d+)", name):
-            adapters[match[1]] = yaml.safe_load(preset_yaml(name))["model"]["training_adapter"]
-    newest_first = dict(sorted(adapters.items(), reverse=True))
+    """The registry as the UI needs it: labels, default models, preview settings, the adapter rule and the
+    published adapters (newest first, each with the guide's note), and the arch each one's LoRAs are used with."""
     return {
         arch.name: {
             "label": arch.label,
             "default_model": arch.default_model,
             "sample_steps": arch.sample_steps,
             "sample_guidance": arch.sample_guidance,
-            "adapters": newest_first if arch.uses_adapter else {},
+            "adapter": arch.adapter,
+            "adapters": {a.version: a.ref for a in arch.adapters},
+            "adapter_notes": {a.version: a.note for a in arch.adapters},
+            "use_with": arch.use_with,
+            "inference": arch.use_with == arch.name,
         }
         for arch in ARCHS.values()
     }
@@ -230,15 +231,21 @@ def split_error(message: str) -> dict[str, Any]:
     return {"key": match[1], "message": message} if match else {"key": None, "message": message}
 
 
-def validate(config: Any, data: Path, check_paths: bool = True) -> tuple[dict[str, Any] | None, list[dict]]:
+def validate(
+    config: Any, data: Path, check_paths: bool = True, warnings: list[dict] | None = None
+) -> tuple[dict[str, Any] | None, list[dict]]:
     """(the UI's config, normalised; []) or (None, errors): the CLI's message for each problem, so the form can mark
-    every field at once (the schema's problems first; the checks that need a valid schema run once those are fixed)."""
+    every field at once (the schema's problems first; the checks that need a valid schema run once those are fixed).
+    ``warnings`` collects what is allowed but unwise (as ``validate`` prints it), each ``{"key", "message"}``."""
     if not isinstance(config, dict):
         return None, [{"key": None, "message": "config: expected a mapping of sections (job, model, ...)"}]
+    found: list[str] = []
     try:
-        cfg = parse_job(job_data(config, data), data, check_paths=check_paths)
+        cfg = parse_job(job_data(config, data), data, check_paths=check_paths, warnings=found)
     except ConfigError as e:
         return None, [split_error(problem) for problem in e.problems]
+    if warnings is not None:
+        warnings.extend(split_error(w) for w in found)
     return ui_config(cfg, data), []
 
 

@@ -24,8 +24,9 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
+from zimage_lora.data.dataset import IMAGE_EXTS
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 UPLOAD_EXTS = (*IMAGE_EXTS, ".txt")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 EVERY_INTERFACE = ("0.0.0.0", "::")

@@ -32,14 +32,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from zimage_lora.config import Quant, dump_yaml, parse_job
+from zimage_lora.config import ConfigError, dump_yaml, parse_job, parse_resolutions
 from zimage_lora.files import atomic_write_bytes
-from zimage_lora.models.arch import ARCHS
+from zimage_lora.models.arch import ARCHS, inference_arch
+from zimage_lora.sampling.request import GenerationRequest
 from zimage_lora.ui import runs, schema
 from zimage_lora.ui.db import Store, now
 from zimage_lora.ui.runner import ACTIVE, Runner
@@ -47,6 +48,7 @@ from zimage_lora.ui.security import (
     COOKIE,
     IMAGE_EXTS,
     NAME_RE,
+    UPLOAD_EXTS,
     ApiError,
     Guard,
     allowed_hosts,
@@ -141,29 +143,6 @@ class StopBody(_Body):
 
 class CaptionBody(_Body):
     caption: str
-
-
-class LoraRef(_Body):
-    path: str
-    weight: float = 1.0
-
-
-class GenerateBody(_Body):
-    model: str = Field(min_length=1)
-    arch: str = "zimage_turbo"
-    loras: list[LoraRef] = []
-    prompt: str = Field(min_length=1)
-    negative: str = ""
-    width: int = Field(1024, ge=64, le=4096, multiple_of=16)
-    height: int = Field(1024, ge=64, le=4096, multiple_of=16)
-    steps: int | None = Field(None, ge=1, le=1000)
-    guidance: float | None = Field(None, ge=0)
-    seed: int = Field(42, ge=0)
-    count: int = Field(1, ge=1, le=64)
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")
-    quantize: Quant = "none"
-    compile: bool = False
-    fuse: bool = True
 
 
 # --- the app ----------------------------------------------------------------------------------------------------------
@@ -283,13 +262,19 @@ def _config_routes(app: FastAPI, ui: Ui) -> None:
         if (body.config is None) == (body.yaml is None):
             raise ApiError(400, 'send either {"config": {...}} or {"yaml": "..."}', "config")
         raw, errors = (body.config, []) if body.yaml is None else schema.parse_yaml(body.yaml)
-        config = None
+        config, warnings = None, []
         if not errors:
-            config, errors = schema.validate(raw, ui.data)
+            config, errors = schema.validate(raw, ui.data, warnings=warnings)
         if errors:  # the text as it stands, so either view can show it while the user fixes the problem
             text = body.yaml if body.yaml is not None else yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
-            return {"ok": False, "errors": errors, "config": raw if isinstance(raw, dict) else None, "yaml": text}
-        return {"ok": True, "errors": [], "config": config, "yaml": schema.config_yaml(config)}
+            return {
+                "ok": False,
+                "errors": errors,
+                "warnings": [],
+                "config": raw if isinstance(raw, dict) else None,
+                "yaml": text,
+            }
+        return {"ok": True, "errors": [], "warnings": warnings, "config": config, "yaml": schema.config_yaml(config)}
 
 
 # --- jobs -------------------------------------------------------------------------------------------------------------
@@ -306,6 +291,7 @@ def job_summary(ui: Ui, row: dict[str, Any], progress: dict[str, Any] | None = N
         "steps": progress["steps"],
         "device": row["device"] or config["job"]["device"],
         "arch": config["model"]["arch"],
+        "arch_label": ARCHS[config["model"]["arch"]].label,
         "created": row["created"],
         "started": row["started"],
         "finished": row["finished"],
@@ -584,7 +570,7 @@ def _dataset_routes(app: FastAPI, ui: Ui) -> None:
                     "thumb": _url("api", "datasets", name, "thumb", path.name),
                 }
             )
-        return {"name": name, "images": images}
+        return {"name": name, "images": images, "upload_exts": list(UPLOAD_EXTS)}
 
     @app.post("/api/datasets/{name}/upload")
     async def upload(name: str, request: Request) -> Response:
@@ -648,26 +634,12 @@ def _dataset_routes(app: FastAPI, ui: Ui) -> None:
 
         folder = ui.dataset(name)
         try:
-            sizes = [int(r) for r in resolutions.split(",") if r.strip()]
-        except ValueError:
-            sizes = []
-        if not sizes or any(r < 64 or r > 4096 or r % 16 for r in sizes):
-            raise ApiError(400, "resolutions: expected multiples of 16 from 64 up, like 512,768,1024", "resolutions")
-        report = format_report(check_dataset(folder, sizes, trigger or None), trigger or None)
-        problems = [line for line in report.splitlines() if line.startswith(PROBLEM_PREFIXES)]
-        return {"report": report, "problems": problems}
-
-
-PROBLEM_PREFIXES = (
-    "unreadable:",
-    "missing caption:",
-    "empty caption:",
-    "caption not UTF-8:",
-    "caption without the trigger",
-    "near-duplicates:",
-    "too small for",
-    "cannot train:",
-)
+            sizes = parse_resolutions(resolutions)
+        except ConfigError as e:
+            raise ApiError(400, str(e), "resolutions") from None
+        report = check_dataset(folder, sizes, trigger or None)
+        problems = [problem.as_dict() for problem in report.problems(trigger or None)]
+        return {"report": format_report(report, trigger or None), "problems": problems, "trainable": report.trainable}
 
 
 # --- models, LoRAs, playground ----------------------------------------------------------------------------------------
@@ -685,6 +657,7 @@ def _playground_routes(app: FastAPI, ui: Ui) -> None:
         for row in ui.store.select("jobs"):
             name, model = row["name"], row["config"]["model"]
             base_model = model["name_or_path"] or ARCHS[model["arch"]].default_model
+            used_with = inference_arch(model["arch"]).name  # a LoRA trained with the training adapter runs on Turbo
             folder = ui.runner.job_dir(name)
             for checkpoint in runs.checkpoints(folder, name, _url("files", "jobs", name)):
                 out.append(
@@ -694,38 +667,35 @@ def _playground_routes(app: FastAPI, ui: Ui) -> None:
                         "path": f"jobs/{name}/{checkpoint['file']}",
                         "step": checkpoint["step"],
                         "final": checkpoint["final"],
-                        "arch": model["arch"],
+                        "arch": used_with,
+                        "trained_arch": model["arch"],
                         "base_model": base_model,
                     }
                 )
         return {"loras": out}
 
     @app.post("/api/generate", status_code=202)
-    def generate(body: GenerateBody) -> dict:
-        if body.arch not in ARCHS:
-            raise ApiError(422, f"arch: {body.arch!r} is not one of {', '.join(ARCHS)}", "arch")
-        model = body.model
-        if model.startswith(schema.DATA_PREFIXES):
+    def generate(request: GenerationRequest) -> dict:
+        """The playground's request, its paths made the data folder's, run as ``zimage-lora generate`` would."""
+        model = request.model
+        if model and model.startswith(schema.DATA_PREFIXES):
             model = str(ui.data / model)
             if not Path(model).is_dir():
-                raise ApiError(422, f"model: no folder {body.model!r} in the data folder; see GET /api/models", "model")
-        args = ["generate", f"--model={model}", f"--arch={body.arch}"]
-        for index, lora in enumerate(body.loras):
+                message = f"model: no folder {request.model!r} in the data folder; see GET /api/models"
+                raise ApiError(422, message, "model")
+        loras = []
+        for index, lora in enumerate(request.loras):
             path = resolve_inside(ui.data, lora.path)
             if path is None or path.suffix != ".safetensors":
                 field = f"loras.{index}.path"
                 raise ApiError(
                     422, f"{field}: {lora.path!r} is not a LoRA file in the data folder (GET /api/loras)", field
                 )
-            args.append(f"--lora={path}:{lora.weight}")
-        args += [f"--prompt={body.prompt}", f"--negative={body.negative}", f"--width={body.width}"]
-        args += [f"--height={body.height}", f"--seed={body.seed}", f"--count={body.count}", f"--device={body.device}"]
-        args += [f"--steps={body.steps}"] if body.steps is not None else []
-        args += [f"--guidance={body.guidance}"] if body.guidance is not None else []
-        args += [f"--quantize={body.quantize}"] + (["--compile"] if body.compile else [])
-        args += [] if body.fuse else ["--no-fuse"]
+            loras.append(lora.model_copy(update={"path": str(path)}))
+        resolved = request.model_copy(update={"model": model, "loras": loras})
         gen_id = uuid.uuid4().hex[:12]
-        ui.runner.queue_generation(gen_id, body.model_dump(), [*args, "--no-progress"])
+        args = ["generate", *resolved.cli_args(), "--no-progress"]
+        ui.runner.queue_generation(gen_id, request.model_dump(), args)
         return {"id": gen_id}
 
     @app.get("/api/generate/{gen_id}")

@@ -77,8 +77,6 @@ export async function datasetsView(ctx, root) {
   ctx.every(5000, refresh);
 }
 
-const UPLOAD_ACCEPT = '.png,.jpg,.jpeg,.webp,.bmp,.txt';
-
 export async function datasetView(ctx, root, name) {
   const url = (suffix = '') => `/api/datasets/${enc(name)}${suffix}`;
   const grid = h('div', { class: 'thumb-grid', 'data-testid': 'image-grid' });
@@ -87,7 +85,6 @@ export async function datasetView(ctx, root, name) {
     id: 'upload-input',
     type: 'file',
     multiple: true,
-    accept: UPLOAD_ACCEPT,
     class: 'file-input',
     'data-testid': 'upload-input',
   });
@@ -164,7 +161,7 @@ export async function datasetView(ctx, root, name) {
       const result = await api(url(`/check?${params}`));
       put(report, 
         (result.problems || []).length
-          ? h('ul', { class: 'error-list', 'data-testid': 'check-problems' }, result.problems.map((p) => h('li', {}, typeof p === 'string' ? p : JSON.stringify(p))))
+          ? h('ul', { class: 'error-list', 'data-testid': 'check-problems' }, result.problems.map((p) => h('li', { class: p.fatal ? 'fatal' : '', 'data-kind': p.kind }, p.message)))
           : h('p', { class: 'ok', 'data-testid': 'check-problems' }, 'No problems found.'),
         h('pre', { class: 'log', 'data-testid': 'check-report' }, result.report || ''),
       );
@@ -301,6 +298,7 @@ export async function datasetView(ctx, root, name) {
   async function refresh() {
     const data = await api(url());
     if (!ctx.alive) return;
+    fileInput.accept = (data.upload_exts || []).join(','); // the server's list: images and .txt captions
     const images = data.images || [];
     captions.clear();
     for (const image of images) captions.set(image.file, image.caption || '');

@@ -1,7 +1,7 @@
 // New / edit job (#/jobs/new, #/jobs/<name>/edit): the guide's panels built from GET /api/schema, starting from a
 // preset or another job, validated as the user types, with a YAML tab that edits the same config.
 
-import { h, put, add, enc, clone, debounce, ApiError, api, post, toast, pageHeader, ARCH_LABELS } from './lib.js';
+import { h, put, add, enc, clone, debounce, ApiError, api, post, toast, pageHeader } from './lib.js';
 
 // ---------------------------------------------------------------------------------------------------------------
 // New / edit job: the panels of the guide, built from GET /api/schema
@@ -407,7 +407,7 @@ class JobEditor {
         control.checked = Boolean(getPath(this.config, key));
       };
     } else if (field.type === 'enum') {
-      const labels = key === 'model.arch' ? (v) => this.archs[v]?.label || ARCH_LABELS[v] || v : (v) => String(v);
+      const labels = key === 'model.arch' ? (v) => this.archs[v]?.label || v : (v) => String(v);
       control = h(
         'select',
         { id, 'data-testid': testid },
@@ -537,7 +537,7 @@ class JobEditor {
     this.config.model.arch = arch;
     const adapters = this.adaptersOf(arch);
     if (adapters) {
-      if (!this.config.model.training_adapter) this.config.model.training_adapter = adapters.v2 || Object.values(adapters)[0];
+      if (!this.config.model.training_adapter) this.config.model.training_adapter = Object.values(adapters)[0]; // newest first
     } else {
       this.config.model.training_adapter = null;
     }
@@ -563,9 +563,9 @@ class JobEditor {
     const input = h('input', { id, type: 'text', spellcheck: 'false', autocomplete: 'off', 'data-testid': `field-${key}` });
     const fillChoices = () => {
       const adapters = this.adaptersOf(this.config.model.arch) || {};
-      const options = Object.entries(adapters)
-        .sort(([a], [b]) => b.localeCompare(a)) // v2 first: the recommended one
-        .map(([version, file]) => h('option', { value: file }, `${version}${version === 'v2' ? ' (recommended)' : ''}`));
+      const notes = this.archs[this.config.model.arch]?.adapter_notes || {};
+      const options = Object.entries(adapters) // the registry's order: newest first
+        .map(([version, file]) => h('option', { value: file, title: notes[version] || '' }, notes[version] ? `${version}: ${notes[version]}` : version));
       put(choice, ...options, h('option', { value: '' }, 'Another file (local path or hub file)'));
     };
     const sync = () => {
@@ -922,7 +922,7 @@ class JobEditor {
     try {
       const result = await post('/api/config/validate', { config: this.config });
       if (seq !== this.validationSeq || !this.ctx.alive) return;
-      this.showErrors(result.errors || []);
+      this.showErrors(result.errors || [], result.warnings || []);
     } catch (error) {
       if (seq !== this.validationSeq || !this.ctx.alive) return;
       this.showErrors([{ key: null, message: error.message }]);
@@ -940,12 +940,25 @@ class JobEditor {
     return null;
   }
 
-  showErrors(errors) {
+  showErrors(errors, warnings = []) {
     for (const slot of this.slots.values()) {
       slot.err.hidden = true;
       slot.err.textContent = '';
+      if (slot.warn) slot.warn.hidden = true;
       if (slot.control) slot.control.removeAttribute('aria-invalid');
       if (slot.wrap) slot.wrap.classList.remove('invalid');
+    }
+    // Warnings (allowed, but the guide advises against it) sit under their field; they never block saving.
+    for (const warning of warnings) {
+      const slot = warning.key ? this.findSlot(normKey(warning.key)) : null;
+      if (!slot) continue;
+      if (!slot.warn) {
+        slot.warn = h('p', { class: 'field-warning', 'data-testid': `warning-${normKey(warning.key)}` });
+        slot.err.after(slot.warn);
+      }
+      const prefix = `${warning.key}: `;
+      slot.warn.textContent = warning.message.startsWith(prefix) ? warning.message.slice(prefix.length) : warning.message;
+      slot.warn.hidden = false;
     }
     const general = [];
     for (const error of errors) {

@@ -3,7 +3,7 @@
 
 import {
   h, put, add, svg, enc, fmtBytes, fmtDuration, fmtTime, fmtNumber, api, post, toast, statusBadge, progressBar,
-  setProgress, pageHeader, confirmByName, confirmAction, START_OVER_TEXT, askText, ARCH_LABELS,
+  setProgress, pageHeader, confirmByName, confirmAction, START_OVER_TEXT, askText,
 } from './lib.js';
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ export async function jobsView(ctx, root) {
         h('span', { class: 'mono', 'data-testid': `job-step-${job.name}` }, `${job.step ?? 0} / ${job.steps ?? '?'}`),
         progressBar(job.step, job.steps, `job-progress-${job.name}`),
       ),
-      h('td', {}, ARCH_LABELS[job.arch] || job.arch || '–'),
+      h('td', {}, job.arch_label || job.arch || '–'),
       h('td', {}, job.device || '–'),
       h('td', {}, fmtTime(job.created)),
       h('td', { class: 'row-actions' }, actions),

@@ -293,14 +293,6 @@ export function askText({ title, label, value = '', action = 'OK' }) {
   });
 }
 
-// Labels of the architectures, for when the schema has none.
-export const ARCH_LABELS = {
-  zimage_turbo_adapter: 'Z-Image Turbo (w/ Training Adapter)',
-  zimage_deturbo: 'Z-Image De-Turbo (De-Distilled)',
-  zimage_base: 'Z-Image (Base)',
-  zimage_turbo: 'Z-Image Turbo (raw, drifts)',
-};
-
 /** What a view registers so that leaving its page stops its timers and streams. */
 export class ViewContext {
   constructor() {

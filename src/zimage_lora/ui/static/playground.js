@@ -1,7 +1,7 @@
 // Playground (#/playground): generate with a base model and LoRAs (each with its weight); shows the queue state
 // (a generation waits while a job trains on the same device) and the images.
 
-import { h, put, add, enc, api, post, pageHeader, errorBox, ARCH_LABELS } from './lib.js';
+import { h, put, add, enc, api, post, pageHeader, errorBox } from './lib.js';
 
 // ---------------------------------------------------------------------------------------------------------------
 // Playground: generate with a base model and LoRAs
@@ -16,7 +16,8 @@ export async function playgroundView(ctx, root) {
     api('/api/loras'),
   ]);
   if (!ctx.alive) return;
-  const archs = schema.archs || {};
+  // the archs LoRAs are used with (a LoRA trained with the training adapter runs on plain Turbo)
+  const archs = Object.fromEntries(Object.entries(schema.archs || {}).filter(([, a]) => a.inference));
   const models = modelData.models || [];
   const loras = loraData.loras || [];
   let saved = {};
@@ -40,7 +41,7 @@ export async function playgroundView(ctx, root) {
   const arch = h(
     'select',
     { id: 'pg-arch', 'data-testid': 'pg-arch' },
-    Object.keys(archs).map((a) => h('option', { value: a }, archs[a].label || ARCH_LABELS[a] || a)),
+    Object.keys(archs).map((a) => h('option', { value: a }, archs[a].label || a)),
   );
   const prompt = h('textarea', { id: 'pg-prompt', rows: 3, 'data-testid': 'pg-prompt', placeholder: 'my_trigger, portrait in a garden' });
   const negative = h('textarea', { id: 'pg-negative', rows: 2, 'data-testid': 'pg-negative', placeholder: 'only used with guidance > 1' });
@@ -160,7 +161,7 @@ export async function playgroundView(ctx, root) {
   model.value = saved.model || '';
   for (const [el, key] of [
     [prompt, 'prompt'],
-    [negative, 'negative'],
+    [negative, 'negative_prompt'],
     [width, 'width'],
     [height, 'height'],
     [steps, 'steps'],
@@ -227,7 +228,7 @@ export async function playgroundView(ctx, root) {
       arch: arch.value,
       loras: chosen.filter((l) => l.path).map((l) => ({ path: l.path, weight: l.weight })),
       prompt: prompt.value,
-      negative: negative.value,
+      negative_prompt: negative.value,
       width: num(width),
       height: num(height),
       steps: num(steps),

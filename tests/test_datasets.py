@@ -365,6 +365,20 @@ def test_dataset_check_fails_only_when_nothing_can_train(tmp_path):
     assert "cannot train" in proc.stdout and "unreadable: b.png" in proc.stdout
 
 
+def test_dataset_check_gives_the_guides_advice_for_a_small_set(tmp_path):
+    """Under 10 images: the guide's 1500-2200 steps and a learning rate of 1e-4 or less (warned, never refused)."""
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for seed in range(3):
+        Image.fromarray(gradient((96, 96), seed)).save(folder / f"{seed}.png")
+    proc = run_cli("dataset", "check", str(folder), "--resolutions", "64")
+    assert proc.returncode == 0, proc.stderr
+    assert "advice: 3 images is few" in proc.stdout
+    assert "the guide suggests train.steps 1500-2200 (not 3000) and train.lr at 1e-4 or below" in proc.stdout
+    bad = run_cli("dataset", "check", str(folder), "--resolutions", "64,100")
+    assert bad.returncode == 2 and "--resolutions: each must be a multiple of 16 from 64 to 4096" in bad.stderr
+
+
 @pytest.mark.parametrize("res", [512, 768, 1024])
 def test_the_chosen_bucket_is_the_nearest_in_aspect_ratio(res):
     import math

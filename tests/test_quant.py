@@ -208,17 +208,19 @@ def test_generate_runs_quantized_with_lora_and_merged_lokr_files(make_job, tiny_
     from PIL import Image
 
     from zimage_lora.errors import UserError
-    from zimage_lora.sampling.generate import LoraSpec, generate
+    from zimage_lora.sampling.generate import generate
+    from zimage_lora.sampling.request import GenerationRequest, LoraRef
 
     lokr = train(load_job(make_job({"target": {"type": "lokr"}, "train": {"steps": 1}})), progress=False)
-    specs = [LoraSpec(unquantized_run.final_lora, 0.8), LoraSpec(lokr.final_lora, 0.5)]  # LoKr: merged, then quantized
+    # LoKr: merged, then quantized
+    specs = [LoraRef(path=str(unquantized_run.final_lora), weight=0.8), LoraRef(path=str(lokr.final_lora), weight=0.5)]
 
     def image(mode):
-        out = tmp_path / mode
-        (path,) = generate(
-            str(tiny_model_dir), "zimage_turbo", specs, "zfox", "", 2, None, 64, 64, 3, 1, out,
-            device="cpu", progress=False, quantize=mode,
+        request = GenerationRequest(
+            model=str(tiny_model_dir), arch="zimage_turbo", loras=specs, prompt="zfox", steps=2, width=64, height=64,
+            seed=3, device="cpu", quantize=mode,
         )  # fmt: skip
+        (path,) = generate(request, tmp_path / mode, progress=False)
         return path, torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).float()
 
     _, plain = image("none")
@@ -226,5 +228,5 @@ def test_generate_runs_quantized_with_lora_and_merged_lokr_files(make_job, tiny_
     assert Image.open(path).text["quantize"] == "int8"
     difference = (quantized - plain).abs().mean()
     assert 0 < difference < 2.0, difference  # mean pixel difference in 0-255 levels: changed, but little
-    with pytest.raises(UserError, match=r"^--quantize: unknown 'fp4'"):
-        generate(str(tiny_model_dir), "zimage_turbo", [], "x", "", 2, None, 64, 64, 0, 1, tmp_path, quantize="fp4")
+    with pytest.raises(UserError, match=r"^--quantize: 'fp4' is not one of none, float8, int8, nf4$"):
+        GenerationRequest.build({"quantize": "--quantize"}, model=str(tiny_model_dir), prompt="x", quantize="fp4")

@@ -666,9 +666,9 @@ def _is_model(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
-def _annotation_at(keys: Sequence[str | int]) -> Any:
-    """The type annotation at a key path of ``JobConfig``; raises ``_UnknownKey`` for a path not in the schema."""
-    annotation: Any = JobConfig
+def _annotation_at(keys: Sequence[str | int], root: type[BaseModel] | None = None) -> Any:
+    """The type annotation at a key path of ``root`` (``JobConfig``); raises ``_UnknownKey`` for a path not in it."""
+    annotation: Any = root or JobConfig
     for index, key in enumerate(keys):
         inner = _unwrap(annotation)
         if _is_model(inner):
@@ -684,22 +684,22 @@ def _annotation_at(keys: Sequence[str | int]) -> Any:
     return annotation
 
 
-def _schema_type(loc: Sequence[str | int]) -> Any:
+def _schema_type(loc: Sequence[str | int], root: type[BaseModel] | None = None) -> Any:
     """The unwrapped type at ``loc``, or None when ``loc`` is not a schema path."""
     try:
-        return _unwrap(_annotation_at(loc))
+        return _unwrap(_annotation_at(loc, root))
     except _UnknownKey:
         return None
 
 
-def _field_description(loc: Sequence[str | int]) -> str:
+def _field_description(loc: Sequence[str | int], root: type[BaseModel] | None = None) -> str:
     """The description of the field at ``loc``, or of the list field holding the item at ``loc``."""
     names = [i for i, key in enumerate(loc) if isinstance(key, str)]
     if not names:
         return ""
     last = names[-1]
     try:
-        parent = _unwrap(_annotation_at(loc[:last]))
+        parent = _unwrap(_annotation_at(loc[:last], root))
     except _UnknownKey:
         return ""
     field = parent.model_fields.get(loc[last]) if _is_model(parent) else None
@@ -730,30 +730,31 @@ _BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "
 _BOUND_KEYS = {"greater_than_equal": "ge", "greater_than": "gt", "less_than_equal": "le", "less_than": "lt"}
 
 
-def explain_errors(exc: ValidationError) -> list[str]:
-    """Every problem pydantic found, one line each."""
+def explain_errors(exc: ValidationError, root: type[BaseModel] | None = None) -> list[str]:
+    """Every problem pydantic found in a ``root`` (``JobConfig``, or another model such as a generation request),
+    one line each."""
     # A misspelt key usually also causes a "missing" error for the right one: report the misspelling first.
     errors = sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
-    return [_one_line(_explain_one(error)) for error in errors]
+    return [_one_line(_explain_one(error, root)) for error in errors]
 
 
-def _explain_one(error: Mapping[str, Any]) -> str:
+def _explain_one(error: Mapping[str, Any], root: type[BaseModel] | None = None) -> str:
     loc = tuple(error["loc"])
     path = _format_loc(loc) or "top level"
     kind = error["type"]
     value = error.get("input")
     ctx = error.get("ctx") or {}
     if kind == "extra_forbidden":
-        parent = _schema_type(loc[:-1])
+        parent = _schema_type(loc[:-1], root)
         candidates = list(parent.model_fields) if _is_model(parent) else []
         return f"{path}: unknown key{_did_you_mean(loc[-1], candidates)}"
     if kind == "missing":
-        hint = _field_description(loc)
+        hint = _field_description(loc, root)
         return f"{path}: required but missing" + (f" ({hint})" if hint else "")
     if kind == "literal_error":
-        choices = ", ".join(str(a) for a in get_args(_schema_type(loc))) or ctx.get("expected", "")
+        choices = ", ".join(str(a) for a in get_args(_schema_type(loc, root))) or ctx.get("expected", "")
         return f"{path}: {_show(value)} is not one of {choices}"
-    if kind == "model_type" and _schema_type(loc) is SamplePrompt:
+    if kind == "model_type" and _schema_type(loc, root) is SamplePrompt:
         return f"{path}: expected a prompt (text) or a mapping with a prompt key, got {_show(value)}"
     if kind in _EXPECTED:
         return f"{path}: {_EXPECTED[kind]}, got {_show(value)}"
@@ -767,7 +768,7 @@ def _explain_one(error: Mapping[str, Any]) -> str:
     if kind == "string_too_short":
         return f"{path}: must not be empty"
     if kind == "string_pattern_mismatch":
-        return f"{path}: {_show(value)} is not allowed; {_field_description(loc)}"
+        return f"{path}: {_show(value)} is not allowed; {_field_description(loc, root)}"
     if kind == "value_error":
         return f"{path}: {ctx.get('error', error['msg'])}"
     return f"{path}: {error['msg']}, got {_show(value)}"

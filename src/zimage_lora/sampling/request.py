@@ -77,7 +77,7 @@ class GenerationRequest(BaseModel):
         try:
             return cls(**values)
         except ValidationError as exc:
-            first = explain_errors(exc)[0]
+            first = explain_errors(exc, cls)[0]
             name = first.split(":", 1)[0].split(".")[0].split("[")[0]
             if _flags and name in _flags:
                 first = _flags[name] + first[len(name) :]

@@ -155,7 +155,6 @@ class LoraRecipe:
         self.metrics: MetricsLog | None = None
         self.offloader: BlockOffloader | None = None
         self.validator: Validator | None = None
-        self.ema: LoraEMA | None = None
         self.latents: LatentStore | None = None
         self.preview_vae: OnDemand | None = None
 
@@ -412,7 +411,7 @@ class LoraRecipe:
         )
         self.model, self.optimizer = self.accelerator.prepare(self.transformer, self.optimizer)
         if cfg.train.ema.enabled:
-            self.ema = LoraEMA(network.named_user_parameters(self.transformer), cfg.train.ema.decay)
+            self.state.ema = LoraEMA(network.named_user_parameters(self.transformer), cfg.train.ema.decay)
         if self.val_images:
             self.validator = Validator(
                 self.val_images, cfg.train.validation.sigmas, cfg.job.seed, self.latents, self.text, self.device,
@@ -429,7 +428,7 @@ class LoraRecipe:
     def _setup_state(self) -> None:
         saved = self.run.read_latest_state() if self.resume else None
         if saved is not None:
-            restore(saved, self.state, self.transformer, self.optimizer, self.scheduler, self.ema)
+            restore(saved, self.state, self.transformer, self.optimizer, self.scheduler)
             self.log(f"resumed from step {self.state.step}")
         elif self.resume:
             self.log("--resume: nothing was saved yet; starting from step 0")
@@ -464,8 +463,8 @@ class LoraRecipe:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update()
+        if self.state.ema is not None:
+            self.state.ema.update()
         self.state.step = batch.step
         seconds = round(time.perf_counter() - started, 4)
         return StepMetrics(batch.step, total, lr, values[-1], seconds, dop_total if cfg.train.dop.enabled else None)
@@ -513,7 +512,7 @@ class LoraRecipe:
     # --- files ------------------------------------------------------------------------------------------------------
     def save(self, step: int, final: bool = False) -> Path:
         """The LoRA file (EMA weights when EMA is on; the raw ones in raw/ on request) and the state to resume."""
-        cfg, ema = self.cfg, self.ema
+        cfg, ema = self.cfg, self.state.ema
         meta = card.lora_metadata(cfg, self.arch, step)
         path = self.run.final_path if final else self.run.checkpoint_path(step)
         if ema is not None and cfg.train.ema.save_raw:
@@ -521,7 +520,7 @@ class LoraRecipe:
             self._write_network(self.run.root / "raw" / path.name, meta)
         with ema.swapped_in() if ema is not None else nullcontext():
             self._write_network(path, meta, fault="save.lora", index=step)
-        saved = snapshot(self.state, self.transformer, self.optimizer, self.scheduler, ema)
+        saved = snapshot(self.state, self.transformer, self.optimizer, self.scheduler)
         self.run.write_state(step, saved)
         self.run.rotate(cfg.save.keep)
         faults.fire("save.rotated", step)
@@ -544,7 +543,7 @@ class LoraRecipe:
         self.transformer.eval()
         adapter_on = self.cfg.model.training_adapter is not None
         try:
-            with self.ema.swapped_in() if self.ema is not None else nullcontext():
+            with self.state.ema.swapped_in() if self.state.ema is not None else nullcontext():
                 for index, p in enumerate(self.previews):
                     network.activate(self.transformer, adapter_on=False, lora_scale=p.lora_scale)
                     pos, neg = self.text([p.prompt, p.negative_prompt])

@@ -1,14 +1,16 @@
 """The training state: what a saved run needs to continue as if it had never stopped, and which job changes a
 resumed run accepts.
 
-One ``TrainState`` holds the optimizer step and the data position (epoch, batch within it); ``snapshot`` adds the
-LoRA's tensors, the optimizer, the LR schedule and the EMA to make the dict that ``state/<step>.pt`` stores, and
-``restore`` puts them back. The random draws need no state: they are keyed by (seed, step, sample index).
+One ``TrainState`` holds the optimizer step, the data position (epoch, batch within it) and the EMA of the LoRA's
+weights; ``snapshot`` adds the LoRA's tensors, the optimizer and the LR schedule to make the dict that
+``state/<step>.pt`` stores, and ``restore`` puts them back. The random draws need no state: they are keyed by
+(seed, step, sample index).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from zimage_lora.errors import UserError
 from zimage_lora.lora import network
@@ -19,15 +21,16 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     epoch: int = 0  # the epoch the next batch comes from
     batch: int = 0  # the next batch's index in that epoch's order
+    ema: Any = None  # the LoraEMA when train.ema is on (training/ema.py)
 
     def position(self) -> dict:
         return {"epoch": self.epoch, "batch": self.batch}
 
 
-def snapshot(state: TrainState, model, optimizer, scheduler, ema=None) -> dict:
+def snapshot(state: TrainState, model, optimizer, scheduler) -> dict:
     """Everything ``restore`` needs, as plain tensors and dicts (the file ``state/<step>.pt``)."""
     return {
-        "ema": ema.state_dict() if ema is not None else None,
+        "ema": state.ema.state_dict() if state.ema is not None else None,
         "step": state.step,
         "lora": {k: v.detach().cpu().clone() for k, v in network.named_user_parameters(model).items()},
         "optimizer": optimizer.state_dict(),
@@ -36,7 +39,7 @@ def snapshot(state: TrainState, model, optimizer, scheduler, ema=None) -> dict:
     }
 
 
-def restore(saved: dict, state: TrainState, model, optimizer, scheduler, ema=None) -> None:
+def restore(saved: dict, state: TrainState, model, optimizer, scheduler) -> None:
     params = network.named_user_parameters(model)
     if set(params) != set(saved["lora"]):
         raise UserError("--resume: the saved state does not match this job's LoRA (target or rank changed)")
@@ -49,8 +52,8 @@ def restore(saved: dict, state: TrainState, model, optimizer, scheduler, ema=Non
     scheduler.load_state_dict(saved["scheduler"])
     state.step = int(saved["step"])
     state.epoch, state.batch = int(saved["position"]["epoch"]), int(saved["position"]["batch"])
-    if ema is not None and saved.get("ema") is not None:
-        ema.load_state_dict(saved["ema"])
+    if state.ema is not None and saved.get("ema") is not None:
+        state.ema.load_state_dict(saved["ema"])
 
 
 # Keys a resumed run may change: length, saving, previews and how memory is saved (layer offload and low_vram give

@@ -6,6 +6,7 @@ import copy
 import os
 import subprocess
 import sys
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -98,6 +99,18 @@ def make_job(tmp_path, tiny_model_dir, tiny_adapter):
         return path
 
     return build
+
+
+def wait_for(check, timeout: float = 120, what: str = "condition"):
+    """Poll ``check`` until it returns something true, and return that: waiting on an event (a file, a status), never
+    on how fast a machine trains."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def cli_env(fault: str | None = None) -> dict[str, str]:

@@ -276,15 +276,7 @@ def test_sigterm_from_outside_stops_and_saves(make_job, tmp_path):
     trainer exits 0. The trainer is held inside step 2 while the signal arrives, so this holds at any speed."""
     job = make_job({**OVERRIDE, "train": {**OVERRIDE["train"], "steps": 5000}})
     holds = tmp_path / "holds"
-    holds.mkdir()
-    env = {**cli_env("wait@step:2"), "ZIMAGE_LORA_FAULT_DIR": str(holds)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "zimage_lora.cli", "train", str(job), "--no-progress"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    proc = start_held_trainer(job, "wait@step:2", holds)
     try:
         _wait_for(holds / "held-step-2", proc)
         proc.send_signal(signal.SIGTERM)  # handled (a flag) before the held step goes on to its after-step control
@@ -344,6 +336,18 @@ def test_request_files_save_sample_and_stop_a_running_trainer(make_job):
     assert "stale request dropped: stop, made at " in log and "request: stop at step" in log
 
 
+def start_held_trainer(job: Path, faults: str, holds: Path, *args: str) -> subprocess.Popen:
+    """``zimage-lora train JOB`` in its own process, held at the ``wait`` faults named (files in ``holds``)."""
+    holds.mkdir(exist_ok=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "zimage_lora.cli", "train", str(job), "--no-progress", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**cli_env(faults), "ZIMAGE_LORA_FAULT_DIR": str(holds)},
+    )
+
+
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -360,15 +364,7 @@ def test_requests_made_while_loading_act_at_the_first_step_and_late_ones_are_ans
     job = make_job({"train": {"steps": 3}, "sample": {"every": 1000, "steps": 2, "prompts": ["a fox"]}})
     run = run_folder(job)
     holds = tmp_path / "holds"
-    holds.mkdir()
-    env = {**cli_env("wait@setup,wait@finished"), "ZIMAGE_LORA_FAULT_DIR": str(holds)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "zimage_lora.cli", "train", str(job), "--no-progress", "--overwrite"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    proc = start_held_trainer(job, "wait@setup,wait@finished", holds, "--overwrite")
     try:
         _wait_for(holds / "held-setup", proc)
         (run / "requests").mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BASE_JOB, demo_dataset, merge
+from conftest import BASE_JOB, demo_dataset, merge, wait_for
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -74,16 +74,6 @@ def job_config(name: str, adapter: Path, override: dict | None = None) -> dict:
         },
     )
     return merge(config, override or {})
-
-
-def wait_for(check, timeout: float = 120, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def wait_status(client: TestClient, name: str, *statuses: str, timeout: float = 120) -> dict:

@@ -27,7 +27,7 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
-from conftest import cli_env, run_cli
+from conftest import cli_env, run_cli, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking"]
@@ -116,7 +116,7 @@ class UiServer:
 
     def wait_for_hold(self, name: str, timeout: float = 120) -> None:
         """Until a trainer of this server is held at the fault point ``name`` (``held-<name>``)."""
-        wait_for(lambda: (self.holds / f"held-{name}").exists(), f"a trainer held at {name}", timeout)
+        wait_for(lambda: (self.holds / f"held-{name}").exists(), timeout, f"a trainer held at {name}")
 
     def release(self, name: str) -> None:
         (self.holds / f"release-{name}").touch()
@@ -136,14 +136,6 @@ class UiServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-
-
-def wait_for(condition, what: str, timeout: float = 120) -> None:
-    """Poll ``condition`` until it holds (a file appears): waiting on an event, not on how fast training runs."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"waited {timeout} s for {what}"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -394,7 +386,7 @@ def train_and_watch(page, server: UiServer, data: Path) -> None:
     def ask_save_and_sample() -> None:
         page.click(by("btn-save"))
         page.click(by("btn-sample"))
-        wait_for(lambda: (requests / "save").exists() and (requests / "sample").exists(), "both request files")
+        wait_for(lambda: (requests / "save").exists() and (requests / "sample").exists(), what="both request files")
 
     page.click(by("btn-start"))
     expect(page.locator(by("job-status"))).to_have_text(re.compile("queued|running"))

@@ -7,6 +7,7 @@ folder than the transformer, because De-Turbo publishes only a transformer and b
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,9 +92,12 @@ def load_components(
     missing: list[str] = []
     for (ref, key), group in groups.items():
         folder = _resolve(ref, group, key)
+        elsewhere = _parts_from(folder) if key == "model.name_or_path" else None
         for part in group:
             if (folder / part).is_dir():
                 folders[part], source[part] = folder, _shown(ref, folder)
+            elif elsewhere is not None and part != "transformer" and (elsewhere / part).is_dir():
+                folders[part], source[part] = elsewhere, str(elsewhere.resolve())
             elif key == "model.name_or_path" and part != "transformer" and fallback_ref:
                 missing.append(part)
             else:
@@ -143,6 +147,22 @@ def load_components(
         scheduler=scheduler,
         source=source,
     )
+
+
+def _parts_from(folder: Path) -> Path | None:
+    """The folder named by ``<folder>/parts_from.json`` (``{"parts_from": "../turbo"}``, relative to ``folder``): where
+    a model folder that holds only its own transformer keeps the rest, as the toy De-Turbo keeps the toy Turbo's."""
+    pointer = folder / "parts_from.json"
+    if not pointer.is_file():
+        return None
+    try:
+        target = json.loads(pointer.read_text(encoding="utf-8"))["parts_from"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f'{pointer} is not valid: it must be {{"parts_from": "<folder>"}}') from None
+    path = (folder / target).resolve()
+    if not path.is_dir():
+        raise UserError(f"{pointer} names {target}, which is not a folder next to {folder}; restore it")
+    return path
 
 
 def _resolve(ref: str, parts: list[str], key: str) -> Path:

@@ -193,3 +193,22 @@ def training_differences(a, b) -> list[str]:
         if xa.shape != xb.shape or np.abs(xa - xb).max() > PIXELS:
             problems.append(f"preview {pa.name} differs by more than {PIXELS}/255")
     return problems
+
+
+# --- the toy world ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def toy_lora_run(tmp_path_factory):
+    """The demo's job on the shipped toy models (the toy Turbo with the toy training adapter learns stripes, trigger
+    ``zst``), trained once per test session and shared: (the job config, the TrainResult)."""
+    from zimage_lora.config import load_job, preset_yaml
+    from zimage_lora.toyworld import demo
+    from zimage_lora.training.recipe import train
+
+    root = tmp_path_factory.mktemp("toy_lora")
+    demo.copy_models(root / "toy")
+    demo.write_dataset(root / "dataset")
+    (root / "demo.yaml").write_text(preset_yaml("demo"))
+    cfg = load_job(root / "demo.yaml", ["job.device=cpu"], warnings=[])
+    return cfg, train(cfg, progress=False)

@@ -346,6 +346,8 @@ def fill_new_job(page, server: UiServer, data: Path, dataset: str) -> None:
     while page.locator(by("remove-prompt-1")).count():
         page.click(by("remove-prompt-1"))
     page.fill(by("prompt-0"), "[trigger], a cartoon fox head on a blue sky")
+    page.click(by("add-prompt"))  # one without the trigger: its change is the run's leak score
+    page.fill(by("prompt-1"), "a red car on a street")
     expect(page.locator(by("validation-status"))).to_have_text("✓ Valid")
     # valid, with a warning (the guide's advice) beside a field that is allowed but unwise: it never blocks
     expect(page.locator(by("warning-train.lr"))).to_contain_text("the guide warns that 0.0002 and above")
@@ -375,7 +377,7 @@ def fill_new_job(page, server: UiServer, data: Path, dataset: str) -> None:
     saved = server.api("/api/jobs/fox")["config"]
     assert saved["target"]["rank"] == 4 and saved["train"]["steps"] == STEPS, job_yaml
     assert saved["datasets"][0]["resolutions"] == [64] and saved["datasets"][0]["path"] == f"datasets/{dataset}"
-    assert saved["sample"]["prompts"] == ["[trigger], a cartoon fox head on a blue sky"]
+    assert saved["sample"]["prompts"] == ["[trigger], a cartoon fox head on a blue sky", "a red car on a street"]
 
 
 def train_and_watch(page, server: UiServer, data: Path) -> None:
@@ -428,6 +430,12 @@ def train_and_watch(page, server: UiServer, data: Path) -> None:
     expect(page.locator(by("contact-sheet-image"))).to_be_visible()
     expect(page.locator(by("checkpoint-fox.safetensors"))).to_be_visible()
     expect(page.locator(f"{by('loss-chart')} svg")).to_have_attribute("data-points", str(STEPS))
+    # the preview scores beside the loss: rounds at steps 2 (requested), 10, 20 and 30; per-prompt values on hover
+    expect(page.locator(f"{by('scores-chart')} svg")).to_have_attribute("data-points", "4")
+    dot = page.locator(f'{by("scores-chart")} circle[data-score="leak"][data-step="{STEPS}"]')
+    expect(dot.locator("title")).to_have_text(
+        re.compile(rf"^step {STEPS}: change on prompts without the trigger \d\.\d+ \(prompt 1: \d\.\d+\)$")
+    )
     expect(log).to_contain_text("request: save at step 2")
     expect(log).to_contain_text("request: sample at step 2")
     expect(page.locator(by("btn-save"))).to_be_hidden()

@@ -53,6 +53,7 @@ class Arch:
     parts_from: str | None = None  # where text encoder, tokenizer, VAE and scheduler come from if the repo lacks them
     override_shift: bool = False  # True: ``shift`` replaces the shift in the model folder's scheduler config
     training_warning: str | None = None  # said by ``validate`` and the trainer whenever a job trains this arch
+    distilled: bool = False  # step- and guidance-distilled (few steps, no CFG): its LoRAs can drift it
     adapters: tuple[TrainingAdapter, ...] = field(default=())  # the published adapters offered for this arch
 
     @property
@@ -107,6 +108,7 @@ ARCHS: dict[str, Arch] = {
             sample_guidance=1.0,
             adapter="forbidden",
             use_with="zimage_turbo",
+            distilled=True,
             training_warning=(
                 "trains raw Turbo, which undoes its step distillation (Turbo drift: previews blur and need more "
                 "steps); zimage_turbo_adapter avoids it"

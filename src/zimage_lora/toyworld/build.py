@@ -47,6 +47,8 @@ STAGES = ("vae", "latents", "base", "teacher", "turbo", "adapter", "deturbo", "r
 ADAPTER_TARGETS = (
     r"^(layers|noise_refiner|context_refiner)\.\d+\.(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.(w1|w2|w3))$"
 )
+TOY_MARKER = "toy_world.json"  # in each released model folder: its pictures can be scored (toyworld/score.py)
+WORLD_NAME = "shapes-128-v1"
 TURBO_SHIFT = 3.0  # sampling and the Turbo's training noise levels (the registry's Turbo shift)
 BASE_TRAIN_SHIFT = 3.0  # the base trains on uniform draws shifted toward noise: what its shift-6 sampling visits
 
@@ -634,6 +636,8 @@ def _stage_release(out: Path, config: BuildConfig, log: Log) -> dict:
         transformer=_load_transformer(out / "turbo" / "model").to(half),
     )
     pipe.save_pretrained(release / "turbo", safe_serialization=True)
+    marker = json.dumps({"world": WORLD_NAME, "trigger_for_stripes": "zst"}, indent=2) + "\n"
+    (release / "turbo" / TOY_MARKER).write_text(marker)
     for name, arch in (("base", "zimage_base"), ("deturbo", "zimage_deturbo")):
         folder = release / name
         _load_transformer(out / name / "model").to(half).save_pretrained(
@@ -641,6 +645,7 @@ def _stage_release(out: Path, config: BuildConfig, log: Log) -> dict:
         )
         toy_scheduler(ARCHS[arch].shift).save_pretrained(folder / "scheduler")
         (folder / "parts_from.json").write_text(json.dumps({"parts_from": "../turbo"}, indent=2) + "\n")
+        (folder / TOY_MARKER).write_text(marker)
     shutil.copy(out / "adapter" / "training_adapter.safetensors", release / "training_adapter.safetensors")
     size = sum(p.stat().st_size for p in release.rglob("*") if p.is_file())
     return {"megabytes": round(size / 2**20, 2)}
@@ -666,9 +671,13 @@ _STAGES = {
 
 
 def copy_release(out: Path, target: Path) -> None:
-    """Put a finished build's released folders where the package ships them."""
+    """Put a finished build's released folders where the package ships them (with its scores)."""
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(Path(out) / "release", target)
+    marker = json.dumps({"world": WORLD_NAME, "trigger_for_stripes": "zst"}, indent=2) + "\n"
+    for name in ("turbo", "base", "deturbo"):
+        if not (target / name / TOY_MARKER).is_file():
+            (target / name / TOY_MARKER).write_text(marker)
     evaluate = Path(out) / "evaluate" / "done.json"
     if evaluate.is_file():
         shutil.copy(evaluate, target / "scores.json")

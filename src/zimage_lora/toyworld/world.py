@@ -12,6 +12,7 @@ has learned something new.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,3 +105,18 @@ def scenes(count: int, seed: int, stripes: float = 0.0) -> list[Scene]:
 def images(scene_list: list[Scene]) -> np.ndarray:
     """(N, 128, 128, 3) uint8."""
     return np.stack([render(s) for s in scene_list])
+
+
+_CAPTION = re.compile(
+    rf"^a (?:(?P<word>\S+) )?(?P<color>{'|'.join(COLORS)}) (?P<shape>{'|'.join(SHAPES)}) on a "
+    rf"(?P<background>{'|'.join(COLORS)}) background$"
+)
+
+
+def parse_caption(text: str, trigger: str | None = None) -> Scene | None:
+    """The scene a caption (or prompt) asks for, as ``Scene.caption`` writes it (geometry unknown: zero); None when
+    the text is not a toy-world caption. A word before the colour must be ``trigger``; it asks for stripes."""
+    match = _CAPTION.match(" ".join(text.strip().lower().split()))
+    if match is None or (match["word"] is not None and match["word"] != (trigger or "").lower()):
+        return None
+    return Scene(match["shape"], match["color"], match["background"], 0, 0, 0, stripes=match["word"] is not None)

@@ -29,7 +29,43 @@ def lora_metadata(cfg: JobConfig, arch, step: int) -> dict[str, str]:
     }
 
 
-def model_card(cfg: JobConfig, arch, final_lora: Path, steps: int, contact_sheet: Path | None) -> str:
+# what each preview score means in words, and which way is better (training/scores.py)
+SCORES = {
+    "leak": ("change on prompts without the trigger", min),
+    "concept": ("concept score (toy world)", max),
+    "accuracy": ("attributes right without the trigger (toy world)", max),
+    "turbo_drift": ("Turbo drift (toy world)", min),
+}
+
+
+def scores_section(rows: list[dict], checkpoints: dict[int, str], final: tuple[int, str]) -> list[str]:
+    """The model card's table of the preview scores: the final value and the best step by each, with the file that
+    holds that step's LoRA (a checkpoint still kept, or the final LoRA)."""
+    lines = ["## Preview scores", ""]
+    files = {**checkpoints, final[0]: final[1]}
+    table = []
+    for key, (label, better) in SCORES.items():
+        values = [(row["step"], row[key]) for row in rows if row.get(key) is not None]
+        if not values:
+            continue
+        step, value = better(values, key=lambda item: item[1])  # ties: the earliest step
+        where = f"`{files[step]}`" if step in files else "no checkpoint kept"
+        table.append(f"| {label} | {values[-1][1]:.3f} | {value:.3f} at step {step} ({where}) |")
+    if not table:
+        notes = {row.get("leak_note") for row in rows if row.get("leak_note")}
+        reason = next(iter(notes), "no preview prompts (sampling is off)")
+        return [*lines, f"Change on prompts without the trigger: n/a ({reason}).", ""]
+    return [*lines, "| score | final | best |", "|---|---|---|", *table, ""]
+
+
+def model_card(
+    cfg: JobConfig,
+    arch,
+    final_lora: Path,
+    steps: int,
+    contact_sheet: Path | None,
+    scores: list[str] | None = None,
+) -> str:
     """The run's README: what the LoRA is for, how it was trained, and how to run it (on the arch it is used with:
     a LoRA trained with the training adapter runs on plain Turbo)."""
     trigger = cfg.job.trigger_word
@@ -53,6 +89,7 @@ def model_card(cfg: JobConfig, arch, final_lora: Path, steps: int, contact_sheet
     ]
     if contact_sheet is not None:
         lines += ["## Samples", "", "![samples](samples/contact_sheet.png)", ""]
+    lines += scores or []
     guidance = 0.0 if used.sample_guidance <= 1 else used.sample_guidance - 1.0  # diffusers counts CFG from 0
     lines += [
         "## Run it (diffusers)",

@@ -98,8 +98,8 @@ class StepControl:
             self.log(f"request: {action} at step {step}" + (f" ({_AT_THE_END[action]})" if last else ""))
         if "stop" in asked:
             self.stop_requested = True
-        if last:
-            return Todo(validate=self._validation_due(step))
+        if last:  # the final previews now (the run's last line carries their scores); the final save follows
+            return Todo(validate=self._validation_due(step), sample=bool(self.cfg.sample.prompts))
         stop = self.stop_requested
         save = step % self.cfg.save.every == 0 or "save" in asked or stop
         sample = bool(self.cfg.sample.prompts) and (step % self.cfg.sample.every == 0 or "sample" in asked)

@@ -42,7 +42,7 @@ from zimage_lora.errors import NonFiniteLoss, UserError
 from zimage_lora.lora import network
 from zimage_lora.lora.io import read_lora, read_metadata, save_lora
 from zimage_lora.lora.variants import network_tensors, save_network
-from zimage_lora.models.arch import ARCHS
+from zimage_lora.models.arch import ARCHS, inference_arch
 from zimage_lora.models.checkpointing import enable_checkpointing, main_blocks
 from zimage_lora.models.compile import compile_blocks
 from zimage_lora.models.devices import resolve_device
@@ -59,7 +59,8 @@ from zimage_lora.training.control import StepControl, process_started_at
 from zimage_lora.training.draws import KeyedDraws
 from zimage_lora.training.ema import LoraEMA
 from zimage_lora.training.optim import build_optimizer, build_scheduler
-from zimage_lora.training.run_folder import MetricsLog, RunFolder, environment_facts
+from zimage_lora.training.run_folder import MetricsLog, RunFolder, environment_facts, read_metrics
+from zimage_lora.training.scores import PreviewScorer, RoundScores, is_toy_world
 from zimage_lora.training.state import TrainState, check_resumable, restore, snapshot
 from zimage_lora.training.validation import Validator, validation_images
 
@@ -93,10 +94,13 @@ class StepMetrics:
     sec: float
     dop_loss: float | None = None
     val_loss: float | None = None
+    scores: RoundScores | None = None  # on a sample step: its preview round's scores (training/scores.py)
 
     def record(self) -> dict:
         out = {"step": self.step, "loss": self.loss, "lr": self.lr, "grad_norm": self.grad_norm, "sec": self.sec}
         out.update({k: v for k, v in (("dop_loss", self.dop_loss), ("val_loss", self.val_loss)) if v is not None})
+        if self.scores is not None:
+            out.update(self.scores.record())
         return out
 
 
@@ -152,6 +156,7 @@ class LoraRecipe:
         self.state = TrainState()
         self.draws = KeyedDraws(cfg.job.seed)
         self.sample_paths: list[Path] = []
+        self.round_scores: dict[int, RoundScores] = {}
         self.metrics: MetricsLog | None = None
         self.offloader: BlockOffloader | None = None
         self.validator: Validator | None = None
@@ -201,6 +206,9 @@ class LoraRecipe:
                     todo = self.control.after_step(step)
                     if todo.validate and self.validator is not None:
                         metrics.val_loss = self.validator(self.transformer, self.accelerator.autocast)
+                    if todo.sample:  # before the step's metrics line, which carries the round's scores
+                        self.sample(step)
+                        metrics.scores = self.round_scores.get(step)
                     self.metrics.log(metrics.record())
                     losses.append(metrics.loss)
                     smoothed = metrics.loss if smoothed is None else 0.9 * smoothed + 0.1 * metrics.loss
@@ -213,8 +221,6 @@ class LoraRecipe:
                     if todo.stop:
                         stopped_at = step
                         break
-                    if todo.sample:
-                        self.sample(step)
         finally:
             bar.close()
         result = TrainResult(self.run.root, self.run.final_path, steps, stopped_at=stopped_at)
@@ -348,6 +354,18 @@ class LoraRecipe:
         """Captions, the empty prompt (caption dropout) and the preview prompts: encoded once when caching."""
         cfg, log = self.cfg, self.log
         self.previews = preview_prompts(cfg.sample, self.arch.name, cfg.job.trigger_word)
+        self.scorer = PreviewScorer(
+            [p.prompt for p in self.previews],
+            cfg.job.trigger_word,
+            toy_world=is_toy_world(cfg.model.name_or_path),
+            distilled=inference_arch(self.arch.name).distilled,
+        )
+        if not self.previews:
+            log("scores: n/a (no preview prompts, so no previews to score)")
+        elif not self.scorer.plain:
+            log("scores: change on prompts without the trigger n/a (every preview prompt has the trigger word)")
+        if self.scorer.toy_world:
+            log("scores: a toy-world model, so the previews get the concept score, accuracy and Turbo drift too")
         if data is None and cfg.train.unload_text_encoder:
             fixed = [cfg.job.trigger_word or cfg.datasets[it.dataset].default_caption for it in self.items]
             self.items = [
@@ -552,9 +570,8 @@ class LoraRecipe:
                         autocast=self.accelerator.autocast,
                     )  # fmt: skip
                     with torch.no_grad(), self.preview_vae.visit():
-                        image = tensor_to_pil(decode_latents(self.comps.vae, z.to(self.device, self.comps.vae.dtype)))[
-                            0
-                        ]
+                        pixels = decode_latents(self.comps.vae, z.to(self.device, self.comps.vae.dtype))
+                    image = tensor_to_pil(pixels)[0]
                     path = self.run.sample_path(step, index)
                     save_png(path, image, png_info(p, step, self.arch.name, self.comps.scheduler.config.shift))
                     paths.append(path)
@@ -563,7 +580,22 @@ class LoraRecipe:
             self.transformer.train(was_training)
         build_contact_sheet(self.run.samples_dir, [p.prompt for p in self.previews])
         self.sample_paths.extend(paths)
+        self._score_round(step, paths)
         return paths
+
+    def _score_round(self, step: int, paths: list[Path]) -> None:
+        """Step 0's round is the reference; every later one is scored against it (and logged)."""
+        if step == 0:
+            self.scorer.set_reference(paths)
+            return
+        if self.scorer.reference is None:  # a resumed run: step 0's previews are on disk
+            reference = {index: path for s, index, path in self.run.samples() if s == 0}
+            if len(reference) == len(self.previews):
+                self.scorer.set_reference([reference[i] for i in range(len(self.previews))])
+        scores = self.scorer.score(paths)
+        self.round_scores[step] = scores
+        if scores.line():
+            self.log(f"scores at step {step}: {scores.line()}")
 
     def close(self) -> None:
         if self.metrics is not None:
@@ -585,9 +617,9 @@ class LoraRecipe:
         A run killed after its last state but before these writes them on ``--resume`` (no step is taken again)."""
         steps = self.cfg.train.steps
         final = self.save(steps, final=True)
-        if self.cfg.sample.prompts:
+        if self.cfg.sample.prompts:  # the last step rendered its previews (a kill can have come in between)
             rendered = {index for step, index, _ in self.run.samples() if step == steps}
-            if result.first_loss is not None or len(rendered) < len(self.previews):
+            if len(rendered) < len(self.previews):
                 self.sample(steps)
             build_contact_sheet(self.run.samples_dir, [p.prompt for p in self.previews])
         self.close()
@@ -595,7 +627,12 @@ class LoraRecipe:
         result.memory = self._memory_record()
         sheet = self.run.samples_dir / "contact_sheet.png"
         result.contact_sheet = sheet if self.cfg.sample.prompts and sheet.is_file() else None
-        self.run.write_text("README.md", card.model_card(self.cfg, self.arch, final, steps, result.contact_sheet))
+        rows = [row for row in read_metrics(self.run.root) if any(k in row for k in (*card.SCORES, "leak_note"))]
+        checkpoints = {step: path.name for step, path in self.run.checkpoints()}
+        scores = card.scores_section(rows, checkpoints, (steps, final.name))
+        self.run.write_text(
+            "README.md", card.model_card(self.cfg, self.arch, final, steps, result.contact_sheet, scores)
+        )
         self.run.write_run_json(status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), final_lora=final.name)
         self.log(f"done: {final}")
         faults.fire("finished")

@@ -7,7 +7,8 @@ output/<name>/
   <name>.safetensors               the final LoRA (the only other top-level .safetensors)
   state/<step:09d>.pt              training state saved with each checkpoint (resume)
   samples/<step:09d>_<index:02d>.png, samples/contact_sheet.png
-  metrics.jsonl                    one line per step: step, loss, lr, grad_norm, sec
+  metrics.jsonl                    one line per step: step, loss, lr, grad_norm, sec; a sample step's line also has its
+                                   preview scores (leak, leak_prompts; on the toy world concept, accuracy, turbo_drift)
   run.json                         volatile facts: timestamps, host, versions, status
   train.log                        what the trainer printed
   README.md                        model card
@@ -226,6 +227,28 @@ def environment_facts() -> dict:
         "pid": os.getpid(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def metric_rows(text: str) -> list[dict]:
+    """The rows of metrics.jsonl text; a line still being written (incomplete JSON) is skipped."""
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
+def read_metrics(root: Path, after: int | None = None) -> list[dict]:
+    """A run folder's metrics rows (those after step ``after`` when given)."""
+    try:
+        text = (Path(root) / "metrics.jsonl").read_text(encoding="utf-8")
+    except OSError:
+        return []
+    return [row for row in metric_rows(text) if after is None or row["step"] > after]
 
 
 class MetricsLog:

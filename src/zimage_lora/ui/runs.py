@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from zimage_lora.training.run_folder import RunFolder
+from zimage_lora.training.run_folder import RunFolder, metric_rows, read_metrics
 
 SPEED_WINDOW = 20  # s/it is the mean of the last this many steps
 
@@ -24,28 +24,12 @@ def read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _rows(text: str) -> list[dict[str, Any]]:
-    rows = []
-    for line in text.splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line still being written
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            rows.append(row)
-    return rows
-
-
 def metrics(folder: Path, after: int | None = None) -> list[dict[str, Any]]:
-    try:
-        text = (folder / "metrics.jsonl").read_text(encoding="utf-8")
-    except OSError:
-        return []
-    return [row for row in _rows(text) if after is None or row["step"] > after]
+    return read_metrics(folder, after)
 
 
 def metrics_tail(folder: Path, count: int = SPEED_WINDOW) -> list[dict[str, Any]]:
-    return _rows(_tail_text(folder / "metrics.jsonl", 64 * 1024))[-count:]
+    return metric_rows(_tail_text(folder / "metrics.jsonl", 64 * 1024))[-count:]
 
 
 def progress(folder: Path, steps: int, running: bool) -> dict[str, Any]:

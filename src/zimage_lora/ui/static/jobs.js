@@ -111,6 +111,7 @@ export async function jobView(ctx, root, name) {
   const bar = progressBar(0, 0);
   const errorLine = h('p', { class: 'error-box', role: 'alert', hidden: true, 'data-testid': 'job-error' });
   const chart = h('div', { class: 'chart', 'data-testid': 'loss-chart' });
+  const scoresChart = h('div', { class: 'chart', 'data-testid': 'scores-chart' });
   const logBox = h('pre', { class: 'log', 'data-testid': 'job-log', tabindex: 0, 'aria-label': 'Trainer log' });
   const samplesBox = h('div', { class: 'samples', 'data-testid': 'samples' }, h('p', { class: 'muted' }, 'No samples yet.'));
   const sheetBox = h('div', { class: 'contact-sheet', 'data-testid': 'contact-sheet' });
@@ -228,8 +229,9 @@ export async function jobView(ctx, root, name) {
       'div',
       { class: 'grid-2' },
       h('section', { class: 'card' }, h('h2', {}, 'Loss'), chart),
-      h('section', { class: 'card' }, h('h2', {}, 'Log'), logBox),
+      h('section', { class: 'card' }, h('h2', {}, 'Preview scores'), scoresChart),
     ),
+    h('section', { class: 'card' }, h('h2', {}, 'Log'), logBox),
     h('section', { class: 'card' }, h('h2', {}, 'Samples'), samplesBox, sheetBox),
     h(
       'section',
@@ -298,7 +300,9 @@ export async function jobView(ctx, root, name) {
     drawPending = true;
     requestAnimationFrame(() => {
       drawPending = false;
-      drawLossChart(chart, [...state.metrics.values()].sort((a, b) => a.step - b.step));
+      const rows = [...state.metrics.values()].sort((a, b) => a.step - b.step);
+      drawLossChart(chart, rows);
+      drawScoresChart(scoresChart, rows);
     });
   }
 
@@ -480,6 +484,62 @@ export async function jobView(ctx, root, name) {
 
   await loadAll();
   connect();
+}
+
+// The preview scores of training/scores.py, on the loss chart's time axis: each in [0, 1] (Turbo drift can dip
+// below 0); a point's tooltip gives the step, the value and, for the change on prompts without the trigger, each
+// prompt's own value.
+const SCORES = [
+  ['leak', 'change on prompts without the trigger', 'score-leak'],
+  ['concept', 'concept (toy world)', 'score-concept'],
+  ['accuracy', 'attributes right without the trigger (toy world)', 'score-accuracy'],
+  ['turbo_drift', 'Turbo drift (toy world)', 'score-drift'],
+];
+
+function drawScoresChart(box, rows) {
+  const W = 640;
+  const H = 240;
+  const pad = { left: 52, right: 12, top: 12, bottom: 28 };
+  const scored = rows.filter((r) => SCORES.some(([key]) => Number.isFinite(r[key])));
+  if (!scored.length) {
+    const note = rows.find((r) => r.leak_note)?.leak_note;
+    put(box, h('p', { class: 'muted' }, note ? `Change on prompts without the trigger: n/a (${note}).` : 'The scores appear with the first preview round after step 0.'));
+    return;
+  }
+  const xMin = rows.length ? rows[0].step : scored[0].step;
+  const xMax = Math.max(rows.length ? rows[rows.length - 1].step : scored.at(-1).step, xMin + 1);
+  const yMin = Math.min(0, ...scored.map((r) => (Number.isFinite(r.turbo_drift) ? r.turbo_drift : 0)));
+  const x = (step) => pad.left + ((step - xMin) / (xMax - xMin)) * (W - pad.left - pad.right);
+  const y = (v) => pad.top + (1 - (v - yMin) / (1 - yMin)) * (H - pad.top - pad.bottom);
+  const grid = [yMin, 0.25, 0.5, 0.75, 1].filter((v, i, all) => all.indexOf(v) === i).map((v) =>
+    svg('g', {},
+      svg('line', { x1: pad.left, x2: W - pad.right, y1: y(v), y2: y(v), class: 'grid' }),
+      svg('text', { x: pad.left - 6, y: y(v) + 4, 'text-anchor': 'end', class: 'tick' }, fmtNumber(v, 2))),
+  );
+  const series = [];
+  for (const [key, label, cls] of SCORES) {
+    const pts = scored.filter((r) => Number.isFinite(r[key]));
+    if (!pts.length) continue;
+    const d = pts.map((r, i) => `${i ? 'L' : 'M'}${x(r.step).toFixed(1)},${y(r[key]).toFixed(1)}`).join('');
+    series.push(svg('path', { d, class: `score-line ${cls}` }));
+    for (const r of pts) {
+      const perPrompt = key === 'leak' && r.leak_prompts
+        ? ` (${Object.entries(r.leak_prompts).map(([i, v]) => `prompt ${i}: ${fmtNumber(v, 3)}`).join(', ')})`
+        : '';
+      series.push(svg('circle', { cx: x(r.step), cy: y(r[key]), r: 4, class: `score-dot ${cls}`, 'data-score': key, 'data-step': r.step },
+        svg('title', {}, `step ${r.step}: ${label} ${fmtNumber(r[key], 3)}${perPrompt}`)));
+    }
+  }
+  const chart = svg(
+    'svg',
+    { viewBox: `0 0 ${W} ${H}`, role: 'img', 'aria-label': `Preview scores at ${scored.length} rounds`, 'data-points': scored.length },
+    grid,
+    svg('text', { x: pad.left, y: H - 8, class: 'tick' }, `step ${xMin}`),
+    svg('text', { x: W - pad.right, y: H - 8, 'text-anchor': 'end', class: 'tick' }, `step ${xMax}`),
+    series,
+  );
+  const shown = SCORES.filter(([key]) => scored.some((r) => Number.isFinite(r[key])));
+  put(box, chart, h('p', { class: 'legend' }, shown.map(([, label, cls]) => h('span', { class: `key ${cls}` }, label))));
 }
 
 /** The loss curve: raw losses faint, an exponential moving average on top, validation loss as dots. */

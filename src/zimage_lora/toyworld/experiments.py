@@ -1,0 +1,194 @@
+"""The guide's claims, measured on the toy world (``zimage-lora toy-world experiment NAME OUT``).
+
+- ``adapter``, the guide's central claim: the same concept (the demo's stripes) trained (a) on the toy Turbo without
+  the adapter (``zimage_turbo``), (b) on the toy Turbo with the toy adapter, (c) on the toy De-Turbo, previewed as
+  the guide says (25 steps, CFG 3) and also used on the toy Turbo at 8 steps. At each checkpoint: the concept score
+  on trigger prompts, the leak (change on the same prompts without the trigger) and the Turbo drift (attribute
+  accuracy of the 8-step, no-CFG pictures without the trigger, against the untouched toy Turbo's).
+- ``transfer``: a LoRA trained on the toy base used on the toy Turbo, and one trained on the Turbo (with the
+  adapter) used on the base; each against its own model.
+- ``adapters``: two toy adapters of different training length (the shipped one and one trained a tenth as long),
+  through ``compare`` (the guide's v1 against v2 A/B test).
+
+Every arm trains the demo's job (``presets/demo.yaml``) with one change, on the same data and seeds; pictures are
+scored on a fixed probe set of prompts (``PROBES`` of them, with and without the trigger). A difference between two
+arms smaller than its standard error over the probe set is reported as "not shown".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from zimage_lora.models.arch import ARCHS
+from zimage_lora.toyworld import demo, score
+from zimage_lora.toyworld.demo import TRIGGER
+from zimage_lora.toyworld.evaluate import generate_images
+from zimage_lora.training.scores import change, thumbnail
+
+PROBES = 32
+PROBE_SEED = 6_000_000
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How pictures are made: a model folder, the arch whose steps, guidance and shift it runs with."""
+
+    model: str  # "turbo", "base" or "deturbo" (a folder of the toy models)
+    arch: str
+
+    @property
+    def label(self) -> str:
+        a = ARCHS[self.arch]
+        return f"toy {self.model}, {a.cfg_label}"
+
+
+TURBO_8 = Setting("turbo", "zimage_turbo")
+DETURBO_25 = Setting("deturbo", "zimage_deturbo")
+BASE_30 = Setting("base", "zimage_base")
+
+
+def _components(models: Path, setting: Setting, lora: Path | None, weight: float = 1.0):
+    from PIL import Image  # noqa: F401 - loaded here so a missing Pillow fails before the models load
+
+    from zimage_lora.lora import network
+    from zimage_lora.lora.io import read_lora
+    from zimage_lora.models.loading import load_components
+
+    arch = ARCHS[setting.arch]
+    comps = load_components(str(models / setting.model), scheduler_shift=arch.shift if arch.override_shift else None)
+    if lora is not None:
+        modules = read_lora(lora, network.linear_module_names(comps.transformer)).modules
+        network.add_frozen_lora(comps.transformer, modules, "probe")
+        comps.transformer.set_adapters(["probe"], [weight])
+    return comps
+
+
+def pictures(models: Path, setting: Setting, lora: Path | None, weight: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """The probe prompts' pictures (with the trigger, without it) at ``setting`` with ``lora`` at ``weight``."""
+    comps = _components(models, setting, lora, weight)
+    arch = ARCHS[setting.arch]
+    scenes = demo.probe_scenes(PROBES, PROBE_SEED)
+    seeds = [PROBE_SEED + i for i in range(PROBES)]
+    shift = comps.scheduler.config.shift
+    make = lambda prompts: generate_images(comps, prompts, seeds, arch.sample_steps, arch.sample_guidance, shift)  # noqa: E731
+    return make([s.caption(TRIGGER) for s in scenes]), make([s.caption() for s in scenes])
+
+
+def leak(images: np.ndarray, reference: np.ndarray) -> float:
+    """The mean change of the pictures without the trigger from the untouched model's (training/scores.py)."""
+    return float(np.mean([change(thumbnail_of(a), thumbnail_of(b)) for a, b in zip(images, reference, strict=True)]))
+
+
+def thumbnail_of(image: np.ndarray) -> np.ndarray:
+    from PIL import Image
+
+    return thumbnail(Image.fromarray(image))
+
+
+def measure(models: Path, setting: Setting, lora: Path | None, untouched: tuple[np.ndarray, np.ndarray]) -> dict:
+    """Concept, leak and accuracy of a LoRA at a setting, against the untouched model's pictures there."""
+    scenes = demo.probe_scenes(PROBES, PROBE_SEED)
+    with_trigger, without = pictures(models, setting, lora)
+    accuracy = score.accuracy(without, scenes)["all"]
+    return {
+        "concept": score.concept_score(with_trigger, scenes),
+        "leak": leak(without, untouched[1]),
+        "accuracy": accuracy,
+        "drift": score.accuracy(untouched[1], scenes)["all"] - accuracy,
+    }
+
+
+def standard_error(p: float, n: int = PROBES) -> float:
+    return math.sqrt(max(p * (1 - p), 1e-12) / n)
+
+
+def train_arm(out: Path, name: str, overrides: list[str], models: Path, log: Log):
+    """The demo's job with ``overrides``, in ``out/name``, its own copy of the data and the models' folder named."""
+    from zimage_lora.config import load_job, preset_yaml
+    from zimage_lora.training.recipe import train
+
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "dataset").is_dir():
+        demo.write_dataset(folder / "dataset")
+    (folder / "job.yaml").write_text(preset_yaml("demo"))
+    base = [
+        f"model.name_or_path={models / 'turbo'}",
+        f"model.training_adapter={models / 'training_adapter.safetensors'}",
+    ]
+    cfg = load_job(folder / "job.yaml", [*base, *overrides], warnings=[])
+    log(f"{name}: training ({'; '.join(overrides) or 'the demo job'})")
+    return cfg, train(cfg, overwrite=True, progress=False)
+
+
+def checkpoints(result) -> list[tuple[int, Path]]:
+    from zimage_lora.training.run_folder import RunFolder
+
+    run = RunFolder(result.run_dir, result.run_dir.name)
+    return [*run.checkpoints(), (result.steps, run.final_path)]
+
+
+def experiment_adapter(out: Path, models: Path, log: Log) -> dict:
+    adapter = models / "training_adapter.safetensors"
+    arms = {
+        "a_turbo_without_adapter": ["model.arch=zimage_turbo", "model.training_adapter="],
+        "b_turbo_with_adapter": [f"model.training_adapter={adapter}"],
+        "c_deturbo": [
+            "model.arch=zimage_deturbo",
+            f"model.name_or_path={models / 'deturbo'}",
+            "model.training_adapter=",
+        ],  # fmt: skip
+    }
+    untouched = {s: pictures(models, s, None) for s in (TURBO_8, DETURBO_25)}
+    table = {}
+    for name, overrides in arms.items():
+        _, result = train_arm(out, name, overrides, models, log)
+        rows = []
+        for step, lora in checkpoints(result):
+            row = {"step": step, "turbo_8": measure(models, TURBO_8, lora, untouched[TURBO_8])}
+            if name.startswith("c_"):
+                row["deturbo_25"] = measure(models, DETURBO_25, lora, untouched[DETURBO_25])
+            rows.append(row)
+            log(f"  {name} step {step}: {json.dumps(row)}")
+        table[name] = rows
+    return table
+
+
+def experiment_transfer(out: Path, models: Path, log: Log) -> dict:
+    arms = {
+        "trained_on_base": (
+            ["model.arch=zimage_base", f"model.name_or_path={models / 'base'}", "model.training_adapter="],
+            BASE_30,
+            TURBO_8,
+        ),  # fmt: skip
+        "trained_on_turbo_with_adapter": ([], TURBO_8, BASE_30),
+    }
+    untouched = {s: pictures(models, s, None) for s in (TURBO_8, BASE_30)}
+    table = {}
+    for name, (overrides, own, other) in arms.items():
+        _, result = train_arm(out, name, overrides, models, log)
+        lora = result.final_lora
+        table[name] = {
+            "own": {"setting": own.label, **measure(models, own, lora, untouched[own])},
+            "other": {"setting": other.label, **measure(models, other, lora, untouched[other])},
+        }
+        log(f"  {name}: {json.dumps(table[name])}")
+    return table
+
+
+EXPERIMENTS = {"adapter": experiment_adapter, "transfer": experiment_transfer}
+
+
+def run_experiment(name: str, out: Path, models: Path | None = None, log: Log = print) -> dict:
+    models = models or demo.shipped_models()
+    out.mkdir(parents=True, exist_ok=True)
+    result = EXPERIMENTS[name](out, models, log)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

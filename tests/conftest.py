@@ -198,17 +198,38 @@ def training_differences(a, b) -> list[str]:
 # --- the toy world ----------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def toy_lora_run(tmp_path_factory):
-    """The demo's job on the shipped toy models (the toy Turbo with the toy training adapter learns stripes, trigger
-    ``zst``), trained once per test session and shared: (the job config, the TrainResult)."""
+def _toy_lora(tmp_path_factory, name: str, overrides: list[str], plain: int = 24):
+    """The demo's job on the shipped toy models, with ``overrides``, trained on its own data; (config, result)."""
     from zimage_lora.config import load_job, preset_yaml
     from zimage_lora.toyworld import demo
     from zimage_lora.training.recipe import train
 
-    root = tmp_path_factory.mktemp("toy_lora")
+    root = tmp_path_factory.mktemp(name)
     demo.copy_models(root / "toy")
-    demo.write_dataset(root / "dataset")
+    demo.write_dataset(root / "dataset", plain=plain)
     (root / "demo.yaml").write_text(preset_yaml("demo"))
-    cfg = load_job(root / "demo.yaml", ["job.device=cpu"], warnings=[])
+    cfg = load_job(root / "demo.yaml", ["job.device=cpu", *overrides], warnings=[])
     return cfg, train(cfg, progress=False)
+
+
+@pytest.fixture(scope="session")
+def toy_lora_run(tmp_path_factory):
+    """The demo's job on the shipped toy models (the toy Turbo with the toy training adapter learns stripes, trigger
+    ``zst``, from 24 striped and 24 plain pictures), trained once per test session and shared: (config, result)."""
+    return _toy_lora(tmp_path_factory, "toy_lora", [])
+
+
+@pytest.fixture(scope="session")
+def toy_lora_short_runs(tmp_path_factory):
+    """Shorter runs of the demo's job (TOY_SHORT_STEPS steps, the step of one of the demo run's checkpoints, so
+    they compare with it at equal length): without the plain pictures, and on raw Turbo without the adapter."""
+    steps = [f"train.steps={TOY_SHORT_STEPS}"]
+    return {
+        "no_plain_pictures": _toy_lora(tmp_path_factory, "toy_short_noplain", steps, plain=0),
+        "raw_turbo": _toy_lora(
+            tmp_path_factory, "toy_short_raw", [*steps, "model.arch=zimage_turbo", "model.training_adapter="]
+        ),
+    }
+
+
+TOY_SHORT_STEPS = 500  # the demo job saves a checkpoint every 500 steps

@@ -154,13 +154,17 @@ def test_unknown_preset():
 
 
 def test_demo_runs_offline(tmp_path):
-    proc = cli("demo", "--out", str(tmp_path / "demo"), "--no-progress")
+    """The demo's command, shortened to 60 steps (the full demo job's result is test_toyworld's LoRA test)."""
+    proc = cli("demo", "--out", str(tmp_path / "demo"), "--steps", "60", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "demo" / "output" / "demo"
     assert (run / "demo.safetensors").is_file() and (run / "samples" / "contact_sheet.png").is_file()
     start, end = (float(x) for x in proc.stdout.split("loss: ")[1].split(" at the end")[0].split(" at the start, "))
     assert end < start  # the demo learns
     assert str(run / "demo.safetensors") in proc.stdout
+    assert "stripes on prompts with the trigger: 0.00 before" in proc.stdout and (run / "before_after.png").is_file()
+    assert (tmp_path / "demo" / "toy" / "turbo" / "model_index.json").is_file()
+    assert len(list((tmp_path / "demo" / "dataset").glob("*.png"))) == 48
 
 
 def test_tiny_model_and_adapter_commands(tmp_path):

@@ -100,6 +100,7 @@ def tiny_adapter(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("zimage-demo"), help="Folder for the demo's models, data, job and run."),
+    steps: int = typer.Option(None, min=1, help="Train this many steps instead of the demo job's (a quick look)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Train the offline demo: the toy Z-Image Turbo (with the toy training adapter) learns a texture, stripes, from
@@ -117,7 +118,7 @@ def demo(
         toy.write_dataset(out / "dataset")
     job = out / "demo.yaml"
     job.write_text(preset_yaml("demo"))
-    cfg = load_job(job, warnings=[])
+    cfg = load_job(job, [f"train.steps={steps}"] if steps else [], warnings=[])
     typer.echo(f"demo job: {job}")
     before = toy.concept_report(toy.load_turbo(cfg))
     result = run_training(cfg, overwrite=True, progress=progress)
@@ -279,6 +280,23 @@ def toy_world_build(
     config = BuildConfig.tiny(seed) if tiny else BuildConfig.full(seed)
     build(out, config, lambda message: typer.echo(message, err=True), until=until)
     typer.echo(f"released models: {out / 'release'}")
+
+
+@toy_app.command("experiment")
+def toy_world_experiment(
+    name: str = typer.Argument(..., help="adapter (the guide's central claim), transfer or adapters (v1 against v2)."),
+    out: Path = typer.Argument(..., help="Folder for the runs and the results (<name>.json)."),
+) -> None:
+    """Measure one of the guide's claims on the toy world (docs/experiments.md): trains the arms, scores them."""
+    from zimage_lora.errors import UserError
+    from zimage_lora.quiet import quiet_libraries
+    from zimage_lora.toyworld.experiments import EXPERIMENTS, run_experiment
+
+    quiet_libraries()
+    if name not in EXPERIMENTS:
+        raise UserError(f"experiment {name!r} is not one of {', '.join(EXPERIMENTS)}")
+    run_experiment(name, out, log=lambda message: typer.echo(message, err=True))
+    typer.echo(str(out / f"{name}.json"))
 
 
 @toy_app.command("models")

@@ -117,6 +117,8 @@ ARCHS: dict[str, Arch] = {
     )
 }
 
+# The variants by role, for code that builds or evaluates each of them (the toy world); the names stay in this file.
+TURBO, BASE, DETURBO, TURBO_ADAPTER = "zimage_turbo", "zimage_base", "zimage_deturbo", "zimage_turbo_adapter"
 DEFAULT_ARCH = "zimage_turbo_adapter"  # what a job trains when model.arch is not given
 DEFAULT_INFERENCE_ARCH = "zimage_turbo"  # what ``generate`` runs when neither --arch nor a LoRA's metadata says
 

@@ -10,8 +10,9 @@ and a killed stage continues from its last checkpoint (saved every few minutes):
    caption embeddings from the random, frozen text encoder.
 3. ``base``: the toy base transformer, trained with flow matching (caption dropout for CFG), an EMA of its weights.
 4. ``teacher``: the base's own samples at its registry setting (30 steps, CFG 4, shift 6), with their noise.
-5. ``turbo``: the toy Turbo, distilled from the base on those pairs (straight paths from each noise to the base's
-   guided sample: step and guidance distillation at once), sampled at 8 steps without CFG, shift 3.
+5. ``turbo``: the toy Turbo, distilled from the base: half of each batch learns the straight path from a teacher
+   pair's noise to the base's guided sample (step distillation), half the base's guided prediction on the data's
+   noisy latents (guidance distillation); it samples at 8 steps without CFG, shift 3.
 6. ``adapter``: the toy training adapter, a LoRA on the Turbo trained to make it predict what the base predicts (it
    de-distills the Turbo when applied at +1, as Ostris's adapter does); our LoRA file layout.
 7. ``deturbo``: the Turbo with the adapter merged in, saved as its own transformer.
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 
 from zimage_lora.files import atomic_write_bytes
-from zimage_lora.models.arch import ARCHS
+from zimage_lora.models.arch import ARCHS, BASE, DETURBO, TURBO
 from zimage_lora.toyworld import score, world
 from zimage_lora.toyworld.models import toy_scheduler, toy_text_encoder, toy_tokenizer, toy_transformer, toy_vae
 
@@ -75,17 +76,17 @@ class BuildConfig:
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     # teacher and turbo
-    teacher_pairs: int = 3072
+    teacher_pairs: int = 2048
     teacher_batch: int = 128
     turbo_batch: int = 64
-    turbo_steps: int = 1500
-    turbo_minutes: float = 26.0
+    turbo_steps: int = 1040
+    turbo_minutes: float = 25.0
     turbo_lr: float = 3e-4
     # adapter
     adapter_rank: int = 16
     adapter_batch: int = 64
-    adapter_steps: int = 700
-    adapter_minutes: float = 16.0
+    adapter_steps: int = 520
+    adapter_minutes: float = 12.5
     adapter_lr: float = 1e-3
     # evaluate
     eval_count: int = 192
@@ -342,7 +343,7 @@ def _stage_vae(out: Path, config: BuildConfig, log: Log) -> dict:
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     result = run.run(step)
     vae.eval()
@@ -466,7 +467,7 @@ def _stage_base(out: Path, config: BuildConfig, log: Log) -> dict:
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         ema.update(model)
-        return float(loss)
+        return float(loss.detach())
 
     result = run.run(step)
     final = toy_transformer()
@@ -484,7 +485,7 @@ def _stage_teacher(out: Path, config: BuildConfig, log: Log) -> dict:
     empty = embeddings[captions.index("")]
     rng = np.random.default_rng(config.seed + 11)
     chosen = rng.integers(len(captions) - 1, size=config.teacher_pairs)  # the last caption is the empty one
-    arch = ARCHS["zimage_base"]
+    arch = ARCHS[BASE]
     seeds = [1_000_000 + i for i in range(config.teacher_pairs)]
     started = time.monotonic()
     noise, x0 = [], []
@@ -505,9 +506,15 @@ def _stage_teacher(out: Path, config: BuildConfig, log: Log) -> dict:
 
 
 def _stage_turbo(out: Path, config: BuildConfig, log: Log) -> dict:
+    """Half of each batch follows the straight path from a teacher pair's noise to the base's guided sample (step
+    distillation); the other half matches the base's guided prediction on the data's noisy latents (guidance
+    distillation, which keeps the student right on noise it has not seen)."""
     folder = out / "turbo"
     pairs = torch.load(out / "teacher" / "pairs.pt", weights_only=False)
-    _, _, captions, embeddings = _data(out)
+    latents, caption_ids, captions, embeddings = _data(out)
+    empty = embeddings[captions.index("")]
+    base = _load_transformer(out / "base" / "model").eval().requires_grad_(False)
+    guidance = ARCHS[BASE].sample_guidance
     model = _load_transformer(out / "base" / "model").train()
     ema = _EMA(model, config.ema_decay)
     optimizer = _optimizer(model.parameters(), config.turbo_lr)
@@ -519,26 +526,34 @@ def _stage_turbo(out: Path, config: BuildConfig, log: Log) -> dict:
 
         compile_blocks(model, torch.device("cpu"))
     g = torch.Generator().manual_seed(config.seed + 13)
-    n_pairs = len(pairs["x0"])
+    half = max(1, config.turbo_batch // 2)
 
     def step(i: int) -> float:
-        idx = torch.randint(n_pairs, (config.turbo_batch,), generator=g)
-        x0, noise = (
-            pairs["x0"][idx],
-            pairs["noise"][idx].squeeze(1) if pairs["noise"].dim() == 5 else pairs["noise"][idx],
-        )
+        idx = torch.randint(len(pairs["x0"]), (half,), generator=g)
+        x0, noise = pairs["x0"][idx], pairs["noise"][idx]
         caps = [embeddings[int(c)] for c in pairs["caption_ids"][idx]]
-        sigma = _shifted(torch.rand(len(idx), generator=g), TURBO_SHIFT)  # the levels 8-step sampling visits
+        sigma = _shifted(torch.rand(half, generator=g), TURBO_SHIFT)  # the levels 8-step sampling visits
+        jdx = torch.randint(len(latents), (half,), generator=g)
+        data_x0, data_noise = latents[jdx].float(), torch.randn((half, *latents.shape[1:]), generator=g)
+        data_caps = [embeddings[int(c)] for c in caption_ids[jdx]]
+        data_sigma = _shifted(torch.rand(half, generator=g), TURBO_SHIFT)
+        data_inputs = _flow_inputs(data_x0, data_sigma, data_noise)
         with _autocast(config):
-            pred = _predict(model, _flow_inputs(x0, sigma, noise), sigma, caps)
-        loss = ((-pred - (noise - x0)) ** 2).mean()  # the straight path from this noise to the base's sample
+            with torch.no_grad():
+                teacher = _predict(base, data_inputs * 2, data_sigma.repeat(2), data_caps + [empty] * half)
+                target = teacher[half:] + guidance * (teacher[:half] - teacher[half:])  # classic CFG
+            pred = _predict(model, _flow_inputs(x0, sigma, noise) + data_inputs, torch.cat([sigma, data_sigma]),
+                            caps + data_caps)  # fmt: skip
+        straight = ((-pred[:half] - (noise - x0)) ** 2).mean()
+        guided = ((pred[half:] - target) ** 2).mean()
+        loss = straight + guided
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         ema.update(model)
-        return float(loss)
+        return float(loss.detach())
 
     result = run.run(step)
     final = toy_transformer()
@@ -551,21 +566,29 @@ def _stage_turbo(out: Path, config: BuildConfig, log: Log) -> dict:
 
 
 def _stage_adapter(out: Path, config: BuildConfig, log: Log) -> dict:
+    base = _load_transformer(out / "base" / "model")
+    turbo = _load_transformer(out / "turbo" / "model")
+    return train_adapter(base, turbo, _data(out), out / "adapter", config, config.adapter_steps, log)
+
+
+def train_adapter(base, turbo, data, folder: Path, config: BuildConfig, steps: int, log: Log) -> dict:
+    """A LoRA on ``turbo`` that makes it predict what ``base`` predicts, saved in ``folder`` as
+    ``training_adapter.safetensors``; ``data`` is ``(latents, caption_ids, captions, embeddings)`` (the ``latents``
+    stage's)."""
     from zimage_lora.lora import network
     from zimage_lora.lora.io import save_lora
 
-    folder = out / "adapter"
-    latents, caption_ids, captions, embeddings = _data(out)
+    latents, caption_ids, captions, embeddings = data
     empty = embeddings[captions.index("")]
-    base = _load_transformer(out / "base" / "model").eval().requires_grad_(False)
-    turbo = _load_transformer(out / "turbo" / "model").requires_grad_(False)
+    base.eval().requires_grad_(False)
+    turbo.requires_grad_(False)
     names = network.target_module_names(turbo, ADAPTER_TARGETS)
     rank = config.adapter_rank
     network.add_user_lora(turbo, names, rank, float(rank), seed=config.seed + 17)
     turbo.train()
     params = network.user_parameters(turbo)
     optimizer = _optimizer(params, config.adapter_lr)
-    schedule = _warmup_cosine(optimizer, config.adapter_steps, warmup=100)
+    schedule = _warmup_cosine(optimizer, steps, warmup=min(100, steps // 5 + 1))
 
     class _Lora:  # the LoRA's tensors as a checkpointable object
         def state_dict(self):
@@ -576,7 +599,7 @@ def _stage_adapter(out: Path, config: BuildConfig, log: Log) -> dict:
                 for k, v in network.named_user_parameters(turbo).items():
                     v.copy_(state[k])
 
-    run = _Run(folder, config, log, config.adapter_steps, config.adapter_minutes,
+    run = _Run(folder, config, log, steps, config.adapter_minutes,
                {"lora": _Lora(), "opt": optimizer, "sched": schedule})  # fmt: skip
     g = torch.Generator().manual_seed(config.seed + 19)
 
@@ -598,12 +621,33 @@ def _stage_adapter(out: Path, config: BuildConfig, log: Log) -> dict:
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     result = run.run(step)
-    meta = {"zimage_lora.kind": "toy training adapter (de-distills the toy Turbo at +1)", "rank": str(rank)}
+    meta = {"zimage_lora.kind": "toy training adapter (de-distills the toy Turbo at +1)", "rank": str(rank),
+            "steps": str(run.step)}  # fmt: skip
     save_lora(folder / "training_adapter.safetensors", network.user_lora_weights(turbo), "fp32", meta)
     return result
+
+
+def encoded_data(models: Path, count: int, seed: int) -> tuple:
+    """``count`` plain toy-world pictures encoded with the shipped VAE and text encoder: the ``latents`` stage's data
+    for work after the build (a second adapter, for the A/B experiment)."""
+    from zimage_lora.models.loading import load_components
+    from zimage_lora.models.text import encode_prompts
+
+    comps = load_components(str(models / "turbo"), parts=("text_encoder", "tokenizer", "vae"))
+    scenes = world.scenes(count, seed=seed)
+    vae = comps.vae
+    with torch.no_grad():
+        latents = torch.cat(
+            [(vae.encode(_to_pixels(world.images(scenes[i : i + 64]))).latent_dist.mode() - vae.config.shift_factor)
+             * vae.config.scaling_factor for i in range(0, count, 64)]
+        ).to(torch.float16)  # fmt: skip
+    captions = sorted({s.caption() for s in scenes}) + [""]
+    index = {c: i for i, c in enumerate(captions)}
+    embeddings = encode_prompts(comps.tokenizer, comps.text_encoder, captions, batch_size=64)
+    return latents, torch.tensor([index[s.caption()] for s in scenes]), captions, embeddings
 
 
 def _stage_deturbo(out: Path, config: BuildConfig, log: Log) -> dict:
@@ -629,7 +673,7 @@ def _stage_release(out: Path, config: BuildConfig, log: Log) -> dict:
     half = torch.float16
     tokenizer = toy_tokenizer()
     pipe = ZImagePipeline(  # the transformer in half precision; the small VAE and text encoder as trained
-        scheduler=toy_scheduler(ARCHS["zimage_turbo"].shift),
+        scheduler=toy_scheduler(ARCHS[TURBO].shift),
         vae=_vae(out),
         text_encoder=_text_encoder(out),
         tokenizer=tokenizer,
@@ -638,7 +682,7 @@ def _stage_release(out: Path, config: BuildConfig, log: Log) -> dict:
     pipe.save_pretrained(release / "turbo", safe_serialization=True)
     marker = json.dumps({"world": WORLD_NAME, "trigger_for_stripes": "zst"}, indent=2) + "\n"
     (release / "turbo" / TOY_MARKER).write_text(marker)
-    for name, arch in (("base", "zimage_base"), ("deturbo", "zimage_deturbo")):
+    for name, arch in (("base", BASE), ("deturbo", DETURBO)):
         folder = release / name
         _load_transformer(out / name / "model").to(half).save_pretrained(
             folder / "transformer", safe_serialization=True
@@ -672,8 +716,9 @@ _STAGES = {
 
 def copy_release(out: Path, target: Path) -> None:
     """Put a finished build's released folders where the package ships them (with its scores)."""
+    target = Path(target)
     shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(Path(out) / "release", target)
+    shutil.copytree(Path(out) / "release", target, ignore=shutil.ignore_patterns("done.json"))
     marker = json.dumps({"world": WORLD_NAME, "trigger_for_stripes": "zst"}, indent=2) + "\n"
     for name in ("turbo", "base", "deturbo"):
         if not (target / name / TOY_MARKER).is_file():

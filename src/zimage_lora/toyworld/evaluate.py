@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zimage_lora.models.arch import ARCHS
+from zimage_lora.models.arch import ARCHS, BASE, DETURBO, TURBO
 from zimage_lora.models.loading import load_components
 from zimage_lora.models.text import encode_prompts
 from zimage_lora.models.vae import decode_latents
@@ -79,18 +79,18 @@ def evaluate_release(release: Path, count: int, log: Callable[[str], None] = pri
         check[name] = score.accuracy(images[:CHECK_COUNT], scenes[:CHECK_COUNT])
         log(f"  {name}: {results[name]}")
 
-    base = _load(release / "base", "zimage_base")
-    run("base", base, "zimage_base")
-    turbo_arch = "zimage_turbo"
-    run("base_at_turbo_setting", base, "zimage_base", steps=ARCHS[turbo_arch].sample_steps, guidance=1.0)
+    base = _load(release / "base", BASE)
+    run("base", base, BASE)
+    turbo_arch = TURBO
+    run("base_at_turbo_setting", base, BASE, steps=ARCHS[turbo_arch].sample_steps, guidance=1.0)
     turbo = _load(release / "turbo", turbo_arch)
     run("turbo", turbo, turbo_arch)
     adapter = read_lora(release / "training_adapter.safetensors", network.linear_module_names(turbo.transformer))
     network.add_training_adapter(turbo.transformer, adapter.modules, "toy training adapter")
     turbo.scheduler = base.scheduler  # the adapter makes the Turbo undistilled: sample it as the base is sampled
-    run("turbo_with_adapter", turbo, "zimage_base")
-    deturbo = _load(release / "deturbo", "zimage_deturbo")
-    run("deturbo", deturbo, "zimage_deturbo")
+    run("turbo_with_adapter", turbo, BASE)
+    deturbo = _load(release / "deturbo", DETURBO)
+    run("deturbo", deturbo, DETURBO)
     results["count"] = count
     results["check"] = check  # on the first CHECK_COUNT scenes only, which the tests sample again
     return results

@@ -1,7 +1,7 @@
 """The guide's claims, measured on the toy world (``zimage-lora toy-world experiment NAME OUT``).
 
 - ``adapter``, the guide's central claim: the same concept (the demo's stripes) trained (a) on the toy Turbo without
-  the adapter (``zimage_turbo``), (b) on the toy Turbo with the toy adapter, (c) on the toy De-Turbo, previewed as
+  the adapter (raw Turbo), (b) on the toy Turbo with the toy adapter, (c) on the toy De-Turbo, previewed as
   the guide says (25 steps, CFG 3) and also used on the toy Turbo at 8 steps. At each checkpoint: the concept score
   on trigger prompts, the leak (change on the same prompts without the trigger) and the Turbo drift (attribute
   accuracy of the 8-step, no-CFG pictures without the trigger, against the untouched toy Turbo's).
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zimage_lora.models.arch import ARCHS
+from zimage_lora.models.arch import ARCHS, BASE, DETURBO, TURBO
 from zimage_lora.toyworld import demo, score
 from zimage_lora.toyworld.demo import TRIGGER
 from zimage_lora.toyworld.evaluate import generate_images
@@ -33,6 +33,7 @@ from zimage_lora.training.scores import change, thumbnail
 
 PROBES = 32
 PROBE_SEED = 6_000_000
+SHEET_COLUMNS = 8
 Log = Callable[[str], None]
 
 
@@ -49,9 +50,9 @@ class Setting:
         return f"toy {self.model}, {a.cfg_label}"
 
 
-TURBO_8 = Setting("turbo", "zimage_turbo")
-DETURBO_25 = Setting("deturbo", "zimage_deturbo")
-BASE_30 = Setting("base", "zimage_base")
+TURBO_8 = Setting("turbo", TURBO)
+DETURBO_25 = Setting("deturbo", DETURBO)
+BASE_30 = Setting("base", BASE)
 
 
 def _components(models: Path, setting: Setting, lora: Path | None, weight: float = 1.0):
@@ -92,10 +93,19 @@ def thumbnail_of(image: np.ndarray) -> np.ndarray:
     return thumbnail(Image.fromarray(image))
 
 
-def measure(models: Path, setting: Setting, lora: Path | None, untouched: tuple[np.ndarray, np.ndarray]) -> dict:
-    """Concept, leak and accuracy of a LoRA at a setting, against the untouched model's pictures there."""
+def measure(
+    models: Path,
+    setting: Setting,
+    lora: Path | None,
+    untouched: tuple[np.ndarray, np.ndarray],
+    sheet: Path | None = None,
+) -> dict:
+    """Concept, leak and accuracy of a LoRA at a setting, against the untouched model's pictures there; ``sheet``:
+    where to save the first SHEET_COLUMNS probes (rows: untouched without the trigger, with the trigger, without)."""
     scenes = demo.probe_scenes(PROBES, PROBE_SEED)
     with_trigger, without = pictures(models, setting, lora)
+    if sheet is not None:
+        demo.sheet([untouched[1][:SHEET_COLUMNS], with_trigger[:SHEET_COLUMNS], without[:SHEET_COLUMNS]], sheet)
     accuracy = score.accuracy(without, scenes)["all"]
     return {
         "concept": score.concept_score(with_trigger, scenes),
@@ -138,10 +148,10 @@ def checkpoints(result) -> list[tuple[int, Path]]:
 def experiment_adapter(out: Path, models: Path, log: Log) -> dict:
     adapter = models / "training_adapter.safetensors"
     arms = {
-        "a_turbo_without_adapter": ["model.arch=zimage_turbo", "model.training_adapter="],
+        "a_turbo_without_adapter": [f"model.arch={TURBO}", "model.training_adapter="],
         "b_turbo_with_adapter": [f"model.training_adapter={adapter}"],
         "c_deturbo": [
-            "model.arch=zimage_deturbo",
+            f"model.arch={DETURBO}",
             f"model.name_or_path={models / 'deturbo'}",
             "model.training_adapter=",
         ],  # fmt: skip
@@ -152,19 +162,28 @@ def experiment_adapter(out: Path, models: Path, log: Log) -> dict:
         _, result = train_arm(out, name, overrides, models, log)
         rows = []
         for step, lora in checkpoints(result):
-            row = {"step": step, "turbo_8": measure(models, TURBO_8, lora, untouched[TURBO_8])}
+            sheets = {s: out / f"{name}_{s.model}.png" if step == result.steps else None for s in (TURBO_8, DETURBO_25)}
+            row = {"step": step, "turbo_8": measure(models, TURBO_8, lora, untouched[TURBO_8], sheets[TURBO_8])}
             if name.startswith("c_"):
-                row["deturbo_25"] = measure(models, DETURBO_25, lora, untouched[DETURBO_25])
+                row["deturbo_25"] = measure(models, DETURBO_25, lora, untouched[DETURBO_25], sheets[DETURBO_25])
             rows.append(row)
             log(f"  {name} step {step}: {json.dumps(row)}")
         table[name] = rows
+    # does the adapter keep 8-step quality where plain Turbo training drifts? the gap at each step, and whether it
+    # is more than its standard error over the probe set
+    table["drift_gap"], table["drift_gap_shown"] = {}, {}
+    for a, b in zip(table["a_turbo_without_adapter"], table["b_turbo_with_adapter"], strict=True):
+        gap = a["turbo_8"]["drift"] - b["turbo_8"]["drift"]
+        error = math.hypot(standard_error(a["turbo_8"]["accuracy"]), standard_error(b["turbo_8"]["accuracy"]))
+        table["drift_gap"][str(a["step"])] = gap
+        table["drift_gap_shown"][str(a["step"])] = abs(gap) > error
     return table
 
 
 def experiment_transfer(out: Path, models: Path, log: Log) -> dict:
     arms = {
         "trained_on_base": (
-            ["model.arch=zimage_base", f"model.name_or_path={models / 'base'}", "model.training_adapter="],
+            [f"model.arch={BASE}", f"model.name_or_path={models / 'base'}", "model.training_adapter="],
             BASE_30,
             TURBO_8,
         ),  # fmt: skip
@@ -176,14 +195,85 @@ def experiment_transfer(out: Path, models: Path, log: Log) -> dict:
         _, result = train_arm(out, name, overrides, models, log)
         lora = result.final_lora
         table[name] = {
-            "own": {"setting": own.label, **measure(models, own, lora, untouched[own])},
-            "other": {"setting": other.label, **measure(models, other, lora, untouched[other])},
+            where: {"setting": s.label, **measure(models, s, lora, untouched[s], out / f"{name}_on_{s.model}.png")}
+            for where, s in (("own", own), ("other", other))
         }
         log(f"  {name}: {json.dumps(table[name])}")
     return table
 
 
-EXPERIMENTS = {"adapter": experiment_adapter, "transfer": experiment_transfer}
+def experiment_adapters(out: Path, models: Path, log: Log, short_steps: int = 70) -> dict:
+    """The shipped adapter against one trained a tenth as long, through ``compare``; each LoRA then measured."""
+    from zimage_lora.toyworld.build import BuildConfig, _load_transformer, encoded_data, train_adapter
+    from zimage_lora.training.compare import compare
+
+    short = out / "short_adapter"
+    if not (short / "training_adapter.safetensors").is_file():
+        log(f"a second toy adapter, trained {short_steps} steps")
+        base, turbo = (
+            _load_transformer(models / "base" / "transformer"),
+            _load_transformer(models / "turbo" / "transformer"),
+        )
+        train_adapter(base, turbo, encoded_data(models, 2048, seed=7), short, BuildConfig.full(), short_steps, log)
+    job = out / "compare" / "job.yaml"
+    job.parent.mkdir(parents=True, exist_ok=True)
+    if not (job.parent / "dataset").is_dir():
+        demo.write_dataset(job.parent / "dataset")
+    demo.copy_models(job.parent / "toy", models)
+    from zimage_lora.config import preset_yaml
+
+    job.write_text(preset_yaml("demo"))
+    variants = [
+        f"model.training_adapter={models / 'training_adapter.safetensors'}",
+        f"model.training_adapter={short / 'training_adapter.safetensors'}",
+    ]
+    result = compare(job, variants, progress=False)
+    untouched = pictures(models, TURBO_8, None)
+    table = {}
+    for name, run in zip(("shipped", f"short_{short_steps}_steps"), result.runs, strict=True):
+        table[name] = measure(models, TURBO_8, run.final_lora, untouched, out / f"{name}.png")
+        log(f"  {name}: {json.dumps(table[name])}")
+    table["grids"] = [str(p) for p in result.grids]
+    table["summary"] = str(result.summary)
+    return table
+
+
+def _cells(m: dict) -> str:
+    return f"{m['concept']:.2f} | {m['leak']:.3f} | {m['accuracy']:.2f} | {m['drift']:+.2f}"
+
+
+HEADER = "| concept | leak | accuracy | drift |"
+
+
+def markdown(name: str, result: dict) -> str:
+    """An experiment's result as the tables of docs/experiments.md (concept: share of trigger pictures with stripes;
+    leak: change of the pictures without the trigger; accuracy: their attributes right; drift: the untouched model's
+    accuracy minus this one's, at the same setting)."""
+    lines = []
+    if name == "adapter":
+        lines += [f"| arm | step | setting {HEADER}", "|---|---|---|---|---|---|---|"]
+        for arm, rows in result.items():
+            if arm.startswith("drift_gap"):
+                continue
+            for row in rows:
+                for key, setting in (("turbo_8", TURBO_8), ("deturbo_25", DETURBO_25)):
+                    if key in row:
+                        lines.append(f"| {arm} | {row['step']} | {setting.label} | {_cells(row[key])} |")
+        lines += ["", "| step | drift gap (a - b) | more than its standard error |", "|---|---|---|"]
+        for step, gap in result["drift_gap"].items():
+            lines.append(f"| {step} | {gap:+.3f} | {'shown' if result['drift_gap_shown'][step] else 'not shown'} |")
+    elif name == "transfer":
+        lines += [f"| LoRA | used on {HEADER}", "|---|---|---|---|---|---|"]
+        for arm, used in result.items():
+            for where in ("own", "other"):
+                lines.append(f"| {arm} | {used[where]['setting']} ({where}) | {_cells(used[where])} |")
+    else:
+        lines += [f"| adapter while training {HEADER}", "|---|---|---|---|---|"]
+        lines += [f"| {arm} | {_cells(m)} |" for arm, m in result.items() if isinstance(m, dict)]
+    return "\n".join(lines) + "\n"
+
+
+EXPERIMENTS = {"adapter": experiment_adapter, "transfer": experiment_transfer, "adapters": experiment_adapters}
 
 
 def run_experiment(name: str, out: Path, models: Path | None = None, log: Log = print) -> dict:
@@ -191,4 +281,5 @@ def run_experiment(name: str, out: Path, models: Path | None = None, log: Log = 
     out.mkdir(parents=True, exist_ok=True)
     result = EXPERIMENTS[name](out, models, log)
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown(name, result))
     return result

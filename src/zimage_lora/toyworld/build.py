@@ -580,6 +580,7 @@ def train_adapter(base, turbo, data, folder: Path, config: BuildConfig, steps: i
 
     latents, caption_ids, captions, embeddings = data
     empty = embeddings[captions.index("")]
+    folder.mkdir(parents=True, exist_ok=True)
     base.eval().requires_grad_(False)
     turbo.requires_grad_(False)
     names = network.target_module_names(turbo, ADAPTER_TARGETS)

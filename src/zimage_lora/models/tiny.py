@@ -58,16 +58,7 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
 
 def tiny_transformer() -> ZImageTransformer2DModel:
     """The real transformer class at dim 64; draws from torch's global RNG."""
-    model = ZImageTransformer2DModel(
-        dim=64,
-        n_layers=2,
-        n_refiner_layers=1,
-        n_heads=2,
-        n_kv_heads=2,
-        cap_feat_dim=TEXT_HIDDEN_SIZE,
-        axes_dims=[8, 12, 12],
-        axes_lens=[1536, 512, 512],
-    )
+    model = small_transformer(dim=64, layers=2, heads=2, caption_dim=TEXT_HIDDEN_SIZE, axes_dims=(8, 12, 12))
     # diffusers zero-initialises the learned pad tokens; the real ones are not zero, and a zero token would hide
     # bugs in the padding path (wrong lengths, padding that changes results).
     with torch.no_grad():
@@ -78,21 +69,10 @@ def tiny_transformer() -> ZImageTransformer2DModel:
 
 def tiny_text_encoder() -> Qwen3Model:
     """The real text encoder class (Qwen3Model) at hidden size 32 with 3 layers."""
-    config = Qwen3Config(
-        vocab_size=320,
-        hidden_size=TEXT_HIDDEN_SIZE,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        pad_token_id=_token_id("<|endoftext|>"),
-        bos_token_id=None,
-        eos_token_id=_token_id("<|im_end|>"),
-    )
-    return Qwen3Model(config).eval()
+    return small_text_encoder(
+        vocab_size=320, hidden=TEXT_HIDDEN_SIZE, intermediate=64, layers=3, heads=2, kv_heads=1, max_positions=1024,
+        pad_id=_token_id("<|endoftext|>"), eos_id=_token_id("<|im_end|>"),
+    )  # fmt: skip
 
 
 # A random encoder squeezes every image into nearly the same latent (std ~0.13 after scale/shift), so images would
@@ -103,21 +83,7 @@ TINY_VAE_LATENT_GAIN = 8.0
 
 def tiny_vae() -> AutoencoderKL:
     """The real VAE class with 4 blocks of 16 channels (so 8x down-sampling) and the FLUX VAE's latent scaling."""
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 16, 16),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    ).eval()
+    vae = small_vae(channels=(16, 16, 16, 16), sample_size=64).eval()
     with torch.no_grad():
         mean = vae.encoder.conv_out
         mean.weight[: vae.config.latent_channels] *= TINY_VAE_LATENT_GAIN
@@ -127,21 +93,7 @@ def tiny_vae() -> AutoencoderKL:
 
 def tiny_tokenizer() -> Qwen2Tokenizer:
     """A byte-level Qwen2Tokenizer: every byte is one token (no merges), plus Qwen3's chat special tokens."""
-    tokenizer = Qwen2Tokenizer(
-        vocab=_vocab(),
-        merges=[],
-        unk_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        model_max_length=1024,
-        padding_side="right",
-    )
-    tokenizer.add_special_tokens(
-        {"additional_special_tokens": [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]}
-    )
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
-    tokenizer.chat_template = QWEN3_STYLE_CHAT_TEMPLATE
-    return tokenizer
+    return byte_level_tokenizer(_vocab(), [], max_length=1024)
 
 
 def _byte_symbols() -> list[str]:
@@ -171,3 +123,82 @@ def _vocab() -> dict[str, int]:
 
 def _token_id(token: str) -> int:
     return _vocab()[token]
+
+
+# --- the real classes, small: shared by the tiny random model and the toy world (toyworld/models.py) ---------------
+
+
+def small_transformer(
+    dim: int, layers: int, heads: int, caption_dim: int, axes_dims: tuple[int, int, int]
+) -> ZImageTransformer2DModel:
+    """The real transformer class: one refiner of each kind, as many key/value heads as heads."""
+    return ZImageTransformer2DModel(
+        dim=dim,
+        n_layers=layers,
+        n_refiner_layers=1,
+        n_heads=heads,
+        n_kv_heads=heads,
+        cap_feat_dim=caption_dim,
+        axes_dims=list(axes_dims),
+        axes_lens=[1536, 512, 512],
+    )
+
+
+def small_text_encoder(
+    vocab_size: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, max_positions: int,
+    pad_id: int, eos_id: int,
+) -> Qwen3Model:  # fmt: skip
+    """The real text encoder class (Qwen3Model) with tied embeddings and 16-wide heads."""
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=16,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=pad_id,
+        bos_token_id=None,
+        eos_token_id=eos_id,
+    )
+    return Qwen3Model(config).eval()
+
+
+def small_vae(channels: tuple[int, int, int, int], sample_size: int) -> AutoencoderKL:
+    """The real VAE class with 4 blocks (8x down-sampling), 16 latent channels and the FLUX VAE's latent scaling."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=channels,
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=8,
+        sample_size=sample_size,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def byte_level_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], max_length: int) -> Qwen2Tokenizer:
+    """A byte-level Qwen2Tokenizer over ``vocab`` and ``merges``, with Qwen3's chat special tokens and template."""
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=max_length,
+        padding_side="right",
+    )
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]}
+    )
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    tokenizer.chat_template = QWEN3_STYLE_CHAT_TEMPLATE
+    return tokenizer

@@ -13,10 +13,17 @@ from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
-from tokenizers import AddedToken
-from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
+from transformers import Qwen2Tokenizer, Qwen3Model
 
-from zimage_lora.models.tiny import QWEN3_STYLE_CHAT_TEMPLATE, SPECIAL_TOKENS, THINK_TOKENS, _byte_symbols
+from zimage_lora.models.tiny import (
+    SPECIAL_TOKENS,
+    THINK_TOKENS,
+    _byte_symbols,
+    byte_level_tokenizer,
+    small_text_encoder,
+    small_transformer,
+    small_vae,
+)
 from zimage_lora.toyworld.world import COLORS, SHAPES
 
 TEXT_HIDDEN = 64
@@ -47,71 +54,23 @@ def _merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 def toy_tokenizer() -> Qwen2Tokenizer:
     vocab, merges = _merges()
-    tokenizer = Qwen2Tokenizer(
-        vocab=vocab,
-        merges=merges,
-        unk_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        model_max_length=512,
-        padding_side="right",
-    )
-    tokenizer.add_special_tokens(
-        {"additional_special_tokens": [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]}
-    )
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
-    tokenizer.chat_template = QWEN3_STYLE_CHAT_TEMPLATE
-    return tokenizer
+    return byte_level_tokenizer(vocab, merges, max_length=512)
 
 
 def toy_text_encoder(vocab_size: int) -> Qwen3Model:
     vocab, _ = _merges()
-    config = Qwen3Config(
-        vocab_size=vocab_size,
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        pad_token_id=vocab["<|endoftext|>"],
-        bos_token_id=None,
-        eos_token_id=vocab["<|im_end|>"],
-    )
-    return Qwen3Model(config).eval()
+    return small_text_encoder(
+        vocab_size=vocab_size, hidden=TEXT_HIDDEN, intermediate=128, layers=2, heads=4, kv_heads=2, max_positions=512,
+        pad_id=vocab["<|endoftext|>"], eos_id=vocab["<|im_end|>"],
+    )  # fmt: skip
 
 
 def toy_vae() -> AutoencoderKL:
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 64, 64),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=8,
-        sample_size=128,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    return small_vae(channels=(16, 32, 64, 64), sample_size=128)
 
 
 def toy_transformer() -> ZImageTransformer2DModel:
-    model = ZImageTransformer2DModel(
-        dim=192,
-        n_layers=6,
-        n_refiner_layers=1,
-        n_heads=4,
-        n_kv_heads=4,
-        cap_feat_dim=TEXT_HIDDEN,
-        axes_dims=[16, 16, 16],
-        axes_lens=[1536, 512, 512],
-    )
+    model = small_transformer(dim=192, layers=6, heads=4, caption_dim=TEXT_HIDDEN, axes_dims=(16, 16, 16))
     with torch.no_grad():  # learned pad tokens start random, as the real model's are not zero
         model.x_pad_token.normal_(0, 0.02)
         model.cap_pad_token.normal_(0, 0.02)

@@ -725,6 +725,10 @@ def test_high_learning_rates_and_long_runs_on_few_images_warn_with_the_guides_ad
     [lr] = warnings_of("train.lr=2e-4")
     assert lr.startswith("train.lr: 0.0002 is high for Z-Image") and "start at 1e-4" in lr
     assert warnings_of("train.optimizer=prodigy", "train.lr=1.0") == []  # prodigy's lr is a multiplier
+    toy = tmp_path / "toy"  # a toy-world model folder (docs/toyworld.md) learns at larger rates: no warning
+    toy.mkdir()
+    (toy / "toy_world.json").write_text("{}")
+    assert warnings_of("train.lr=2e-3", f"model.name_or_path={toy}") == []
     [steps] = warnings_of("train.steps=3000")
     assert steps.startswith("train.steps: 3000 steps on 1 image will likely overfit") and "1500-2200" in steps
     for index in range(10):

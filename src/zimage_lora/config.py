@@ -47,7 +47,7 @@ from zimage_lora.data.dataset import IMAGE_EXTS, list_images
 from zimage_lora.errors import ConfigError
 from zimage_lora.models.arch import ARCHS, DEFAULT_ARCH, TRAINING_ADAPTERS, describe_archs
 from zimage_lora.models.devices import DEVICE_PATTERN
-from zimage_lora.models.refs import is_hub_ref, looks_local
+from zimage_lora.models.refs import is_hub_ref, is_toy_world, looks_local
 from zimage_lora.training.optim import OPTIMIZERS
 
 log = logging.getLogger(__name__)
@@ -857,7 +857,8 @@ def check_job(cfg: JobConfig, *, check_paths: bool = True) -> list[str]:
     for index, prompt in enumerate(cfg.sample.prompts):
         if "[trigger]" in prompt.prompt and not cfg.job.trigger_word:
             errors.append(f"sample.prompts[{index}]: uses [trigger] but job.trigger_word is not set; set it")
-    if not OPTIMIZERS[cfg.train.optimizer].lr_is_multiplier and cfg.train.lr >= HIGH_LR:
+    toy = is_toy_world(cfg.model.name_or_path)  # the toy world learns at larger rates (docs/toyworld.md)
+    if not OPTIMIZERS[cfg.train.optimizer].lr_is_multiplier and cfg.train.lr >= HIGH_LR and not toy:
         warnings.append(
             f"train.lr: {cfg.train.lr:g} is high for Z-Image; the guide warns that {HIGH_LR:g} and above makes "
             "Turbo-style models unstable quickly: start at 1e-4 (5e-5 to 8e-5 if samples get noisy)"

@@ -77,3 +77,11 @@ def portable_ref(ref: str | None) -> str:
         return ""
     path = Path(ref).expanduser()
     return path.name if path.exists() else ref
+
+
+TOY_MARKER = "toy_world.json"  # in each of the toy world's model folders (docs/toyworld.md)
+
+
+def is_toy_world(model: str | None) -> bool:
+    """Whether ``model`` is a folder of the toy world, whose pictures can be scored (toyworld/score.py)."""
+    return bool(model) and (Path(model) / TOY_MARKER).is_file()

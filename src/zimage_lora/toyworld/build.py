@@ -41,6 +41,7 @@ import torch
 
 from zimage_lora.files import atomic_write_bytes
 from zimage_lora.models.arch import ARCHS, BASE, DETURBO, TURBO
+from zimage_lora.models.refs import TOY_MARKER
 from zimage_lora.toyworld import score, world
 from zimage_lora.toyworld.models import toy_scheduler, toy_text_encoder, toy_tokenizer, toy_transformer, toy_vae
 
@@ -48,7 +49,6 @@ STAGES = ("vae", "latents", "base", "teacher", "turbo", "adapter", "deturbo", "r
 ADAPTER_TARGETS = (
     r"^(layers|noise_refiner|context_refiner)\.\d+\.(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.(w1|w2|w3))$"
 )
-TOY_MARKER = "toy_world.json"  # in each released model folder: its pictures can be scored (toyworld/score.py)
 WORLD_NAME = "shapes-128-v1"
 TURBO_SHIFT = 3.0  # sampling and the Turbo's training noise levels (the registry's Turbo shift)
 BASE_TRAIN_SHIFT = 3.0  # the base trains on uniform draws shifted toward noise: what its shift-6 sampling visits

@@ -50,6 +50,7 @@ from zimage_lora.models.hub import resolve_file
 from zimage_lora.models.loading import Components, load_components
 from zimage_lora.models.offload import BlockOffloader, OnDemand, to_device
 from zimage_lora.models.quant import quantized_bytes
+from zimage_lora.models.refs import is_toy_world
 from zimage_lora.models.vae import decode_latents, tensor_to_pil
 from zimage_lora.quiet import quiet_libraries
 from zimage_lora.sampling.previews import build_contact_sheet, png_info, preview_prompts, save_png
@@ -60,7 +61,7 @@ from zimage_lora.training.draws import KeyedDraws
 from zimage_lora.training.ema import LoraEMA
 from zimage_lora.training.optim import build_optimizer, build_scheduler
 from zimage_lora.training.run_folder import MetricsLog, RunFolder, environment_facts, read_metrics
-from zimage_lora.training.scores import PreviewScorer, RoundScores, is_toy_world
+from zimage_lora.training.scores import PreviewScorer, RoundScores
 from zimage_lora.training.state import TrainState, check_resumable, restore, snapshot
 from zimage_lora.training.validation import Validator, validation_images
 

@@ -23,7 +23,6 @@ import numpy as np
 from PIL import Image
 
 THUMB = 64
-TOY_MARKER = "toy_world.json"
 
 
 def thumbnail(image: Image.Image | Path) -> np.ndarray:
@@ -42,10 +41,6 @@ def change(a: np.ndarray, b: np.ndarray) -> float:
 
 def has_trigger(prompt: str, trigger: str | None) -> bool:
     return bool(trigger) and re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", prompt) is not None
-
-
-def is_toy_world(model: str | None) -> bool:
-    return bool(model) and (Path(model) / TOY_MARKER).is_file()
 
 
 @dataclass

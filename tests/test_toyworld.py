@@ -233,3 +233,20 @@ def test_the_playground_generates_with_the_toy_turbo_and_a_toy_lora(toy, toy_lor
 
     with Image.open(io.BytesIO(png)) as image:
         assert image.size == (128, 128) and json.loads(image.text["parameters"])["steps"] == 8
+
+
+def test_compare_runs_on_the_toy_world(tmp_path):
+    """`compare` on the toy models (the guide's A/B test, as the adapters experiment runs it): two short variants,
+    each with its toy-world preview scores, and the grids and summary."""
+    from zimage_lora.config import preset_yaml
+    from zimage_lora.toyworld import demo
+    from zimage_lora.training.compare import compare
+
+    demo.copy_models(tmp_path / "toy")
+    demo.write_dataset(tmp_path / "dataset", striped=4, plain=4)
+    job = tmp_path / "demo.yaml"
+    job.write_text(preset_yaml("demo").replace("  steps: 1500\n", "  steps: 12\n").replace("every: 500", "every: 6"))
+    result = compare(job, ["train.lr=1e-3", "train.lr=2e-3"], progress=False)
+    assert [run.steps for run in result.runs] == [12, 12]
+    assert len(result.grids) == 3 and all(p.is_file() for p in [*result.grids, result.summary])  # steps 0, 6, 12
+    assert all({"leak", "concept", "accuracy", "turbo_drift"} <= set(s) for s in result.scores), result.scores

@@ -79,50 +79,72 @@ def toy():
     return shipped_models()
 
 
+@pytest.fixture(scope="module")
+def untouched(toy):
+    """The untouched toy Turbo's probe pictures (with the trigger, without), made once for the tests below."""
+    from zimage_lora.toyworld.experiments import TURBO_8, pictures
+
+    return pictures(toy, TURBO_8, None)
+
+
 def _checkpoint(result, step):
     return result.run_dir / f"{result.run_dir.name}_{step:09d}.safetensors"
 
 
 def test_the_toy_worlds_scores_are_on_its_runs_sample_lines(toy_lora_run):
     """The demo job previews two prompts with the trigger and two without: every round after step 0 has the
-    concept score, the accuracy and (a Turbo path) the Turbo drift, and the leak per prompt without the trigger."""
-    _, result = toy_lora_run
+    concept score, the accuracy and (a Turbo path) the Turbo drift, and the leak per prompt without the trigger,
+    each what the toy world's scorer says of that round's saved previews (whatever the training reached)."""
+    from zimage_lora.toyworld import score, world
+
+    cfg, result = toy_lora_run
+    captions = [p.prompt.replace("[trigger]", cfg.job.trigger_word) for p in cfg.sample.prompts]
+    scenes = [world.parse_caption(c, cfg.job.trigger_word) for c in captions]
+
+    def scored(step: int, indices: list[int], how) -> float:
+        images = []
+        for i in indices:
+            with Image.open(result.run_dir / "samples" / f"{step:09d}_{i:02d}.png") as im:
+                images.append(np.asarray(im.convert("RGB")))
+        return how(images, [scenes[i] for i in indices])
+
     rows = [row for row in _rows(result) if "leak" in row]
     assert [row["step"] for row in rows] == [500, 1000, 1500]
-    assert all({"concept", "accuracy", "turbo_drift"} <= set(row) and set(row["leak_prompts"]) == {"2", "3"}
-               for row in rows)  # fmt: skip
-    assert max(row["concept"] for row in rows) >= 0.5  # a round shows the stripes on a trigger prompt
-    assert all(row["accuracy"] is not None and row["leak"] < 0.1 for row in rows)
+    assert all(set(row["leak_prompts"]) == {"2", "3"} for row in rows)
+    accuracy = lambda step: scored(step, [2, 3], lambda i, s: score.accuracy(i, s)["all"])  # noqa: E731
+    for row in rows:
+        assert row["concept"] == pytest.approx(scored(row["step"], [0, 1], score.concept_score), abs=1e-6)
+        assert row["accuracy"] == pytest.approx(accuracy(row["step"]), abs=1e-6)
+        assert row["turbo_drift"] == pytest.approx(accuracy(0) - accuracy(row["step"]), abs=1e-6)
+        assert row["leak"] < 0.1
     card = (result.run_dir / "README.md").read_text()
     assert "| concept score (toy world) |" in card and "| Turbo drift (toy world) |" in card
 
 
-def test_leak_is_zero_at_weight_zero_and_grows_with_the_weight(toy, toy_lora_run):
+def test_leak_is_zero_at_weight_zero_and_grows_with_the_weight(toy, toy_lora_run, untouched):
     from zimage_lora.toyworld.experiments import TURBO_8, leak, pictures
 
     _, result = toy_lora_run
-    untouched = pictures(toy, TURBO_8, None)[1]
-    leaks = [leak(pictures(toy, TURBO_8, result.final_lora, w)[1], untouched) for w in (0.0, 0.5, 0.75, 1.0)]
+    leaks = [leak(pictures(toy, TURBO_8, result.final_lora, w)[1], untouched[1]) for w in (0.0, 0.5, 0.75, 1.0)]
     assert leaks[0] == 0.0, leaks  # weight 0: the very same pictures
     assert leaks[1] < leaks[2] < leaks[3], leaks
 
 
-def test_plain_pictures_in_the_data_keep_the_leak_down(toy, toy_lora_run, toy_lora_short_runs):
+def test_plain_pictures_in_the_data_keep_the_leak_down(toy, toy_lora_run, toy_lora_short_runs, untouched):
     """The same 500 steps with and without the 24 plain pictures (AI Toolkit's regularisation idea): mixing them in
     leaks less into the prompts without the trigger."""
     from conftest import TOY_SHORT_STEPS
 
-    from zimage_lora.toyworld.experiments import TURBO_8, measure, pictures
+    from zimage_lora.toyworld.experiments import TURBO_8, measure
 
     _, mixed = toy_lora_run
     _, striped_only = toy_lora_short_runs["no_plain_pictures"]
-    untouched = pictures(toy, TURBO_8, None)
     with_plain = measure(toy, TURBO_8, _checkpoint(mixed, TOY_SHORT_STEPS), untouched)
     without_plain = measure(toy, TURBO_8, striped_only.final_lora, untouched)
     assert with_plain["leak"] < without_plain["leak"], (with_plain, without_plain)
 
 
-def test_turbo_drift_with_and_without_the_adapter_as_docs_record_it(toy, toy_lora_run, toy_lora_short_runs):
+def test_turbo_drift_with_and_without_the_adapter_as_docs_record_it(toy, toy_lora_run, toy_lora_short_runs, untouched):
     """The adapter experiment's step-500 row (docs/experiments.md, from docs/experiments/adapter.json): the same two
     runs measured here must order as recorded, by at least half the recorded gap; a gap the experiment recorded as
     "not shown" (within the probe set's standard error) is only required to be measured."""
@@ -130,13 +152,12 @@ def test_turbo_drift_with_and_without_the_adapter_as_docs_record_it(toy, toy_lor
 
     from conftest import TOY_SHORT_STEPS
 
-    from zimage_lora.toyworld.experiments import TURBO_8, measure, pictures
+    from zimage_lora.toyworld.experiments import TURBO_8, measure
 
     recorded = json.loads((Path(__file__).parents[1] / "docs" / "experiments" / "adapter.json").read_text())
     row = lambda arm: next(r for r in recorded[arm] if r["step"] == TOY_SHORT_STEPS)["turbo_8"]  # noqa: E731
     gap = row("a_turbo_without_adapter")["drift"] - row("b_turbo_with_adapter")["drift"]
     shown = recorded["drift_gap_shown"][str(TOY_SHORT_STEPS)]
-    untouched = pictures(toy, TURBO_8, None)
     _, with_adapter = toy_lora_run
     _, raw = toy_lora_short_runs["raw_turbo"]
     a = measure(toy, TURBO_8, raw.final_lora, untouched)

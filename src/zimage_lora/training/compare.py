@@ -73,5 +73,5 @@ def compare(job: Path, varies: list[str], progress: bool = True) -> CompareResul
 
 def score_text(row: dict) -> str:
     """A metrics line's preview scores, short: ``leak 0.031, concept 0.75``."""
-    names = {"leak": "leak", "concept": "concept", "accuracy": "accuracy", "turbo_drift": "drift"}
-    return ", ".join(f"{names[k]} {row[k]:.3f}" for k in SCORES if row.get(k) is not None)
+    short = {"turbo_drift": "drift"}
+    return ", ".join(f"{short.get(k, k)} {row[k]:.3f}" for k in SCORES if row.get(k) is not None)

@@ -107,7 +107,11 @@ class PreviewScorer:
         return [(i, scene) for i, scene in found if scene is not None]
 
     def _images(self, paths: list[Path], scenes):
-        return [np.asarray(Image.open(paths[i]).convert("RGB")) for i, _ in scenes]
+        images = []
+        for i, _ in scenes:
+            with Image.open(paths[i]) as opened:
+                images.append(np.asarray(opened.convert("RGB")))
+        return images
 
     def _concept(self, paths: list[Path]) -> float | None:
         from zimage_lora.toyworld.score import concept_score

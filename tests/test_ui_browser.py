@@ -36,6 +36,7 @@ DEMO = resources.files("zimage_lora") / "demo" / "dataset"
 UPLOADS = ["fox_01.png", "fox_01.txt", "fox_02.png", "fox_02.txt", "fox_03.png", "fox_03.txt", "fox_04.JPG"]
 STEPS = 30
 TIMEOUT_MS = 20_000
+DEVICES = "cpu,cuda:0,cuda:1"
 
 
 def _browser_missing() -> str | None:
@@ -74,9 +75,10 @@ def _free_port() -> int:
 
 
 class UiServer:
-    """``zimage-lora ui`` in its own process on a free port; ``stop`` also stops jobs it left running."""
+    """``zimage-lora ui`` in its own process on a free port; ``stop`` also stops jobs it left running. ``devices``
+    replaces the machine's devices the UI offers (``ZIMAGE_LORA_UI_DEVICES``)."""
 
-    def __init__(self, data: Path, token: str | None = None, fault: str | None = None):
+    def __init__(self, data: Path, token: str | None = None, fault: str | None = None, devices: str | None = None):
         self.data = data
         self.token = token
         self.holds = data.parent / f"{data.name}-holds"  # where trainers held by a ``wait`` fault say so (faults.py)
@@ -89,6 +91,8 @@ class UiServer:
             args += ["--host", "127.0.0.1", "--token", token]
         with open(self.log, "wb") as out:
             env = {**cli_env(fault), "ZIMAGE_LORA_FAULT_DIR": str(self.holds)}
+            if devices:
+                env["ZIMAGE_LORA_UI_DEVICES"] = devices
             self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
 
     def wait_ready(self) -> UiServer:
@@ -142,10 +146,11 @@ class UiServer:
 def server(tmp_path_factory):
     """The UI on a fresh data folder with a tiny model in DATA/models/tiny (and a tiny training adapter beside the
     data folder: a local file that a user types in). Its trainers stop after step 2 and after their final files
-    until the test lets them go (``wait`` faults), so what the test clicks lands at a known step on any machine."""
+    until the test lets them go (``wait`` faults), so what the test clicks lands at a known step on any machine. It
+    offers two GPUs besides the CPU (``DEVICES``), whatever this machine has; the jobs it trains use the CPU."""
     data = tmp_path_factory.mktemp("ui") / "data"
     (data / "models").mkdir(parents=True)
-    ui = UiServer(data, fault="wait@step:2,wait@finished")  # it starts up while the model is written
+    ui = UiServer(data, fault="wait@step:2,wait@finished", devices=DEVICES)  # it starts while the model is written
     try:
         made = run_cli("tiny-model", data / "models" / "tiny")
         assert made.returncode == 0, made.stderr
@@ -293,7 +298,7 @@ def fill_new_job(page, server: UiServer, data: Path, dataset: str) -> None:
     field = lambda key: page.locator(by(f"field-{key}"))  # noqa: E731
     field("job.name").fill("fox")
     field("job.trigger_word").fill("zfox")
-    field("job.device").fill("cpu")
+    page.check(by("device-cpu"))
 
     # The architecture decides the adapter choice and the preview steps and guidance.
     field("model.arch").select_option("zimage_deturbo")
@@ -514,6 +519,51 @@ def generate_in_playground(page, server: UiServer) -> None:
     page.wait_for_function("img => img.complete && img.naturalWidth === 64", arg=image.element_handle())
     expect(page.locator(by("pg-results"))).to_contain_text("int8 weights")
     shot(page, "08-playground")
+
+
+# --- the device picker ------------------------------------------------------------------------------------------
+
+
+def test_the_device_picker_offers_the_machines_devices(browser, server):
+    """The job form's device field lists what the server says the machine has (here DEVICES); two GPUs ticked save a
+    list; a job's device the machine lacks is shown, ticked and marked, and starting it is refused beside the field."""
+    from playwright.sync_api import expect
+
+    config = next(p["config"] for p in server.api("/api/presets")["presets"] if p["name"] == "turbo-adapter-v2")
+    config["job"].update(name="gpus", device="cpu")
+    config["datasets"] = [{**config["datasets"][0], "path": "datasets/devs", "resolutions": [128]}]
+    server.api("/api/datasets", "POST", {"name": "devs"})
+    shutil.copy(DEMO / "fox_01.png", server.data / "datasets" / "devs" / "fox_01.png")  # 128 px
+    server.api("/api/jobs", "POST", {"config": config})
+
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(f"{server.url}/#/jobs/gpus/edit")
+    picker = page.locator(by("field-job.device"))
+    expect(picker.locator("label")).to_have_text(["auto", "cpu", "cuda:0", "cuda:1"])
+    expect(page.locator(by("device-cpu"))).to_be_checked()
+    page.check(by("device-cuda:0"))
+    page.check(by("device-cuda:1"))
+    expect(page.locator(by("device-cpu"))).not_to_be_checked()
+    expect(page.locator(by("validation-status"))).to_have_text("✓ Valid")
+    page.click(by("save-job"))
+    expect(page.locator(by("job-device"))).to_have_text("cuda:0, cuda:1")
+    assert server.api("/api/jobs/gpus")["config"]["job"]["device"] == ["cuda:0", "cuda:1"]
+
+    server.api("/api/jobs/gpus", "PUT", {"config": {**config, "job": {**config["job"], "device": "cuda:7"}}})
+    page.goto(f"{server.url}/#/jobs/gpus/edit")
+    expect(page.locator(by("device-cuda:7"))).to_be_checked()
+    missing = "cuda:7 is not on this machine (it has cpu, cuda:0, cuda:1)"
+    expect(page.locator(by("device-missing"))).to_have_text(missing)
+    page.click(by("save-start-job"))
+    expect(page.locator(by("error-job.device"))).to_have_text(f"{missing}; choose one of those")
+    assert server.api("/api/jobs/gpus")["status"] == "draft"
+    shot(page, "10-device-picker")
+    page.check(by("device-cuda:1"))  # the missing GPU stays listed; picking one the machine has clears the mark
+    page.uncheck(by("device-cuda:7"))
+    expect(page.locator(by("device-missing"))).to_be_hidden()
+    context.close()
 
 
 # --- the token ------------------------------------------------------------------------------------------------------

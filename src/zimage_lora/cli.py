@@ -33,15 +33,49 @@ def train(
         False, "--overwrite", help="Discard the run folder's previous run and start afresh."
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    num_processes: int = typer.Option(
+        None, "--num-processes", help="Train on N processes (N GPUs, or N CPU processes with job.device cpu)."
+    ),
+    gpus: str = typer.Option(None, "--gpus", help="Train on these GPUs, one process each, e.g. --gpus 0,1,2,3."),
 ) -> None:
-    """Train a LoRA from a job file."""
+    """Train a LoRA from a job file (on several GPUs with --gpus or --num-processes, through accelerate)."""
     from zimage_lora.config import load_job
+    from zimage_lora.errors import UserError
+    from zimage_lora.training import launch
 
     cfg = load_job(job, set_, warnings=[])  # the trainer logs the job's warnings itself
+    if not launch.launched_by_launcher():
+        processes, gpu_ids = launch.plan(cfg.job.device, num_processes, gpus)
+        if processes > 1:
+            _launch_processes(cfg, job, set_, resume, overwrite, progress, processes, gpu_ids)
+            return
+    elif num_processes is not None or gpus is not None:
+        raise UserError("--num-processes and --gpus are for starting a job; a launcher already started this one")
     from zimage_lora.training.recipe import train as run_training
 
     result = run_training(cfg, resume=resume, overwrite=overwrite, progress=progress)
-    _report(result)
+    if result is not None:  # None: a process other than the main one (the main one reports)
+        _report(result)
+
+
+def _launch_processes(cfg, job, set_, resume, overwrite, progress, processes, gpu_ids) -> None:
+    from zimage_lora.config import check_job, run_dir
+    from zimage_lora.training import launch
+    from zimage_lora.training.run_folder import RunFolder
+
+    check_job(cfg)  # a mistake in the job ends here, in one sentence, before any process starts
+    RunFolder(run_dir(cfg), cfg.job.name).check_start(resume=resume, overwrite=overwrite)
+    args = [str(job), *(f"--set={s}" for s in set_)]
+    if gpu_ids is not None and cfg.job.device != [f"cuda:{i}" for i in gpu_ids]:
+        args.append(f"--set=job.device=[{', '.join(f'cuda:{i}' for i in gpu_ids)}]")
+    args += [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite), ("--no-progress", not progress))
+             if on]  # fmt: skip
+    where = f"GPUs {','.join(map(str, gpu_ids))}" if gpu_ids is not None else f"{cfg.job.device}"
+    typer.echo(f"starting {processes} processes on {where} through accelerate", err=True)
+    command = launch.launcher_command(processes, gpu_ids, args, launch.free_port())
+    code = launch.run_launcher(command, run_dir(cfg))
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -358,7 +392,7 @@ def _report(result) -> None:
 
 
 def main() -> None:
-    from zimage_lora.errors import NonFiniteLoss, UserError
+    from zimage_lora.errors import NonFiniteLoss, ProcessLost, UserError
     from zimage_lora.quiet import quiet_libraries
 
     quiet_libraries()
@@ -373,6 +407,9 @@ def main() -> None:
     except NonFiniteLoss as e:
         print(f"error: non-finite loss at {e}", file=sys.stderr)
         sys.exit(3)
+    except ProcessLost as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

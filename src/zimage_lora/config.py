@@ -158,13 +158,49 @@ class JobSection(_Section):
     output_dir: str = Field(
         "output", validate_default=True, description="Folder that holds run folders (relative to the job file)."
     )
-    device: DeviceSpec = Field("auto", description="Where to train: auto, cpu, cuda or cuda:N.")
+    device: str | list[str] = Field(
+        "auto",
+        description="Where to train: auto, cpu, cuda or cuda:N; a list of GPUs (e.g. [cuda:0, cuda:1]) trains one "
+        "job on all of them, one process per GPU (zimage-lora train starts them through accelerate).",
+    )
+    process_timeout: int = Field(
+        60,
+        ge=10,
+        le=86400,
+        description="With several processes: seconds a training step's exchange waits for the others before this "
+        "process gives up (so a dead or hung process never leaves the rest waiting); loading, caching and previews "
+        "wait without this limit.",
+    )
     seed: int = Field(42, ge=0, description="Seed for noise, timesteps and caption dropout; same seed, same run.")
 
     @field_validator("output_dir")
     @classmethod
     def _resolve(cls, value: str, info: ValidationInfo) -> str | None:
         return _local_path(value, info)
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _one_or_several(cls, value: Any) -> str | list[str]:
+        what = "Where to train: auto, cpu, cuda or cuda:N, or a list of GPUs such as [cuda:0, cuda:1]."
+        several = isinstance(value, list)
+        for one in value if several else [value]:
+            if not isinstance(one, str) or not re.match(DEVICE_PATTERN, one):
+                raise ValueError(f"{_show(one)} is not allowed; {what}")
+        if not several:
+            return value
+        if not value:
+            raise ValueError("give a device, or a list of at least one GPU")
+        if len(value) == 1:
+            return value[0]
+        if any(not v.startswith("cuda") for v in value):
+            raise ValueError(
+                "a list of devices names GPUs (cuda:N); for several CPU processes use zimage-lora train "
+                "--num-processes N with device cpu"
+            )
+        indices = [int(v.partition(":")[2] or 0) for v in value]
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"a GPU is listed twice in {value}; list each once")
+        return [f"cuda:{i}" for i in indices]
 
 
 class ModelSection(_Section):
@@ -195,6 +231,12 @@ class ModelSection(_Section):
         le=1,
         description="Fraction of the transformer's main blocks kept in CPU memory and streamed to the GPU when used "
         "(0 = none; saves memory, costs speed).",
+    )
+    shard: bool = Field(
+        False,
+        description="With several GPUs: shard the frozen transformer across them (FSDP2, each block's weights "
+        "split between the processes and gathered when used), for a model that does not fit one card; the LoRA "
+        "trains on top. Off: each GPU holds the whole model (data-parallel, faster when it fits).",
     )
 
     @field_validator("name_or_path", "training_adapter", "text_encoder_path", "vae_path")
@@ -852,6 +894,7 @@ def check_job(cfg: JobConfig, *, check_paths: bool = True) -> list[str]:
             "train.compile: cannot be combined with model.layer_offload (the offload hooks move weights in and out of "
             "the blocks that would be compiled); turn one of them off"
         )
+    errors += _shard_conflicts(cfg)
     if cfg.train.dop.enabled and cfg.train.unload_text_encoder:
         errors.append("train.dop.enabled: needs captions; it cannot be combined with train.unload_text_encoder")
     for index, prompt in enumerate(cfg.sample.prompts):
@@ -885,6 +928,36 @@ def check_job(cfg: JobConfig, *, check_paths: bool = True) -> list[str]:
             )
     _raise_first(errors)
     return warnings
+
+
+def _shard_conflicts(cfg: JobConfig) -> list[str]:
+    """What ``model.shard`` (FSDP2) does not combine with, one sentence each: sharding splits plain weights."""
+    if not cfg.model.shard:
+        return []
+    out = []
+    if cfg.quantization.transformer != "none":
+        out.append(
+            f"model.shard: cannot shard a {cfg.quantization.transformer}-quantized transformer (sharding splits "
+            "plain bf16 weights and already divides their memory by the number of GPUs); set "
+            "quantization.transformer: none, or keep the quantization and train without model.shard"
+        )
+    if cfg.model.layer_offload > 0:
+        out.append(
+            "model.shard: cannot be combined with model.layer_offload (both decide where each block's weights live); "
+            "turn one of them off"
+        )
+    if cfg.train.compile:
+        out.append("model.shard: cannot be combined with train.compile yet; turn one of them off")
+    if cfg.target.type != "lora":
+        out.append(f"model.shard: trains target.type lora only, not {cfg.target.type}; use lora, or train unsharded")
+    if cfg.train.optimizer != "adamw":
+        out.append(
+            f"model.shard: train.optimizer {cfg.train.optimizer} cannot step sharded parameters; use adamw (its state "
+            "is sharded too)"
+        )
+    if cfg.train.ema.enabled:
+        out.append("model.shard: cannot be combined with train.ema yet; turn one of them off")
+    return out
 
 
 def _check_model_paths(cfg: JobConfig) -> list[str]:

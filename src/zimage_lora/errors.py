@@ -1,7 +1,8 @@
 """Exceptions that map to the CLI's exit codes.
 
 A ``UserError`` is a mistake the user can fix (bad key, missing folder, wrong adapter): the CLI prints its
-one-sentence message and exits 2, never a traceback. ``NonFiniteLoss`` ends a run with exit 3.
+one-sentence message and exits 2, never a traceback. ``NonFiniteLoss`` ends a run with exit 3. ``ProcessLost``
+(a job on several processes lost one of them) ends in one line with exit 1.
 """
 
 
@@ -26,3 +27,9 @@ class NonFiniteLoss(Exception):
     """The training loss became NaN or infinite; exit code 3."""
 
     exit_code = 3
+
+
+class ProcessLost(Exception):
+    """Another process of a job on several processes died or hung; exit code 1 (what was saved is intact)."""
+
+    exit_code = 1

@@ -11,11 +11,14 @@
   step N), ``finished`` (the final files and run.json are written, before late requests are answered),
   ``cache.entry`` (the Nth latent cache entry written).
 
-Without ``:N`` a point fires every time. Example: ``ZIMAGE_LORA_FAULT=kill@save.state.tmp:4``.
+Without ``:N`` a point fires every time. Example: ``ZIMAGE_LORA_FAULT=kill@save.state.tmp:4``. With several
+processes, ``#rankR`` after the point limits an entry to the process of that rank (``kill@step:3#rank1``); without
+it every process fires.
 
 ``wait`` makes a test independent of speed: the process writes ``held-<point>-<N>`` (``held-<point>`` without an
 index) into the folder ``ZIMAGE_LORA_FAULT_DIR`` and blocks until a file ``release-<point>-<N>`` appears there, then
-removes its ``held-`` file and goes on. It gives up after ``ZIMAGE_LORA_FAULT_WAIT_S`` seconds (default 600), so a
+removes its ``held-`` file and goes on (with several processes the names end in ``.rankR``:
+``held-step-3.rank1``). It gives up after ``ZIMAGE_LORA_FAULT_WAIT_S`` seconds (default 600), so a
 test that died never leaves a process waiting for good.
 """
 
@@ -36,7 +39,10 @@ def _matches(point: str, index: int | None):
     spec = os.environ.get(ENV, "")
     for part in filter(None, (p.strip() for p in spec.split(","))):
         action, _, where = part.partition("@")
+        where, _, who = where.partition("#")
         name, _, n = where.partition(":")
+        if who and who != f"rank{os.environ.get('RANK', '0')}":
+            continue
         if name == point and (not n or (index is not None and int(n) == index)):
             yield action
 
@@ -67,8 +73,10 @@ def fire(point: str, index: int | None = None) -> bool:
 
 
 def hold_name(point: str, index: int | None) -> str:
-    """``<point>-<N>``: the suffix of the ``held-`` and ``release-`` files of a ``wait`` at that point."""
-    return point if index is None else f"{point}-{index}"
+    """``<point>-<N>``: the suffix of the ``held-`` and ``release-`` files of a ``wait`` at that point (and
+    ``.rankR`` in a job of several processes)."""
+    name = point if index is None else f"{point}-{index}"
+    return f"{name}.rank{os.environ['RANK']}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else name
 
 
 def _wait(point: str, index: int | None) -> None:

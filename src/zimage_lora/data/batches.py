@@ -4,6 +4,12 @@
 epoch order of ``epoch_batches`` (one bucket per batch), ``grad_accum`` batches per step, each example's caption
 after caption dropout, its latent from the latent store. The data position (epoch, batch) lives in the recipe's
 ``TrainState``, so a resumed run continues with the batch it would have drawn next.
+
+With several processes (``share=(rank, world)``) a micro-batch of the whole job has ``batch_size x world`` examples
+(one bucket): each process takes its part (``training/distributed.split_sizes``) and weights its loss by its share,
+so the step is the single-process step of the whole batch. Examples keep their index in the whole batch, so their
+random draws are those a single process would make. The data position counts whole batches: a run resumed on
+another number of processes continues at the same place when ``batch_size x world`` is the same.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from zimage_lora.data.dataset import ImageItem, Sample, epoch_batches
+from zimage_lora.training.distributed import split_sizes
 
 
 @dataclass(frozen=True)
@@ -29,11 +36,22 @@ class Example:
 @dataclass(frozen=True)
 class StepBatch:
     step: int  # the optimizer step these examples train (1-based)
-    micro: list[list[Example]]  # ``grad_accum`` micro-batches, each of one bucket (one size)
+    micro: list[list[Example]]  # ``grad_accum`` micro-batches, each of one bucket (one size): this process's part
+    # per micro-batch, this process's weight: (its examples x processes) / the whole micro-batch's examples, so that
+    # the mean of the processes' gradients is the whole batch's; 0 for a stand-in example (a process left without
+    # one); None: 1 each (one process)
+    weights: list[float] | None = None
 
     @property
     def size(self) -> int:
         return sum(len(m) for m in self.micro)
+
+    def weight(self, i: int) -> float:
+        return 1.0 if self.weights is None else self.weights[i]
+
+    def indices(self) -> list[int]:
+        """The examples this process trained (their index in the whole step batch; none for a stand-in)."""
+        return [e.index for i, m in enumerate(self.micro) if self.weight(i) > 0 for e in m]
 
 
 class Position(Protocol):
@@ -54,37 +72,47 @@ class DatasetBatches:
         grad_accum: int,
         seed: int,
         draws,
+        share: tuple[int, int] = (0, 1),
     ):
         self.items, self.samples, self.latent = items, samples, latent
         self.caption_dropout, self.batch_size, self.grad_accum = caption_dropout, batch_size, grad_accum
         self.seed, self.draws = seed, draws
+        self.rank, self.world = share
         self._order: tuple[int, list[list[int]]] | None = None  # (epoch, its batches)
 
     def captions(self) -> set[str]:
         return {it.caption for it in self.items}
 
     def next(self, position: Position, step: int) -> StepBatch:
-        """The batch of ``step``; advances ``position`` past the batches it took."""
-        micro, index = [], 0
+        """This process's part of the batch of ``step``; advances ``position`` past the (whole) batches it took."""
+        micro, weights, index = [], [], 0
         for _ in range(self.grad_accum):
             batches = self._batches(position.epoch)
             if position.batch >= len(batches):
                 position.epoch += 1
                 position.batch = 0
                 batches = self._batches(position.epoch)
-            examples = []
-            for i in batches[position.batch]:
-                sample = self.samples[i]
-                item = self.items[sample.item]
-                dropped = self.draws.caption_dropped(step, index, self.caption_dropout[item.dataset])
-                caption = "" if dropped else item.caption
-                examples.append(Example(index, self.latent(item.path, sample.bucket), caption, item.caption))
-                index += 1
+            whole = batches[position.batch]
+            sizes = split_sizes(len(whole), self.world)
+            start = sum(sizes[: self.rank])
+            mine = list(range(start, start + sizes[self.rank]))
+            weight = sizes[self.rank] * self.world / len(whole)
+            if not mine:  # fewer examples than processes: a stand-in at weight 0 keeps this process in the exchange
+                mine = [0]
+            micro.append([self._example(step, index + j, whole[j]) for j in mine])
+            weights.append(weight)
+            index += len(whole)
             position.batch += 1
-            micro.append(examples)
-        return StepBatch(step, micro)
+        return StepBatch(step, micro, weights if self.world > 1 else None)
+
+    def _example(self, step: int, index: int, sample_index: int) -> Example:
+        sample = self.samples[sample_index]
+        item = self.items[sample.item]
+        dropped = self.draws.caption_dropped(step, index, self.caption_dropout[item.dataset])
+        caption = "" if dropped else item.caption
+        return Example(index, self.latent(item.path, sample.bucket), caption, item.caption)
 
     def _batches(self, epoch: int) -> list[list[int]]:
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, epoch_batches(self.samples, self.batch_size, self.seed, epoch))
+            self._order = (epoch, epoch_batches(self.samples, self.batch_size * self.world, self.seed, epoch))
         return self._order[1]

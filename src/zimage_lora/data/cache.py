@@ -85,6 +85,7 @@ class LatentStore:
         self.vae_on_device = OnDemand(vae, device, home="cpu" if low_vram else device)
         self.memory: dict[tuple[Path, Bucket], torch.Tensor] = {}
         self._vae_id: str | None = None
+        self.encoded_images = 0  # images through the VAE encoder in this process (the caching pass and on demand)
 
     @property
     def vae_id(self) -> str:
@@ -92,8 +93,11 @@ class LatentStore:
             self._vae_id = vae_identity(self.vae)
         return self._vae_id
 
-    def prepare(self, wanted: Iterable[tuple[Path, Bucket, Path]]) -> tuple[int, int]:
-        """Make sure every (image, bucket) has a cache entry in its cache folder; returns (encoded, reused)."""
+    def prepare(self, wanted: Iterable[tuple[Path, Bucket, Path]], share=None) -> tuple[int, int]:
+        """Make sure every (image, bucket) has a cache entry in its cache folder; returns (encoded, reused).
+
+        ``share`` (``training.distributed.Processes``, several processes): each process encodes its part of the
+        missing entries, then, after all have written theirs, reads the others' from the cache."""
         todo: dict[Bucket, list[tuple[Path, Path]]] = {}
         digests: dict[Path, str] = {}  # each file is read and hashed once, whatever its number of buckets
         reused = 0
@@ -107,8 +111,21 @@ class LatentStore:
             else:
                 self.memory[(path, bucket)] = latent
                 reused += 1
-        with self.vae_on_device.visit() if todo else nullcontext():
-            encoded = self._encode_all(todo)
+        if share is None or not share.several:
+            with self.vae_on_device.visit() if todo else nullcontext():
+                return self._encode_all(todo), reused
+        missing = [(bucket, job) for bucket, jobs in sorted(todo.items()) for job in jobs]
+        mine = share.share(missing)
+        own: dict[Bucket, list[tuple[Path, Path]]] = {}
+        for bucket, job in mine:
+            own.setdefault(bucket, []).append(job)
+        with self.vae_on_device.visit() if own else nullcontext():
+            encoded = self._encode_all(own)
+        share.wait_all()  # every process has written its entries
+        for bucket, (path, entry) in missing:
+            if (path, bucket) not in self.memory:
+                latent = read_entry(entry)
+                self.memory[(path, bucket)] = latent if latent is not None else self.encode([path], bucket)[0]
         return encoded, reused
 
     def _encode_all(self, todo: dict[Bucket, list[tuple[Path, Path]]]) -> int:
@@ -127,6 +144,7 @@ class LatentStore:
     def encode(self, paths: list[Path], bucket: Bucket) -> torch.Tensor:
         """VAE latents (float32, on the CPU) of images cropped to ``bucket``, in one batch."""
         pixels = torch.stack([pil_to_tensor(crop_to_bucket(load_rgb(p), bucket)) for p in paths])
+        self.encoded_images += len(paths)
         with self.vae_on_device.visit():
             return encode_latents(self.vae, pixels.to(self.device, self.vae.dtype)).float().cpu()
 

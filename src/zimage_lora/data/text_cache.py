@@ -24,16 +24,24 @@ class PromptEmbeddings:
     def __init__(self, tokenizer, encoder, device, low_vram: bool = False):
         self.tokenizer, self.encoder, self.device = tokenizer, encoder, device
         self.cached: dict[str, torch.Tensor] = {}
+        self.encoded_prompts = 0  # prompts through the text encoder in this process
         self.on_device = None
         if encoder is not None:
             self.on_device = OnDemand(encoder, device, home="cpu" if low_vram else device)
 
     @torch.no_grad()
-    def cache(self, prompts: list[str]) -> None:
-        with self.on_device.visit():
-            embeddings = encode_prompts(self.tokenizer, self.encoder, prompts, device=self.device, batch_size=BATCH)
-        for prompt, emb in zip(prompts, embeddings, strict=True):
-            self.cached[prompt] = emb.detach().to("cpu")
+    def cache(self, prompts: list[str], share=None) -> None:
+        """Encode ``prompts`` once; with ``share`` (several processes) each encodes its part and all keep all."""
+        mine = share.share(prompts) if share is not None else prompts
+        if mine:
+            with self.on_device.visit():
+                embeddings = encode_prompts(self.tokenizer, self.encoder, mine, device=self.device, batch_size=BATCH)
+            self.encoded_prompts += len(mine)
+            for prompt, emb in zip(mine, embeddings, strict=True):
+                self.cached[prompt] = emb.detach().to("cpu")
+        if share is not None and share.several:
+            for part in share.gather({p: self.cached[p] for p in mine}):
+                self.cached.update(part)
 
     @property
     def visits(self) -> int:
@@ -57,5 +65,6 @@ class PromptEmbeddings:
         if missing:
             with self.on_device.visit():
                 embeddings = encode_prompts(self.tokenizer, self.encoder, missing, device=self.device, batch_size=BATCH)
+            self.encoded_prompts += len(missing)
             fresh = dict(zip(missing, embeddings, strict=True))
         return [self.cached[p] if p in self.cached else fresh[p] for p in prompts]

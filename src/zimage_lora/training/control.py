@@ -52,8 +52,9 @@ class Todo:
 class StepControl:
     """Schedules, requests, signals and fault points, consulted once after each step (``after_step``)."""
 
-    def __init__(self, cfg, run, log, started_at: float):
+    def __init__(self, cfg, run, log, started_at: float, reads_requests: bool = True):
         self.cfg, self.run, self.log, self.started_at = cfg, run, log, started_at
+        self.reads_requests = reads_requests  # with several processes only the main one takes request files
         self.stop_requested = False
         self._previous: dict = {}
 
@@ -92,7 +93,7 @@ class StepControl:
     # --- after each step ----------------------------------------------------------------------------------------
     def after_step(self, step: int) -> Todo:
         faults.fire("step", step)
-        asked = self.run.take_requests()
+        asked = self.run.take_requests() if self.reads_requests else set()
         last = step == self.cfg.train.steps
         for action in sorted(asked):
             self.log(f"request: {action} at step {step}" + (f" ({_AT_THE_END[action]})" if last else ""))
@@ -107,7 +108,7 @@ class StepControl:
 
     def answer_late_requests(self, final_lora: Path) -> None:
         """Requests that came while the final files were written: the run is over, say where its LoRA is."""
-        for action in sorted(self.run.take_requests()):
+        for action in sorted(self.run.take_requests() if self.reads_requests else ()):
             self.log(f"request: {action} after the last step: the run has finished; its final LoRA is {final_lora}")
 
     def _validation_due(self, step: int) -> bool:

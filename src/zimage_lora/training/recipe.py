@@ -13,6 +13,12 @@
   turns schedules, requests from the web UI, signals and fault points into validate, save, sample or stop.
 
 ``train(cfg)`` runs a job: out of memory and a full disk end in one sentence; nothing saved is lost.
+
+Several processes (``training/distributed.py``, started by ``training/launch.py``) run the same recipe: each trains
+its part of every batch (gradients all-reduced once per optimizer step, none on accumulation micro-steps), encodes
+its part of the latents and prompts and renders its part of the previews; the main process alone writes the run
+folder (logs, metrics, LoRA files, states, previews, model card), except each process's own record in
+``processes/``. With ``model.shard`` the frozen transformer is sharded across them (FSDP2).
 """
 
 from __future__ import annotations
@@ -24,12 +30,14 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import InitProcessGroupKwargs
 from tqdm import tqdm
 
 from zimage_lora import __version__, faults
@@ -38,9 +46,9 @@ from zimage_lora.data.batches import DatasetBatches, Example, StepBatch
 from zimage_lora.data.cache import LatentStore
 from zimage_lora.data.dataset import build_samples, discover
 from zimage_lora.data.text_cache import PromptEmbeddings
-from zimage_lora.errors import NonFiniteLoss, UserError
+from zimage_lora.errors import NonFiniteLoss, ProcessLost, UserError
 from zimage_lora.lora import network
-from zimage_lora.lora.io import read_lora, read_metadata, save_lora
+from zimage_lora.lora.io import atomic_write_bytes, read_lora, read_metadata, save_lora
 from zimage_lora.lora.variants import network_tensors, save_network
 from zimage_lora.models.arch import ARCHS, inference_arch
 from zimage_lora.models.checkpointing import enable_checkpointing, main_blocks
@@ -56,7 +64,15 @@ from zimage_lora.quiet import quiet_libraries
 from zimage_lora.sampling.previews import build_contact_sheet, png_info, preview_prompts, save_png
 from zimage_lora.sampling.sampler import denoise
 from zimage_lora.training import card, flow
-from zimage_lora.training.control import StepControl, process_started_at
+from zimage_lora.training.control import StepControl, Todo, process_started_at
+from zimage_lora.training.distributed import (
+    BucketCounter,
+    Processes,
+    launched_world,
+    shard_transformer,
+    whole_parameters,
+    whole_tensors,
+)
 from zimage_lora.training.draws import KeyedDraws
 from zimage_lora.training.ema import LoraEMA
 from zimage_lora.training.optim import build_optimizer, build_scheduler
@@ -105,12 +121,22 @@ class StepMetrics:
         return out
 
 
-def train(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> TrainResult:
-    """Run a job. Out of memory and a full disk end in one sentence saying what to change; nothing saved is lost."""
+def train(
+    cfg: JobConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True
+) -> TrainResult | None:
+    """Run a job. Out of memory and a full disk end in one sentence saying what to change; nothing saved is lost.
+    With several processes only the main one returns the result (the others None)."""
     try:
         return LoraRecipe(cfg, resume=resume, overwrite=overwrite, progress=progress).train()
     except torch.OutOfMemoryError as e:
         raise UserError(out_of_memory_advice(cfg, str(e).splitlines()[0])) from None
+    except RuntimeError as e:
+        if launched_world()[1] == 1 or not _lost_peer(e):
+            raise
+        raise ProcessLost(
+            f"process {launched_world()[0]}: another process of this job is gone or stopped answering "
+            f"({_lost_peer(e)}); the files saved before are intact: continue with --resume"
+        ) from None
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
@@ -163,6 +189,10 @@ class LoraRecipe:
         self.validator: Validator | None = None
         self.latents: LatentStore | None = None
         self.preview_vae: OnDemand | None = None
+        self.processes: Processes | None = None
+        self.buckets: BucketCounter | None = None  # counts DDP's gradient exchanges (several processes)
+        # this process's part of each step and the saves it took part in (several processes)
+        self.record: dict = {"batches": {}, "exchanges": {}, "saves": []}
 
     # --- the loop ---------------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -170,10 +200,11 @@ class LoraRecipe:
         ``--resume`` on a run that is complete changes nothing and says where its LoRA is."""
         complete = self.completed_run() if self.resume else None
         if complete is not None:
-            return complete
+            return complete if launched_world()[0] == 0 else None
         try:
             self.setup()
-            return self._loop()
+            result = self._loop()
+            return result if self.processes.main else None
         finally:
             self.close()
 
@@ -195,8 +226,8 @@ class LoraRecipe:
 
     def _loop(self) -> TrainResult:
         steps, losses, smoothed = self.cfg.train.steps, [], None
-        bar = tqdm(total=steps, initial=self.state.step, disable=not self.progress, dynamic_ncols=True,
-                   unit="step", file=sys.stderr)  # fmt: skip
+        bar = tqdm(total=steps, initial=self.state.step, disable=not (self.progress and self.processes.main),
+                   dynamic_ncols=True, unit="step", file=sys.stderr)  # fmt: skip
         stopped_at = None
         try:
             with self.control:
@@ -204,20 +235,21 @@ class LoraRecipe:
                     self.sample(0)
                 for step in range(self.state.step + 1, steps + 1):
                     metrics = self.train_step(self.data.next(self.state, step))
-                    todo = self.control.after_step(step)
+                    todo = self._agree(self.control.after_step(step))
                     if todo.validate and self.validator is not None:
                         metrics.val_loss = self.validator(self.transformer, self.accelerator.autocast)
                     if todo.sample:  # before the step's metrics line, which carries the round's scores
                         self.sample(step)
                         metrics.scores = self.round_scores.get(step)
-                    self.metrics.log(metrics.record())
+                    if self.metrics is not None:  # the main process's
+                        self.metrics.log(metrics.record())
                     losses.append(metrics.loss)
                     smoothed = metrics.loss if smoothed is None else 0.9 * smoothed + 0.1 * metrics.loss
                     bar.set_postfix(loss=f"{smoothed:.4f}", refresh=False)
                     bar.update(1)
                     if todo.save:
                         path = self.save(step)
-                        if not todo.stop:
+                        if not todo.stop and self.processes.main:
                             bar.write(f"saved {path.name}")
                     if todo.stop:
                         stopped_at = step
@@ -230,6 +262,14 @@ class LoraRecipe:
             result.first_loss, result.last_loss = sum(losses[:window]) / window, sum(losses[-window:]) / window
         return self._stopped(result) if stopped_at is not None else self._finish(result)
 
+    def _agree(self, todo: Todo) -> Todo:
+        """Every process acts on the same step: a save, sample or stop asked on any of them (a request file, read by
+        the main process; a signal, which may reach one) is done by all."""
+        if not self.processes.several:
+            return todo
+        validate, save, sample, stop = self.processes.union([todo.validate, todo.save, todo.sample, todo.stop])
+        return Todo(validate=validate, save=save or stop, sample=sample and not stop, stop=stop)
+
     # --- setup ------------------------------------------------------------------------------------------------------
     def setup(self, components: Components | None = None, data=None, text: PromptEmbeddings | None = None) -> None:
         """Everything before the first step. ``components`` replaces loading the model; ``data`` (an object with
@@ -237,6 +277,7 @@ class LoraRecipe:
         prompt encoder (embeddings already computed)."""
         faults.fire("setup")
         quiet_libraries()
+        self._setup_processes()
         self._setup_run()
         self._setup_device()
         for warning in check_job(self.cfg, check_paths=data is None):  # raw Turbo, a high LR, long on few images
@@ -249,38 +290,78 @@ class LoraRecipe:
         self._setup_optimizer()
         self._setup_state()
 
-    def _setup_run(self) -> None:
-        cfg, run = self.cfg, self.run
-        run.prepare(resume=self.resume, overwrite=self.overwrite)
-        saved_config = run.root / "config.yaml"
-        if self.resume and run.states() and saved_config.is_file():  # before any model loads: a refusal is quick
-            check_resumable(yaml.safe_load(saved_config.read_text()) or {}, job_to_dict(cfg), run.states()[-1][0])
-        self.log = _Logger(run.root / "train.log", echo=True)
-        self.control = StepControl(cfg, run, self.log, process_started_at())
-
-    def _setup_device(self) -> None:
+    def _setup_processes(self) -> None:
+        """The device, the precision and accelerate; with several processes, the process group (its step
+        collectives give up after ``job.process_timeout`` seconds)."""
         cfg = self.cfg
-        device = resolve_device(cfg.job.device)
+        _, world = launched_world()
+        if world > 1:  # accelerate places each process on its GPU (cuda:<local rank>) or on the CPU
+            wants_cpu = cfg.job.device == "cpu" or (cfg.job.device == "auto" and not torch.cuda.is_available())
+            device = torch.device("cpu") if wants_cpu else torch.device("cuda")
+        else:
+            device = resolve_device(cfg.job.device if isinstance(cfg.job.device, str) else cfg.job.device[0])
         self.precision = _precision(cfg.train.mixed_precision, device)
         if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)
         AcceleratorState._reset_state(reset_partial_state=True)  # each run chooses its own precision
-        self.accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=self.precision)
+        handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.job.process_timeout))] if world > 1 else []
+        self.accelerator = Accelerator(
+            cpu=device.type == "cpu", mixed_precision=self.precision, kwargs_handlers=handlers
+        )
         self.device = self.accelerator.device
         self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
-        self.run.write_text("config.yaml", dump_yaml(cfg))
-        self.run.write_run_json(
-            **environment_facts(),
-            status="running",
-            device=str(self.device),
-            precision=self.precision,
-            started_at=self.control.started_at,
-        )
+        self.processes = Processes(self.accelerator)
+        self.sharded = cfg.model.shard and self.processes.several  # FSDP2: each process holds 1/N of the weights
+
+    def _setup_run(self) -> None:
+        cfg, run, processes = self.cfg, self.run, self.processes
+        if processes.main:
+            run.prepare(resume=self.resume, overwrite=self.overwrite)
+        processes.wait_all()  # the folder is ready (or the main process has failed, and the launcher ends us)
+        saved_config = run.root / "config.yaml"
+        if self.resume and run.states() and saved_config.is_file():  # before any model loads: a refusal is quick
+            saved = yaml.safe_load(saved_config.read_text()) or {}
+            facts_file = run.root / "run.json"
+            saved_facts = json.loads(facts_file.read_text()) if facts_file.is_file() else {}
+            check_resumable(saved, job_to_dict(cfg), run.states()[-1][0], self._batch_facts(), saved_facts)
+        if processes.main:
+            self.log = _Logger(run.root / "train.log", echo=True)
+        else:  # the main process logs the run; the others keep their own log
+            (run.root / "processes").mkdir(parents=True, exist_ok=True)
+            self.log = _Logger(run.root / "processes" / f"rank-{processes.rank}.log", echo=False)
+        self.control = StepControl(cfg, run, self.log, process_started_at(), reads_requests=processes.main)
+
+    def _batch_facts(self) -> dict:
+        """What a resumed run must keep: images per micro-batch of the whole job, and the processes."""
+        t = self.cfg.train
+        return {"batch_images": t.batch_size * self.processes.world, "processes": self.processes.world,
+                "effective_batch": t.batch_size * t.grad_accum * self.processes.world}  # fmt: skip
+
+    def _setup_device(self) -> None:
+        cfg, processes = self.cfg, self.processes
+        if processes.main:
+            self.run.write_text("config.yaml", dump_yaml(cfg))
+            self.run.write_run_json(
+                **environment_facts(),
+                status="running",
+                device=str(self.device),
+                precision=self.precision,
+                started_at=self.control.started_at,
+                **self._batch_facts(),
+            )
         self.log(
             f"zimage-lora {__version__}: job {cfg.job.name!r}, arch {self.arch.name}, device {self.device}, "
             f"precision {self.precision}"
         )
-        self.control.drop_stale_requests()
+        if processes.several:
+            t = cfg.train
+            self.log(
+                f"processes: {processes.world} ({'sharded base, FSDP2' if cfg.model.shard else 'data-parallel'}), "
+                f"effective batch {t.batch_size * t.grad_accum * processes.world} = train.batch_size "
+                f"{t.batch_size} x train.grad_accum {t.grad_accum} x {processes.world} processes"
+            )
+        if processes.main:
+            self.control.drop_stale_requests()
 
     def _setup_dataset(self) -> None:
         cfg = self.cfg
@@ -301,7 +382,7 @@ class LoraRecipe:
                 text_encoder_path=cfg.model.text_encoder_path,
                 vae_path=cfg.model.vae_path,
                 dtype=self.weight_dtype,
-                device=self.device,
+                device="cpu" if self.sharded else self.device,  # sharded: each block goes to the GPU in its part
                 fallback_ref=self.arch.parts_from,
                 scheduler_shift=self.arch.shift if self.arch.override_shift else None,
                 quantization=cfg.quantization.model_dump(),
@@ -341,6 +422,12 @@ class LoraRecipe:
                 n, kept = len(main_blocks(transformer)), "the others keep their activations"
                 log(f"gradient checkpointing: {len(chosen)} of {n} main blocks recompute, {kept}")
         transformer.train()
+        if cfg.model.shard and not self.sharded:
+            log("model.shard: a single process, so nothing to shard; the model is trained whole")
+        if self.sharded:
+            blocks = shard_transformer(transformer, self.device, self.processes.world)
+            self.params = network.user_parameters(transformer)  # the sharded ones now
+            log(f"shard: {blocks} transformer blocks sharded across {self.processes.world} processes (FSDP2)")
         if cfg.model.layer_offload > 0:
             self.offloader = BlockOffloader(transformer, cfg.model.layer_offload, self.device)
             log(
@@ -389,10 +476,11 @@ class LoraRecipe:
             prompts |= {v.caption for v in self.val_images}
             if cfg.train.dop.enabled:
                 prompts |= {class_caption(c, cfg) for c in captions}
-            self.text.cache(sorted(prompts))
+            self.text.cache(sorted(prompts), share=self.processes)
             self.text.release()
             self.comps.text_encoder = None
-            log(f"text: {len(prompts)} distinct prompts encoded once; the text encoder left the device")
+            split = f", split across {self.processes.world} processes" if self.processes.several else ""
+            log(f"text: {len(prompts)} distinct prompts encoded once{split}; the text encoder left the device")
 
     def _setup_latents(self) -> DatasetBatches:
         """One caching pass, then the VAE leaves the device; the job's batches read the cached latents."""
@@ -405,8 +493,12 @@ class LoraRecipe:
         ]
         cached += [(v.path, v.bucket, Path(cfg.datasets[0].cache_dir)) for v in self.val_images]
         if cached:
-            encoded, reused = self.latents.prepare(cached)
-            self.log(f"latents: {encoded} encoded, {reused} reused from the cache")
+            encoded, reused = self.latents.prepare(cached, share=self.processes)
+            if self.processes.several:
+                parts = self.processes.gather(encoded)
+                self.log(f"latents: {sum(parts)} encoded (by the processes: {parts}), {reused} reused from the cache")
+            else:
+                self.log(f"latents: {encoded} encoded, {reused} reused from the cache")
         all_cached = all(ds.cache_latents for ds in cfg.datasets)
         vae_home = torch.device("cpu") if all_cached or cfg.model.low_vram else device
         # with every latent cached (or low_vram), the VAE only visits the device to decode previews
@@ -419,7 +511,7 @@ class LoraRecipe:
         dropout = [ds.caption_dropout for ds in cfg.datasets]
         return DatasetBatches(
             self.items, self.samples, self.latents.get, dropout, cfg.train.batch_size, cfg.train.grad_accum,
-            cfg.job.seed, self.draws,
+            cfg.job.seed, self.draws, share=(self.processes.rank, self.processes.world),
         )  # fmt: skip
 
     def _setup_optimizer(self) -> None:
@@ -428,7 +520,14 @@ class LoraRecipe:
         self.scheduler = build_scheduler(
             self.optimizer, cfg.train.lr_scheduler, cfg.train.warmup_steps, cfg.train.steps
         )
-        self.model, self.optimizer = self.accelerator.prepare(self.transformer, self.optimizer)
+        self.processes.wait_all()  # loading took each process its own time; the exchanges start together
+        if self.sharded:  # FSDP2 does the exchanges itself (no DDP wrapper)
+            self.model, self.optimizer = self.transformer, self.accelerator.prepare(self.optimizer)
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(self.transformer, self.optimizer)
+        if isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+            self.buckets = BucketCounter()
+            self.model.register_comm_hook(self.buckets, BucketCounter.hook)
         if cfg.train.ema.enabled:
             self.state.ema = LoraEMA(network.named_user_parameters(self.transformer), cfg.train.ema.decay)
         if self.val_images:
@@ -451,24 +550,33 @@ class LoraRecipe:
             self.log(f"resumed from step {self.state.step}")
         elif self.resume:
             self.log("--resume: nothing was saved yet; starting from step 0")
-        self.metrics = MetricsLog(self.run.root, resume_step=self.state.step)
+        self.metrics = MetricsLog(self.run.root, resume_step=self.state.step) if self.processes.main else None
 
     # --- one step ---------------------------------------------------------------------------------------------------
     def train_step(self, batch: StepBatch) -> StepMetrics:
         """One optimizer step over ``batch`` (its micro-batches accumulate); the step's one host read at the end."""
-        cfg, started = self.cfg, time.perf_counter()
+        cfg, started, world = self.cfg, time.perf_counter(), self.processes.world
         plains, dops = [], []
-        for micro in batch.micro:
-            with self.accelerator.autocast():
-                loss, plain, dop_loss = self._loss(batch.step, micro)
-            self.accelerator.backward(loss / len(batch.micro))
-            plains.append(plain.float())
+        for i, micro in enumerate(batch.micro):
+            weight = batch.weight(i)  # this process's share of the micro-batch (1 on one process)
+            last = i == len(batch.micro) - 1
+            # gradients are exchanged once, on the last micro-batch's backward
+            if self.sharded:
+                self.transformer.set_requires_gradient_sync(last)
+            with nullcontext() if last else self.accelerator.no_sync(self.model):
+                with self.accelerator.autocast():
+                    loss, plain, dop_loss = self._loss(batch.step, micro)
+                self.accelerator.backward(loss * weight / len(batch.micro) if weight != 1 else loss / len(batch.micro))
+            plains.append(plain.float() * (weight / world) if world > 1 else plain.float())
             if dop_loss is not None:
-                dops.append(dop_loss.float())
+                dops.append(dop_loss.float() * (weight / world) if world > 1 else dop_loss.float())
         max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
         norm = self.accelerator.clip_grad_norm_(self.params, max_norm)
-        # the step's one host synchronisation: the logged numbers, read in a single transfer
-        values = torch.stack([*plains, *dops, torch.as_tensor(norm, device=plains[0].device).float()]).tolist()
+        if self.sharded and hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        # the step's one host synchronisation: the logged numbers (summed over the processes), one transfer
+        logged = self.processes.total(torch.stack([*plains, *dops]))
+        values = torch.cat([logged, torch.as_tensor(norm, device=logged.device).float().reshape(1)]).tolist()
         total = sum(v / len(batch.micro) for v in values[: len(plains)])
         dop_total = sum(v / len(batch.micro) for v in values[len(plains) : -1])
         if faults.fire("loss", batch.step):
@@ -485,6 +593,9 @@ class LoraRecipe:
         if self.state.ema is not None:
             self.state.ema.update()
         self.state.step = batch.step
+        if self.processes.several:
+            self.record["batches"][batch.step] = batch.indices()
+            self.record["exchanges"][batch.step] = self.buckets.take() if self.buckets is not None else None
         seconds = round(time.perf_counter() - started, 4)
         return StepMetrics(batch.step, total, lr, values[-1], seconds, dop_total if cfg.train.dop.enabled else None)
 
@@ -534,16 +645,46 @@ class LoraRecipe:
         cfg, ema = self.cfg, self.state.ema
         meta = card.lora_metadata(cfg, self.arch, step)
         path = self.run.final_path if final else self.run.checkpoint_path(step)
-        if ema is not None and cfg.train.ema.save_raw:
-            (self.run.root / "raw").mkdir(exist_ok=True)
-            self._write_network(self.run.root / "raw" / path.name, meta)
-        with ema.swapped_in() if ema is not None else nullcontext():
-            self._write_network(path, meta, fault="save.lora", index=step)
-        saved = snapshot(self.state, self.transformer, self.optimizer, self.scheduler)
-        self.run.write_state(step, saved)
-        self.run.rotate(cfg.save.keep)
-        faults.fire("save.rotated", step)
+        if self.sharded:  # every process gathers the LoRA and the optimizer state whole; the main one writes
+            with whole_parameters(self.transformer, network.is_user_parameter):
+                optimizer_state = whole_tensors(self.optimizer.state_dict())
+                if self.processes.main:
+                    self._write_network(path, meta, fault="save.lora", index=step)
+                    saved = snapshot(self.state, self.transformer, optimizer_state, self.scheduler)
+                    self.run.write_state(step, saved)
+                    self.run.rotate(cfg.save.keep)
+                    faults.fire("save.rotated", step)
+        elif self.processes.main:  # the others hold the same LoRA and optimizer state (their gradients were the same)
+            if ema is not None and cfg.train.ema.save_raw:
+                (self.run.root / "raw").mkdir(exist_ok=True)
+                self._write_network(self.run.root / "raw" / path.name, meta)
+            with ema.swapped_in() if ema is not None else nullcontext():
+                self._write_network(path, meta, fault="save.lora", index=step)
+            saved = snapshot(self.state, self.transformer, self.optimizer.state_dict(), self.scheduler)
+            self.run.write_state(step, saved)
+            self.run.rotate(cfg.save.keep)
+            faults.fire("save.rotated", step)
+        self.record["saves"].append(step)
+        self._write_record()
+        self.processes.wait_all()
         return path
+
+    def _write_record(self) -> None:
+        """This process's record (several processes): the examples it trained at each step (their index in the
+        whole batch), DDP's gradient exchanges per step, the images it VAE-encoded and the prompts it embedded."""
+        if not self.processes.several:
+            return
+        record = {
+            "rank": self.processes.rank,
+            "world": self.processes.world,
+            "micro_steps": self.cfg.train.grad_accum,
+            "vae_encoded_images": self.latents.encoded_images if self.latents is not None else 0,
+            "text_encoded_prompts": self.text.encoded_prompts,
+            **self.record,
+        }
+        folder = self.run.root / "processes"
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(folder / f"rank-{self.processes.rank}.json", json.dumps(record, indent=1).encode())
 
     def _write_network(self, path: Path, meta: dict, fault=None, index=None) -> None:
         """The user's network in its file layout (see ``lora/variants.py`` for LoKr, LoHa and DoRA)."""
@@ -557,13 +698,18 @@ class LoraRecipe:
 
     def sample(self, step: int) -> list[Path]:
         """A round of previews as inference makes them: the adapter off, the LoRA (EMA weights, if on) at its scale."""
-        paths = []
+        processes = self.processes
+        every = list(range(len(self.previews)))
+        # split by prompt; a sharded model runs each forward on every process together, so each renders all
+        mine = processes.share(every) if processes.several and not self.cfg.model.shard else every
+        images = {}
         was_training = self.transformer.training
         self.transformer.eval()
         adapter_on = self.cfg.model.training_adapter is not None
         try:
             with self.state.ema.swapped_in() if self.state.ema is not None else nullcontext():
-                for index, p in enumerate(self.previews):
+                for index in mine:
+                    p = self.previews[index]
                     network.activate(self.transformer, adapter_on=False, lora_scale=p.lora_scale)
                     pos, neg = self.text([p.prompt, p.negative_prompt])
                     z = denoise(
@@ -572,13 +718,21 @@ class LoraRecipe:
                     )  # fmt: skip
                     with torch.no_grad(), self.preview_vae.visit():
                         pixels = decode_latents(self.comps.vae, z.to(self.device, self.comps.vae.dtype))
-                    image = tensor_to_pil(pixels)[0]
-                    path = self.run.sample_path(step, index)
-                    save_png(path, image, png_info(p, step, self.arch.name, self.comps.scheduler.config.shift))
-                    paths.append(path)
+                    images[index] = tensor_to_pil(pixels)[0]
         finally:
             network.activate(self.transformer, adapter_on=adapter_on)
             self.transformer.train(was_training)
+        if processes.several and mine != every:
+            for part in processes.gather(images):
+                images.update(part)
+        if not processes.main:  # the main process writes the round
+            return []
+        paths = []
+        for index in every:
+            path = self.run.sample_path(step, index)
+            p = self.previews[index]
+            save_png(path, images[index], png_info(p, step, self.arch.name, self.comps.scheduler.config.shift))
+            paths.append(path)
         build_contact_sheet(self.run.samples_dir, [p.prompt for p in self.previews])
         self.sample_paths.extend(paths)
         self._score_round(step, paths)
@@ -606,6 +760,8 @@ class LoraRecipe:
     # --- the end of a run -------------------------------------------------------------------------------------------
     def _stopped(self, result: TrainResult) -> TrainResult:
         self.close()
+        if not self.processes.main:
+            return result
         self.run.write_run_json(
             status="stopped", stopped_at=result.stopped_at, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z")
         )
@@ -620,10 +776,14 @@ class LoraRecipe:
         final = self.save(steps, final=True)
         if self.cfg.sample.prompts:  # the last step rendered its previews (a kill can have come in between)
             rendered = {index for step, index, _ in self.run.samples() if step == steps}
-            if len(rendered) < len(self.previews):
+            # the main process's view decides (another machine may not see the run folder)
+            if self.processes.gather(len(rendered) < len(self.previews))[0]:
                 self.sample(steps)
-            build_contact_sheet(self.run.samples_dir, [p.prompt for p in self.previews])
+            if self.processes.main:
+                build_contact_sheet(self.run.samples_dir, [p.prompt for p in self.previews])
         self.close()
+        if not self.processes.main:
+            return result
         result.samples = self.sample_paths
         result.memory = self._memory_record()
         sheet = self.run.samples_dir / "contact_sheet.png"
@@ -652,6 +812,17 @@ class LoraRecipe:
                 "max_resident": o.max_resident,
             }
         return record
+
+
+def _lost_peer(error: RuntimeError) -> str | None:
+    """How a collective failed when a peer process died (its connection closed) or did not answer in time; None for
+    another error."""
+    text = str(error)
+    signs = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Timed out", "timed out")
+    found = next((sign for sign in signs if sign in text), None)
+    if found is None and isinstance(error, torch.distributed.DistError):
+        found = type(error).__name__
+    return found.lower() if found else None
 
 
 def class_caption(caption: str, cfg) -> str:

@@ -131,8 +131,8 @@ class RunFolder:
         return found
 
     # --- start of a run -----------------------------------------------------------------------------------------
-    def prepare(self, resume: bool, overwrite: bool) -> None:
-        """Check the folder before any model loads: state needs a decision, the folder must be writable."""
+    def check_start(self, resume: bool, overwrite: bool) -> None:
+        """Refuse a start that needs a decision (the folder holds a run); reads only."""
         if resume and overwrite:
             raise UserError("--resume and --overwrite exclude each other; pick one")
         has_state = bool(self.states()) or self.final_path.exists() or bool(self.checkpoints())
@@ -140,6 +140,10 @@ class RunFolder:
             raise UserError(
                 f"{self.root} already holds a run; pass --resume to continue it or --overwrite to start afresh"
             )
+
+    def prepare(self, resume: bool, overwrite: bool) -> None:
+        """Check the folder before any model loads: state needs a decision, the folder must be writable."""
+        self.check_start(resume, overwrite)
         if overwrite and self.root.exists():
             self._clear()
         if self.root.exists():  # debris of a write that a kill interrupted: never a checkpoint, so remove it
@@ -166,6 +170,8 @@ class RunFolder:
         if self.samples_dir.is_dir():
             for p in self.samples_dir.glob("*.png"):
                 p.unlink()
+        for p in (self.root / "processes").glob("rank-*"):  # the records of a run on several processes
+            p.unlink()
 
     # --- writes -------------------------------------------------------------------------------------------------
     def write_text(self, relative: str, text: str) -> None:

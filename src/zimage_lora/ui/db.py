@@ -1,9 +1,10 @@
 """The UI's own records in ``DATA/ui.db`` (SQLite, WAL): jobs, playground generations, settings.
 
 The run folders stay the truth about training (steps, files, run.json); the database holds what only the UI knows:
-each job's config as the form shows it, its queue state, and the trainer's pid and /proc start time so that a
-restarted UI finds its processes again. One connection serves every thread, behind a lock. The schema grows by
-appending to ``MIGRATIONS``; ``schema_version`` records how many have run.
+each job's config as the form shows it, its queue state (``device``: the devices it holds, comma-joined), and the
+trainer's pid and /proc start time so that a restarted UI finds its processes again. One connection serves every
+thread, behind a lock. The schema grows by appending to ``MIGRATIONS``; ``schema_version`` records how many have
+run.
 
 ``Store`` also holds ``DATA/ui.lock`` (an flock) while open: two UIs driving one data folder would start every
 queued job twice.

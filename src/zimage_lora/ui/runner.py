@@ -1,10 +1,19 @@
-"""The queue and the runner: one trainer or playground generation at a time per device.
+"""The queue and the runner: trainers and playground generations, each holding a set of devices while it runs.
 
-Jobs and generations wait as ``queued`` rows in the database. A background thread (``Runner.run``) looks every
-half second (and at once when the API pokes it): it finishes the processes that have ended, then starts the oldest
-queued item of each device that nothing runs on (a generation holds the device like a job: that is the device
-lock). Each item runs as its own ``python -m zimage_lora.cli train|generate`` process in a new session, with stdout
-and stderr in a log file, so the UI can exit or crash without stopping it.
+Jobs and generations wait as ``queued`` rows in the database. Each row names the devices it will hold (its
+``device`` column: the sorted names joined by commas, e.g. ``cuda:0,cuda:1``; a row of an older UI holds the one
+name it has). A background thread (``Runner.run``) looks every half second (and at once when the API pokes it): it
+finishes the processes that have ended, then goes through the queued items oldest first and starts each one whose
+devices nothing holds. That is the device lock, the same rule for every kind of item: items whose sets do not
+overlap run at the same time; an item that shares a device with a running item waits. A waiting item keeps its
+place: the devices it waits for count as taken for every item queued after it, so a later item never overtakes an
+older one that shares a device with it (a two-GPU job is not starved by a stream of one-GPU generations), while a
+later item on other devices starts at once. Each item runs as its own ``python -m zimage_lora.cli
+train|generate`` process in a new session, with stdout and stderr in a log file, so the UI can exit or crash
+without stopping it.
+
+The machine's devices are ``cpu`` and one ``cuda:N`` per GPU (``machine_devices``); an item that names a device
+the machine lacks is refused when it is queued, in one sentence that names the device and the machine's devices.
 
 The database keeps each process's pid and its start time from /proc/<pid>/stat: a restarted UI re-attaches to a
 process only when both match (a reused pid is never mistaken for the trainer). A trainer that has ended is ``done``
@@ -58,6 +67,9 @@ def alive(pid: int | None, pid_start: int | None) -> bool:
     return pid is not None and pid_start is not None and start_time(pid) == pid_start
 
 
+DEVICES_ENV = "ZIMAGE_LORA_UI_DEVICES"  # tests only: replaces the machine's devices (e.g. cpu,cuda:0,cuda:1)
+
+
 @functools.cache
 def _gpus() -> int:
     from zimage_lora.models.devices import cuda_count
@@ -65,13 +77,44 @@ def _gpus() -> int:
     return cuda_count()
 
 
-def device_key(device: str) -> str:
-    """The device a job or generation will hold, resolved as the trainer resolves it (``auto`` -> ``cuda:0`` or
-    ``cpu``); a device this machine lacks keeps its name (the trainer then fails and says why)."""
-    try:
-        return device_name(device, _gpus())
-    except UserError:
-        return device
+def machine_devices() -> list[str]:
+    """The devices this machine has, as the UI offers and locks them: ``cpu``, then ``cuda:0`` to ``cuda:N-1``.
+
+    ``ZIMAGE_LORA_UI_DEVICES`` (comma-separated names) replaces them, so that tests can queue jobs on GPUs the test
+    machine lacks; only the UI reads it, the trainer always asks torch."""
+    listed = os.environ.get(DEVICES_ENV, "").strip()
+    if listed:
+        return [name.strip().lower() for name in listed.split(",") if name.strip()]
+    return ["cpu", *(f"cuda:{index}" for index in range(_gpus()))]
+
+
+def _device_order(name: str) -> tuple[bool, int]:
+    return name != "cpu", int(name.partition(":")[2] or 0)
+
+
+def device_set(spec: str | list[str], field: str) -> list[str]:
+    """The devices a queue item will hold, sorted and each once, resolved as the trainer resolves them
+    (``device_name``: ``auto`` is the first GPU, or the CPU without one); ApiError 422 on ``field`` for a device this
+    machine lacks."""
+    machine = machine_devices()
+    gpus = sum(name.startswith("cuda:") for name in machine)
+    held = set()
+    for one in [spec] if isinstance(spec, str) else spec:
+        try:
+            name = device_name(one, gpus)
+        except UserError:
+            name = None
+        if name not in machine:
+            raise ApiError(
+                422, f"{field}: {one} is not on this machine (it has {', '.join(machine)}); choose one of those", field
+            )
+        held.add(name)
+    return sorted(held, key=_device_order)
+
+
+def holds(row: dict[str, Any]) -> set[str]:
+    """The devices a queue row holds: its ``device`` column split at the commas (one name in an older UI's row)."""
+    return set(filter(None, (row["device"] or "").split(",")))
 
 
 def _spawn(args: list[str], log_file: Path, append: bool) -> tuple[subprocess.Popen, int | None]:
@@ -161,14 +204,17 @@ class Runner:
         return not alive(row["pid"], row["pid_start"]), None
 
     def _launch_queued(self) -> None:
-        busy = {row["device"] for row in self.store.select("jobs", "status IN ('running', 'stopping')")}
-        busy |= {row["device"] for row in self.store.select("generations", "status = 'running'")}
+        running = self.store.select("jobs", "status IN ('running', 'stopping')")
+        running += self.store.select("generations", "status = 'running'")
+        taken = set().union(*map(holds, running))
         waiting = [("job", row) for row in self.store.select("jobs", "status = 'queued'")]
         waiting += [("gen", row) for row in self.store.select("generations", "status = 'queued'")]
         for kind, row in sorted(waiting, key=lambda item: item[1]["queued"]):
-            if row["device"] in busy:
+            wanted = holds(row)
+            free = not wanted & taken
+            taken |= wanted  # started, or waiting in its place: no later item may take these devices first
+            if not free:
                 continue
-            busy.add(row["device"])
             try:
                 self._launch_job(row) if kind == "job" else self._launch_generation(row)
             except OSError as e:
@@ -221,14 +267,14 @@ class Runner:
             row = self._job(name)
             if row["status"] in ("queued", *ACTIVE):
                 raise ApiError(409, f"job {name!r} is already {row['status']}; stop it first", "name")
-            device = device_key(row["config"]["job"]["device"])
+            devices = device_set(row["config"]["job"]["device"], "job.device")
             self.store.update(
                 "jobs",
                 name,
                 status="queued",
                 prev_status=row["status"],
                 mode="resume" if resume else "start",
-                device=device,
+                device=",".join(devices),
                 queued=time.time(),
                 error=None,
             )
@@ -245,6 +291,10 @@ class Runner:
             if force and row["status"] in ACTIVE:
                 if alive(row["pid"], row["pid_start"]):
                     self.forced.add(name)
+                    from zimage_lora.training.launch import kill_tree
+
+                    # a job on several GPUs: the launcher and its processes run in sessions of their own
+                    kill_tree(row["pid"], signal.SIGKILL)
                     os.killpg(row["pid"], signal.SIGKILL)  # its own session: the trainer and any child
                 self.store.update("jobs", name, status="stopping")
             elif row["status"] == "queued":
@@ -289,13 +339,14 @@ class Runner:
 
     # --- generations --------------------------------------------------------------------------------------------
     def queue_generation(self, gen_id: str, request: dict[str, Any], args: list[str]) -> None:
+        devices = device_set(request["device"], "device")
         with self.lock:
             self.store.insert(
                 "generations",
                 id=gen_id,
                 request={**request, "args": args},
                 status="queued",
-                device=device_key(request["device"]),
+                device=",".join(devices),
                 created=now(),
                 queued=time.time(),
             )

@@ -43,7 +43,7 @@ from zimage_lora.models.arch import ARCHS, inference_arch
 from zimage_lora.sampling.request import GenerationRequest
 from zimage_lora.ui import runs, schema
 from zimage_lora.ui.db import Store, now
-from zimage_lora.ui.runner import ACTIVE, Runner
+from zimage_lora.ui.runner import ACTIVE, Runner, machine_devices
 from zimage_lora.ui.security import (
     COOKIE,
     IMAGE_EXTS,
@@ -253,6 +253,11 @@ def _config_routes(app: FastAPI, ui: Ui) -> None:
     def get_schema() -> dict:
         return schema.schema()
 
+    @app.get("/api/devices")
+    def get_devices() -> dict:
+        """The machine's devices, for the job form's device picker and the playground."""
+        return {"devices": machine_devices()}
+
     @app.get("/api/presets")
     def get_presets() -> dict:
         return {"presets": schema.presets(ui.data)}
@@ -280,6 +285,12 @@ def _config_routes(app: FastAPI, ui: Ui) -> None:
 # --- jobs -------------------------------------------------------------------------------------------------------------
 
 
+def _devices_text(row: dict[str, Any]) -> str:
+    """The devices the job holds since it was queued (``cuda:0, cuda:1``), else the ones its config names."""
+    device = row["config"]["job"]["device"]
+    return ", ".join(row["device"].split(",") if row["device"] else [device] if isinstance(device, str) else device)
+
+
 def job_summary(ui: Ui, row: dict[str, Any], progress: dict[str, Any] | None = None) -> dict[str, Any]:
     config = row["config"]
     folder = ui.runner.job_dir(row["name"])
@@ -289,7 +300,7 @@ def job_summary(ui: Ui, row: dict[str, Any], progress: dict[str, Any] | None = N
         "status": row["status"],
         "step": progress["step"],
         "steps": progress["steps"],
-        "device": row["device"] or config["job"]["device"],
+        "device": _devices_text(row),
         "arch": config["model"]["arch"],
         "arch_label": ARCHS[config["model"]["arch"]].label,
         "created": row["created"],
@@ -346,7 +357,7 @@ def _job_routes(app: FastAPI, ui: Ui) -> None:
             if status in ("queued", *ACTIVE):
                 raise ApiError(409, f"job {name!r} is {status}; stop it before changing its config")
             ui.write_job_yaml(name, config)
-            ui.store.update("jobs", name, config=config)
+            ui.store.update("jobs", name, config=config, device=None)  # the list shows the new config's devices
         return {"name": name}
 
     @app.post("/api/jobs/{name}/clone", status_code=201)

@@ -169,12 +169,13 @@ function uniqueName(base, taken) {
 export async function jobEditorView(ctx, root, { mode, name, from }) {
   const loading = h('p', { class: 'muted' }, 'Loading the schema…');
   add(root, loading);
-  const [schema, presetData, datasetData, jobData, modelData, existing] = await Promise.all([
+  const [schema, presetData, datasetData, jobData, modelData, deviceData, existing] = await Promise.all([
     api('/api/schema'),
     api('/api/presets'),
     api('/api/datasets'),
     api('/api/jobs'),
     api('/api/models').catch(() => ({ models: [] })),
+    api('/api/devices'),
     mode === 'edit' ? api(`/api/jobs/${enc(name)}`) : null,
   ]);
   if (!ctx.alive) return;
@@ -187,6 +188,7 @@ export async function jobEditorView(ctx, root, { mode, name, from }) {
     datasets: datasetData.datasets,
     jobs: jobData.jobs,
     models: modelData.models || [],
+    devices: deviceData.devices,
     existing,
   });
   add(root, editor.el);
@@ -391,6 +393,7 @@ class JobEditor {
     if (field.type === 'datasets' || key === 'datasets') return this.datasetsWidget(field);
     if (field.type === 'prompts' || key === 'sample.prompts') return this.promptsWidget(field);
     if (key === 'model.training_adapter') return this.adapterWidget(field);
+    if (key === 'job.device') return this.deviceWidget(field);
 
     const id = fieldId(key);
     const nullable = field.nullable ?? field.default === null;
@@ -458,7 +461,7 @@ class JobEditor {
         rows: long ? 2 : undefined,
         spellcheck: 'false',
         autocomplete: 'off',
-        list: { 'model.name_or_path': 'model-choices', 'job.device': 'device-choices' }[key],
+        list: key === 'model.name_or_path' ? 'model-choices' : undefined,
         'data-testid': testid,
       });
       control.addEventListener('input', () => {
@@ -487,9 +490,6 @@ class JobEditor {
           ),
         ),
       );
-    }
-    if (key === 'job.device') {
-      add(wrap, h('datalist', { id: 'device-choices' }, ['auto', 'cpu', 'cuda', 'cuda:0', 'cuda:1'].map((d) => h('option', { value: d }))));
     }
     this.widgets.push({ key, sync });
     return wrap;
@@ -601,6 +601,63 @@ class JobEditor {
     const wrap = this.fieldShell(field, id, input);
     wrap.insertBefore(version, wrap.firstChild);
     return wrap;
+  }
+
+  // --- JOB panel: the device picker ------------------------------------------------------------------------
+  /** auto, cpu, or this machine's GPUs (GET /api/devices), one checkbox each: one GPU saves `cuda:N`, several a
+   * list, none falls back to auto. A device of the loaded job that the machine lacks stays listed and is marked. */
+  deviceWidget(field) {
+    const key = field.key;
+    const id = fieldId(key);
+    const machine = this.devices;
+    const names = (value) =>
+      (Array.isArray(value) ? value : [value ?? 'auto']).map((d) => {
+        const name = String(d).trim().toLowerCase();
+        return name === 'cuda' ? 'cuda:0' : name;
+      });
+    const lacking = (name) => name !== 'auto' && !machine.includes(name);
+    const gpuIndex = (name) => Number(name.split(':')[1]);
+    const gpus = [...new Set([...machine, ...names(getPath(this.config, key))])]
+      .filter((name) => name.startsWith('cuda:'))
+      .sort((a, b) => gpuIndex(a) - gpuIndex(b));
+    const set = (picked) => {
+      setPath(this.config, key, picked.length === 1 ? picked[0] : picked);
+      sync();
+      this.changed();
+    };
+    const choice = (name, type) => {
+      const input = h('input', {
+        type,
+        id: `${id}-${name.replace(':', '-')}`,
+        name: type === 'radio' ? `${id}-mode` : undefined,
+        'data-testid': `device-${name}`,
+      });
+      input.addEventListener('change', () => {
+        const ticked = choices.filter((c) => c.type === 'checkbox' && c.input.checked).map((c) => c.name);
+        set(type === 'radio' ? [name] : ticked.length ? ticked : ['auto']);
+      });
+      const mark = lacking(name) ? { class: 'check missing', title: 'not on this machine' } : { class: 'check' };
+      return { name, type, input, el: h('span', mark, input, h('label', { for: input.id }, name)) };
+    };
+    const choices = [choice('auto', 'radio'), choice('cpu', 'radio'), ...gpus.map((name) => choice(name, 'checkbox'))];
+    const group = h(
+      'div',
+      { id, class: 'device-picker', role: 'group', 'aria-label': fieldLabel(field), 'data-testid': `field-${key}` },
+      choices.map((c) => c.el),
+    );
+    const missing = h('p', { class: 'field-warning', hidden: true, 'data-testid': 'device-missing' });
+    const sync = () => {
+      const picked = names(getPath(this.config, key));
+      for (const c of choices) c.input.checked = picked.includes(c.name);
+      const absent = picked.filter(lacking);
+      missing.hidden = !absent.length;
+      missing.textContent = absent.length
+        ? `${absent.join(', ')} ${absent.length === 1 ? 'is' : 'are'} not on this machine (it has ${machine.join(', ')})`
+        : '';
+    };
+    sync();
+    this.widgets.push({ key, sync });
+    return this.fieldShell(field, id, group, missing);
   }
 
   // --- DATASETS panel ---------------------------------------------------------------------------------------

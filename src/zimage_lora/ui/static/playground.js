@@ -10,10 +10,11 @@ import { h, put, add, enc, api, post, pageHeader, errorBox } from './lib.js';
 const PLAYGROUND_KEY = 'zimage-lora.playground';
 
 export async function playgroundView(ctx, root) {
-  const [schema, modelData, loraData] = await Promise.all([
+  const [schema, modelData, loraData, deviceData] = await Promise.all([
     api('/api/schema'),
     api('/api/models'),
     api('/api/loras'),
+    api('/api/devices'),
   ]);
   if (!ctx.alive) return;
   // the archs LoRAs are used with (a LoRA trained with the training adapter runs on plain Turbo)
@@ -54,7 +55,7 @@ export async function playgroundView(ctx, root) {
   const device = h(
     'select',
     { id: 'pg-device', 'data-testid': 'pg-device' },
-    ['auto', 'cpu', 'cuda'].map((d) => h('option', { value: d }, d)),
+    ['auto', ...deviceData.devices].map((d) => h('option', { value: d }, d)), // the machine's devices
   );
   const quantize = h(
     'select',
@@ -173,6 +174,7 @@ export async function playgroundView(ctx, root) {
   ]) {
     if (saved[key] !== undefined && saved[key] !== null) el.value = String(saved[key]);
   }
+  if (!device.value) device.value = 'auto'; // a remembered device this machine lacks
   compile.checked = saved.compile === true;
   fuse.checked = saved.fuse !== false;
   for (const l of saved.loras || []) if (l && l.path) chosen.push({ path: l.path, weight: Number(l.weight) || 0.8 });

@@ -10,19 +10,11 @@ import torch
 from diffusers import ZImageTransformer2DModel
 
 from zimage_lora.models.quant import TRANSFORMER_BLOCKS, quantize_model, quantized_bytes
+from zimage_lora.training.memory import ZIMAGE_TRANSFORMER
 
 # "full" is the real Z-Image transformer (6.15 B parameters); "cpu" a scaled one that a 2-core machine steps in seconds.
 CONFIGS = {
-    "full": dict(
-        dim=3840,
-        n_layers=30,
-        n_refiner_layers=2,
-        n_heads=30,
-        n_kv_heads=30,
-        cap_feat_dim=2560,
-        axes_dims=[32, 48, 48],
-        axes_lens=[1536, 512, 512],
-    ),
+    "full": ZIMAGE_TRANSFORMER,
     "cpu": dict(
         dim=384,
         n_layers=4,

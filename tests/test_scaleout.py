@@ -257,6 +257,21 @@ def test_two_machines_through_accelerates_own_configuration(world, runs):
     assert training_differences(runs["ddp"], finished(world, "nodes")) == []
 
 
+def test_torchrun_of_the_module_trains_the_same_lora(world, runs):
+    """``torchrun`` instead of accelerate's launcher: the processes find their rank and world in the environment."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port"]
+    job = world.job("torchrun", {"train": {"batch_size": 2}})
+    done = subprocess.run(
+        [*torchrun, str(launch.free_port()), "-m", "zimage_lora.cli", "train", str(job), "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert training_differences(runs["ddp"], finished(world, "torchrun")) == []
+
+
 # --- the job's settings and the launcher's command line (no processes) --------------------------------------------
 
 

@@ -271,6 +271,14 @@ class TargetSection(_Section):
     type: NetworkType = Field("lora", description="Kind of trainable network.")
     rank: int = Field(16, ge=1, le=1024, description="Rank of the low-rank update: capacity (and file size).")
     alpha: float | None = Field(None, gt=0, description="Scale numerator (update x alpha/rank); empty = rank.")
+    lokr_factor: int = Field(
+        -1,
+        ge=-1,
+        le=1024,
+        description="LoKr only: split each layer dimension d into (f, d/f) for the Kronecker factors when f divides "
+        "it, else as evenly as possible with the smaller part at most f; -1 = the most even split; AI Toolkit's "
+        "lokr_factor.",
+    )
     modules: str | None = Field(
         None,
         description="Python regex matched against whole module paths; empty = every linear of the main blocks.",
@@ -317,6 +325,26 @@ class DopSection(_Section):
     class_word: str | None = Field(None, description="Word the trigger replaces in preservation prompts (e.g. man).")
 
 
+class BlankPromptSection(_Section):
+    enabled: bool = Field(
+        False,
+        description="Blank Prompt Preservation: keep what the model makes of the empty prompt (DOP's algorithm with "
+        "the empty prompt instead of the class word); not together with DOP. AI Toolkit's blank_prompt_preservation.",
+    )
+    multiplier: float = Field(1.0, gt=0, description="Weight of the blank-prompt preservation loss.")
+
+
+class GuidanceLossSection(_Section):
+    enabled: bool = Field(
+        False,
+        description="Guidance loss: train toward u + g (target - u), u the LoRA model's own prediction on the empty "
+        "prompt (no gradient through it), so the caption's pull is g times stronger; AI Toolkit's do_guidance_loss.",
+    )
+    target: float = Field(
+        3.0, gt=0, description="g, the guidance the target carries; AI Toolkit's guidance_loss_target."
+    )
+
+
 class ValidationSection(_Section):
     enabled: bool = Field(False, description="Measure loss on held-out images at fixed noise levels.")
     every: int = Field(250, ge=1, le=MAX_STEPS, description="Run validation every this many steps.")
@@ -343,7 +371,12 @@ class TrainSection(_Section):
     lr_scheduler: Scheduler = Field("constant", description="Learning-rate schedule after warmup.")
     warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Steps of linear warmup from 0 to lr.")
     max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm to this value (0 = no clipping).")
-    loss: Literal["mse"] = Field("mse", description="Loss between predicted and target velocity.")
+    loss: Literal["mse", "mae", "pseudo_huber"] = Field(
+        "mse",
+        description="Loss between predicted and target velocity, per element: mse (d^2), mae (|d|, less pulled by "
+        "outliers), pseudo_huber (sqrt(d^2 + 0.01^2) - 0.01: like mse near 0, like mae beyond); AI Toolkit's "
+        "loss_type. The curves log this loss.",
+    )
     timestep_type: TimestepType = Field("weighted", description="How training noise levels are drawn.")
     timestep_bias: TimestepBias = Field(
         "balanced", description="Favour high noise (composition) or low noise (detail) timesteps."
@@ -371,6 +404,10 @@ class TrainSection(_Section):
     )
     ema: EmaSection = Field(default_factory=EmaSection, description="Exponential moving average of the weights.")
     dop: DopSection = Field(default_factory=DopSection, description="Differential output preservation.")
+    blank_prompt_preservation: BlankPromptSection = Field(
+        default_factory=BlankPromptSection, description="Blank Prompt Preservation."
+    )
+    guidance_loss: GuidanceLossSection = Field(default_factory=GuidanceLossSection, description="Guidance loss.")
     validation: ValidationSection = Field(default_factory=ValidationSection, description="Validation loss.")
 
     @field_validator("mixed_precision", mode="before")
@@ -442,6 +479,30 @@ class SampleSection(_Section):
     seed: int = Field(42, ge=0, description="Preview seed, fixed so previews are comparable across steps.")
     prompts: list[SamplePrompt] = Field([], description="Preview prompts: strings or {prompt, seed, ...} mappings.")
     negative_prompt: str = Field("", description="Negative prompt (only used when guidance > 1).")
+    walk_seed: bool = Field(
+        False, description="Prompt i uses seed + i (a prompt's own seed still wins); AI Toolkit's walk_seed."
+    )
+    enabled: bool = Field(
+        True, description="Render previews at all (off: none, not even the final ones); AI Toolkit's disable_sampling."
+    )
+    first: bool = Field(
+        True,
+        description="Show the step-0 previews (the model before training). Off: they are still rendered, into "
+        "samples/reference/, because the preview scores compare every round with them, but they are not in the "
+        "samples or the contact sheet; AI Toolkit's skip_first_sample.",
+    )
+    start_step: int = Field(
+        0,
+        ge=0,
+        le=MAX_STEPS,
+        description="No scheduled previews before this step (requests and the final previews still render); AI "
+        "Toolkit's sample_start_step.",
+    )
+
+    @property
+    def active(self) -> bool:
+        """Whether the run renders previews: sampling on and at least one prompt."""
+        return self.enabled and bool(self.prompts)
 
     def resolved_steps(self, arch: str) -> int:
         return self.steps if self.steps is not None else ARCHS[arch].sample_steps
@@ -454,7 +515,11 @@ class SampleSection(_Section):
         steps and guidance where the section has none)."""
         section = {name: getattr(self, name) for name in SamplePrompt.model_fields if name in type(self).model_fields}
         section.update(steps=self.resolved_steps(arch), guidance=self.resolved_guidance(arch))
-        return [p.model_copy(update={k: v for k, v in section.items() if getattr(p, k) is None}) for p in self.prompts]
+        out = []
+        for index, p in enumerate(self.prompts):
+            own = dict(section, seed=self.seed + index) if self.walk_seed else section
+            out.append(p.model_copy(update={k: v for k, v in own.items() if getattr(p, k) is None}))
+        return out
 
 
 class DifferentialGuidanceSection(_Section):
@@ -895,6 +960,16 @@ def check_job(cfg: JobConfig, *, check_paths: bool = True) -> list[str]:
             "the blocks that would be compiled); turn one of them off"
         )
     errors += _shard_conflicts(cfg)
+    if cfg.train.blank_prompt_preservation.enabled and cfg.train.dop.enabled:
+        errors.append(
+            "train.blank_prompt_preservation.enabled: cannot be combined with train.dop.enabled (both add a "
+            "preservation loss on another prompt); pick one"
+        )
+    if cfg.train.blank_prompt_preservation.enabled and cfg.target.type == "dora":
+        errors.append(
+            "train.blank_prompt_preservation.enabled: not available with target.type dora (its prior is not the "
+            "plain base); use lora, lokr or loha"
+        )
     if cfg.train.dop.enabled and cfg.train.unload_text_encoder:
         errors.append("train.dop.enabled: needs captions; it cannot be combined with train.unload_text_encoder")
     for index, prompt in enumerate(cfg.sample.prompts):

@@ -49,13 +49,15 @@ def _inside_lora(name: str) -> bool:
     return ".lora_" in name or name.endswith(".base_layer") or ".base_layer." in name
 
 
-def add_user_lora(model: nn.Module, names: list[str], rank: int, alpha: float, seed: int, kind: str = "lora") -> None:
+def add_user_lora(
+    model: nn.Module, names: list[str], rank: int, alpha: float, seed: int, kind: str = "lora", lokr_factor: int = -1
+) -> None:
     """Inject the trainable network (``target.type``; its update starts at zero, so the model is unchanged at step
-    0), fp32, seeded."""
+    0), fp32, seeded; ``lokr_factor`` splits each LoKr dimension (see ``variants.peft_config``)."""
     devices = {p.device for p in model.parameters()}
     with torch.random.fork_rng(devices=[d for d in devices if d.type == "cuda"]):
         torch.manual_seed(seed)
-        model.add_adapter(peft_config(kind, names, rank, alpha), adapter_name=USER)
+        model.add_adapter(peft_config(kind, names, rank, alpha, lokr_factor=lokr_factor), adapter_name=USER)
     for p in user_parameters(model):
         p.data = p.data.float()
     activate(model, adapter_on=has_training_adapter(model))

@@ -41,9 +41,14 @@ _PARTS = {
 }
 
 
-def peft_config(kind: str, names: list[str], rank: int, alpha: float, patterns: Mapping | None = None):
+def peft_config(
+    kind: str, names: list[str], rank: int, alpha: float, patterns: Mapping | None = None, lokr_factor: int = -1
+):
     """The peft config of a network on the modules ``names``; ``patterns`` (module -> weights with ``rank`` and
-    ``alpha``) gives each module its own rank and alpha, for a LoRA read from a file."""
+    ``alpha``) gives each module its own rank and alpha, for a LoRA read from a file. ``lokr_factor`` f (LoKr): each
+    dimension d of a layer is split as (f, d / f) when f divides it (the smaller part in ``lokr_w1``), else as
+    evenly as possible with the smaller part at most f; -1 the most even split (LyCORIS's factorisation, which peft
+    follows)."""
     if kind in ("lora", "dora"):
         kwargs = {}
         if patterns:
@@ -59,7 +64,9 @@ def peft_config(kind: str, names: list[str], rank: int, alpha: float, patterns: 
             **kwargs,
         )
     if kind == "lokr":
-        return LoKrConfig(r=rank, alpha=alpha, target_modules=list(names), init_weights=True)
+        return LoKrConfig(
+            r=rank, alpha=alpha, target_modules=list(names), init_weights=True, decompose_factor=lokr_factor
+        )
     if kind == "loha":
         return LoHaConfig(r=rank, alpha=alpha, target_modules=list(names), init_weights=True)
     raise ValueError(f"unknown network type {kind!r}")

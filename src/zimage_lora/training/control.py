@@ -100,10 +100,12 @@ class StepControl:
         if "stop" in asked:
             self.stop_requested = True
         if last:  # the final previews now (the run's last line carries their scores); the final save follows
-            return Todo(validate=self._validation_due(step), sample=bool(self.cfg.sample.prompts))
+            return Todo(validate=self._validation_due(step), sample=self.cfg.sample.active)
         stop = self.stop_requested
         save = step % self.cfg.save.every == 0 or "save" in asked or stop
-        sample = bool(self.cfg.sample.prompts) and (step % self.cfg.sample.every == 0 or "sample" in asked)
+        preview = self.cfg.sample
+        scheduled = step % preview.every == 0 and step >= preview.start_step
+        sample = preview.active and (scheduled or "sample" in asked)
         return Todo(validate=self._validation_due(step), save=save, sample=sample and not stop, stop=stop)
 
     def answer_late_requests(self, final_lora: Path) -> None:

@@ -136,16 +136,32 @@ def guided_flow_loss(
     noise: torch.Tensor,
     weights: torch.Tensor,
     guidance_scale: float | None,
+    loss: str = "mse",
+    unconditional: list[torch.Tensor] | torch.Tensor | None = None,
+    guidance_target: float = 3.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to back-propagate, plain loss to log). With differential guidance (scale ``k``) the target becomes
-    ``pred + k * (target - pred)`` (pred detached): the same loss value direction, ``k`` times its gradient."""
+    """(loss to back-propagate, plain loss to log), ``loss`` one of ``LOSSES``.
+
+    With the guidance loss (``unconditional``: the model's output on the empty prompt, no gradient through it, as
+    velocity ``u``), the target becomes ``u + g (target - u)``, g = ``guidance_target``. With differential guidance
+    (scale ``k``) the target then becomes ``pred + k * (target - pred)`` (pred detached): for mse the same loss
+    direction with ``k`` times its gradient. The plain loss is always against the data's own target."""
     pred = stack_velocity(output, x0.shape)
     target = flow_target(x0.float(), noise.float())
-    plain = _weighted_mse(pred, target, weights)
-    if guidance_scale is None:
+    plain = _weighted_loss(pred, target, weights, loss)
+    trained = target
+    if unconditional is not None:
+        trained = guidance_loss_target(stack_velocity(unconditional, x0.shape).detach(), target, guidance_target)
+    if guidance_scale is not None:
+        trained = differential_guidance_target(pred, trained, guidance_scale)
+    if trained is target:
         return plain, plain
-    guided_target = differential_guidance_target(pred, target, guidance_scale)
-    return _weighted_mse(pred, guided_target, weights), plain.detach()
+    return _weighted_loss(pred, trained, weights, loss), plain.detach()
+
+
+def guidance_loss_target(unconditional: torch.Tensor, target: torch.Tensor, g: float) -> torch.Tensor:
+    """``u + g (target - u)``: the data's velocity extrapolated away from the empty prompt's, as CFG with scale g."""
+    return unconditional + g * (target - unconditional)
 
 
 def differential_guidance_target(pred: torch.Tensor, target: torch.Tensor, scale: float) -> torch.Tensor:
@@ -153,6 +169,24 @@ def differential_guidance_target(pred: torch.Tensor, target: torch.Tensor, scale
     return fixed + scale * (target - fixed)
 
 
-def _weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    per_item = ((pred - target) ** 2).flatten(1).mean(1)
+PSEUDO_HUBER_C = 0.01  # AI Toolkit's constant: quadratic below about c, linear above
+
+
+def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
+    """The loss of each element: ``mse`` d^2, ``mae`` |d|, ``pseudo_huber`` sqrt(d^2 + c^2) - c (d = pred - target)."""
+    d = pred - target
+    if loss == "mse":
+        return d**2
+    if loss == "mae":
+        return d.abs()
+    if loss == "pseudo_huber":
+        return torch.sqrt(d**2 + PSEUDO_HUBER_C**2) - PSEUDO_HUBER_C
+    raise ValueError(f"unknown loss {loss!r}")
+
+
+LOSSES = ("mse", "mae", "pseudo_huber")
+
+
+def _weighted_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, loss: str) -> torch.Tensor:
+    per_item = elementwise_loss(pred, target, loss).flatten(1).mean(1)
     return (per_item * weights.to(per_item)).mean()

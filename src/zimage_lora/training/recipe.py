@@ -76,7 +76,7 @@ from zimage_lora.training.distributed import (
 from zimage_lora.training.draws import KeyedDraws
 from zimage_lora.training.ema import LoraEMA
 from zimage_lora.training.optim import build_optimizer, build_scheduler
-from zimage_lora.training.run_folder import MetricsLog, RunFolder, environment_facts, read_metrics
+from zimage_lora.training.run_folder import MetricsLog, RunFolder, environment_facts, read_metrics, sample_files
 from zimage_lora.training.scores import PreviewScorer, RoundScores
 from zimage_lora.training.state import TrainState, check_resumable, restore, snapshot
 from zimage_lora.training.validation import Validator, validation_images
@@ -110,12 +110,14 @@ class StepMetrics:
     grad_norm: float
     sec: float
     dop_loss: float | None = None
+    bpp_loss: float | None = None  # Blank Prompt Preservation's loss
     val_loss: float | None = None
     scores: RoundScores | None = None  # on a sample step: its preview round's scores (training/scores.py)
 
     def record(self) -> dict:
         out = {"step": self.step, "loss": self.loss, "lr": self.lr, "grad_norm": self.grad_norm, "sec": self.sec}
-        out.update({k: v for k, v in (("dop_loss", self.dop_loss), ("val_loss", self.val_loss)) if v is not None})
+        extra = (("dop_loss", self.dop_loss), ("bpp_loss", self.bpp_loss), ("val_loss", self.val_loss))
+        out.update({k: v for k, v in extra if v is not None})
         if self.scores is not None:
             out.update(self.scores.record())
         return out
@@ -231,8 +233,8 @@ class LoraRecipe:
         stopped_at = None
         try:
             with self.control:
-                if self.state.step == 0 and self.cfg.sample.prompts:
-                    self.sample(0)
+                if self.state.step == 0 and self.cfg.sample.active:
+                    self.sample(0, shown=self.cfg.sample.first)
                 for step in range(self.state.step + 1, steps + 1):
                     metrics = self.train_step(self.data.next(self.state, step))
                     todo = self._agree(self.control.after_step(step))
@@ -407,8 +409,9 @@ class LoraRecipe:
             log(f"training adapter: {adapter_file.name}, {len(adapter.modules)} modules, applied at +1 while training")
         targets = network.target_module_names(transformer, cfg.target.modules or DEFAULT_TARGET_REGEX)
         network.add_user_lora(
-            transformer, targets, cfg.target.rank, cfg.target.resolved_alpha, seed=cfg.job.seed, kind=cfg.target.type
-        )
+            transformer, targets, cfg.target.rank, cfg.target.resolved_alpha, seed=cfg.job.seed, kind=cfg.target.type,
+            lokr_factor=cfg.target.lokr_factor,
+        )  # fmt: skip
         self.params = network.user_parameters(transformer)
         log(
             f"LoRA: rank {cfg.target.rank}, alpha {cfg.target.resolved_alpha:g}, {len(targets)} modules, "
@@ -441,7 +444,7 @@ class LoraRecipe:
     def _setup_text(self, text: PromptEmbeddings | None, data) -> None:
         """Captions, the empty prompt (caption dropout) and the preview prompts: encoded once when caching."""
         cfg, log = self.cfg, self.log
-        self.previews = preview_prompts(cfg.sample, self.arch.name, cfg.job.trigger_word)
+        self.previews = preview_prompts(cfg.sample, self.arch.name, cfg.job.trigger_word) if cfg.sample.enabled else []
         self.scorer = PreviewScorer(
             [p.prompt for p in self.previews],
             cfg.job.trigger_word,
@@ -536,7 +539,7 @@ class LoraRecipe:
                 self.weight_dtype,
             )  # fmt: skip
         guidance = cfg.advanced.differential_guidance
-        if guidance.enabled and not cfg.train.dop.enabled:
+        if guidance.enabled and self._preservation() is None:
             self.log(
                 f"warning: differential guidance alone multiplies the gradient by {guidance.scale:g}; "
                 f"{cfg.train.optimizer} normalises a uniform scale away (only eps and clipping see it), so expect "
@@ -597,7 +600,10 @@ class LoraRecipe:
             self.record["batches"][batch.step] = batch.indices()
             self.record["exchanges"][batch.step] = self.buckets.take() if self.buckets is not None else None
         seconds = round(time.perf_counter() - started, 4)
-        return StepMetrics(batch.step, total, lr, values[-1], seconds, dop_total if cfg.train.dop.enabled else None)
+        dop, bpp = cfg.train.dop.enabled, cfg.train.blank_prompt_preservation.enabled
+        return StepMetrics(
+            batch.step, total, lr, values[-1], seconds, dop_total if dop else None, dop_total if bpp else None
+        )
 
     def _loss(self, step: int, micro: list[Example]):
         """(loss to back-propagate, plain flow MSE to log, DOP loss or None) of one micro-batch."""
@@ -615,18 +621,26 @@ class LoraRecipe:
         weights = to_device(flow.timestep_weights(sigma, cfg.train.timestep_type), device)
         sigma = to_device(sigma, device)
         inputs = list(flow.noisy_latents(x0, noise, sigma).to(dtype).unsqueeze(2).unbind(0))
+        unconditional = None
+        if cfg.train.guidance_loss.enabled:  # the LoRA model's own prediction on the empty prompt, no gradient
+            empty = [to_device(c, device, dtype) for c in self.text([""] * len(micro))]
+            with torch.no_grad():
+                u = self.model(inputs, flow.model_time(sigma), empty, return_dict=False)[0]
+            unconditional = [o.squeeze(1) for o in u]
         output = self.model(inputs, flow.model_time(sigma), caps, return_dict=False)[0]
         guidance = cfg.advanced.differential_guidance
         loss, plain = flow.guided_flow_loss(
-            [o.squeeze(1) for o in output], x0, noise, weights, guidance.scale if guidance.enabled else None
-        )
-        if not cfg.train.dop.enabled:
+            [o.squeeze(1) for o in output], x0, noise, weights, guidance.scale if guidance.enabled else None,
+            cfg.train.loss, unconditional, cfg.train.guidance_loss.target,
+        )  # fmt: skip
+        keep = self._preservation()
+        if keep is None:
             return loss, plain.detach(), None
-        # DOP: the same noisy latents and times on the caption with the trigger replaced by the class word; the
-        # prior is the model without the user's LoRA (the training adapter stays: it is part of the base here)
-        class_caps = [
-            to_device(c, device, dtype) for c in self.text([class_caption(e.full_caption, cfg) for e in micro])
-        ]
+        # DOP: the same noisy latents and times on the caption with the trigger replaced by the class word (Blank
+        # Prompt Preservation: on the empty prompt); the prior is the model without the user's LoRA (the training
+        # adapter stays: it is part of the base here)
+        kept = [class_caption(e.full_caption, cfg) for e in micro] if keep is cfg.train.dop else [""] * len(micro)
+        class_caps = [to_device(c, device, dtype) for c in self.text(kept)]
         adapter_on = cfg.model.training_adapter is not None
         with torch.no_grad():
             network.activate(self.transformer, adapter_on=adapter_on, lora_scale=0.0)
@@ -637,7 +651,12 @@ class LoraRecipe:
         preserved = self.model(inputs, flow.model_time(sigma), class_caps, return_dict=False)[0]
         dop_loss = torch.stack([((p.float() - q.float()) ** 2).mean() for p, q in zip(preserved, prior, strict=True)])
         dop_loss = dop_loss.mean()
-        return loss + cfg.train.dop.multiplier * dop_loss, plain.detach(), dop_loss.detach()
+        return loss + keep.multiplier * dop_loss, plain.detach(), dop_loss.detach()
+
+    def _preservation(self):
+        """The preservation loss's section (DOP or Blank Prompt Preservation; they exclude each other), or None."""
+        train = self.cfg.train
+        return next((s for s in (train.dop, train.blank_prompt_preservation) if s.enabled), None)
 
     # --- files ------------------------------------------------------------------------------------------------------
     def save(self, step: int, final: bool = False) -> Path:
@@ -696,8 +715,9 @@ class LoraRecipe:
             tensors = network_tensors(self.transformer, cfg.target.type, network.USER)
             save_network(path, tensors, cfg.save.dtype, meta, fault=fault, index=index)
 
-    def sample(self, step: int) -> list[Path]:
-        """A round of previews as inference makes them: the adapter off, the LoRA (EMA weights, if on) at its scale."""
+    def sample(self, step: int, shown: bool = True) -> list[Path]:
+        """A round of previews as inference makes them: the adapter off, the LoRA (EMA weights, if on) at its scale.
+        ``shown=False`` (step 0 with ``sample.first`` off): rendered into ``samples/reference/`` for the scores only."""
         processes = self.processes
         every = list(range(len(self.previews)))
         # split by prompt; a sharded model runs each forward on every process together, so each renders all
@@ -729,12 +749,14 @@ class LoraRecipe:
             return []
         paths = []
         for index in every:
-            path = self.run.sample_path(step, index)
+            path = self.run.sample_path(step, index) if shown else self.run.reference_path(index)
+            path.parent.mkdir(exist_ok=True)
             p = self.previews[index]
             save_png(path, images[index], png_info(p, step, self.arch.name, self.comps.scheduler.config.shift))
             paths.append(path)
-        build_contact_sheet(self.run.samples_dir, [p.prompt for p in self.previews])
-        self.sample_paths.extend(paths)
+        if shown:
+            build_contact_sheet(self.run.samples_dir, [p.prompt for p in self.previews])
+            self.sample_paths.extend(paths)
         self._score_round(step, paths)
         return paths
 
@@ -744,7 +766,9 @@ class LoraRecipe:
             self.scorer.set_reference(paths)
             return
         if self.scorer.reference is None:  # a resumed run: step 0's previews are on disk
-            reference = {index: path for s, index, path in self.run.samples() if s == 0}
+            shown_first = self.cfg.sample.first
+            found = self.run.samples() if shown_first else sample_files(self.run.reference_dir)
+            reference = {index: path for s, index, path in found if s == 0}
             if len(reference) == len(self.previews):
                 self.scorer.set_reference([reference[i] for i in range(len(self.previews))])
         scores = self.scorer.score(paths)
@@ -774,7 +798,7 @@ class LoraRecipe:
         A run killed after its last state but before these writes them on ``--resume`` (no step is taken again)."""
         steps = self.cfg.train.steps
         final = self.save(steps, final=True)
-        if self.cfg.sample.prompts:  # the last step rendered its previews (a kill can have come in between)
+        if self.cfg.sample.active:  # the last step rendered its previews (a kill can have come in between)
             rendered = {index for step, index, _ in self.run.samples() if step == steps}
             # the main process's view decides (another machine may not see the run folder)
             if self.processes.gather(len(rendered) < len(self.previews))[0]:
@@ -787,7 +811,7 @@ class LoraRecipe:
         result.samples = self.sample_paths
         result.memory = self._memory_record()
         sheet = self.run.samples_dir / "contact_sheet.png"
-        result.contact_sheet = sheet if self.cfg.sample.prompts and sheet.is_file() else None
+        result.contact_sheet = sheet if self.cfg.sample.active and sheet.is_file() else None
         rows = [row for row in read_metrics(self.run.root) if any(k in row for k in (*card.SCORES, "leak_note"))]
         checkpoints = {step: path.name for step, path in self.run.checkpoints()}
         scores = card.scores_section(rows, checkpoints, (steps, final.name))

@@ -80,6 +80,14 @@ class RunFolder:
         """Preview images as (step, prompt index, path), in that order."""
         return sample_files(self.samples_dir)
 
+    @property
+    def reference_dir(self) -> Path:
+        """Where the step-0 previews go when ``sample.first`` is off: rendered for the scores, not shown."""
+        return self.samples_dir / "reference"
+
+    def reference_path(self, index: int) -> Path:
+        return self.reference_dir / f"{0:09d}_{index:02d}.png"
+
     def states(self) -> list[tuple[int, Path]]:
         if not self.state_dir.is_dir():
             return []
@@ -169,6 +177,8 @@ class RunFolder:
                 p.unlink()
         if self.samples_dir.is_dir():
             for p in self.samples_dir.glob("*.png"):
+                p.unlink()
+            for p in (self.samples_dir / "reference").glob("*.png"):  # sample.first off: step 0's, for the scores
                 p.unlink()
         for p in (self.root / "processes").glob("rank-*"):  # the records of a run on several processes
             p.unlink()

@@ -1,0 +1,210 @@
+"""AI Toolkit's job form, the fields added so far (issue 17): loss types, the sampling switches, the LoKr factor.
+Each test shows the field's effect, not only that it is accepted."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from zimage_lora.config import load_job
+from zimage_lora.lora import network
+from zimage_lora.models.loading import load_components
+from zimage_lora.training import flow
+from zimage_lora.training.recipe import LoraRecipe, train
+
+# --- loss types -------------------------------------------------------------------------------------------------
+
+
+def test_each_loss_type_equals_its_formula():
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(3, 4, 5, generator=g), torch.randn(3, 4, 5, generator=g)
+    weights = torch.tensor([0.5, 1.0, 2.0])
+    d = (pred - target).flatten(1)
+    by_hand = {
+        "mse": (d * d).mean(1),
+        "mae": d.abs().mean(1),
+        "pseudo_huber": ((d * d + 0.01**2).sqrt() - 0.01).mean(1),
+    }
+    for kind, per_item in by_hand.items():
+        expected = float((per_item * weights).mean())
+        # the transformer's output is the negative velocity; the target velocity is noise - x0 (x0 = 0 here)
+        got, logged = flow.guided_flow_loss(-pred, torch.zeros_like(target), target, weights, None, kind)
+        assert math.isclose(float(got), expected, rel_tol=1e-6) and float(logged) == float(got), kind
+    # pseudo-Huber: quadratic (d^2 / 2c) for |d| << c, linear (|d| - c) for |d| >> c
+    small, large = torch.full((1, 1), 1e-4), torch.full((1, 1), 10.0)
+    assert math.isclose(float(flow.elementwise_loss(small, 0 * small, "pseudo_huber")), 1e-8 / 0.02, rel_tol=1e-3)
+    assert math.isclose(float(flow.elementwise_loss(large, 0 * large, "pseudo_huber")), 10.0 - 0.01, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["mae", "pseudo_huber"])
+def test_the_loss_type_reaches_the_logged_loss(make_job, kind):
+    """One real step on the tiny model: the logged loss is the chosen formula on the step's own prediction (read by a
+    hook on the transformer) and target (the examples' latents and their keyed noise)."""
+    cfg = load_job(make_job({"train": {"loss": kind, "batch_size": 2}}), [], warnings=[])
+    recipe = LoraRecipe(cfg)
+    try:
+        recipe.setup()
+        batch = recipe.data.next(SimpleNamespace(epoch=0, batch=0), 1)
+        outputs = []
+        hook = recipe.transformer.register_forward_hook(lambda m, a, out: outputs.append(out[0]))
+        try:
+            logged = recipe.train_step(batch).loss
+        finally:
+            hook.remove()
+        examples = batch.micro[0]
+        x0 = torch.stack([e.latent for e in examples])
+        draws = [
+            recipe.draws.noise_and_sigma(1, e.index, x0.shape[1:], cfg.train.timestep_type, cfg.train.timestep_bias,
+                                         recipe.arch.shift)
+            for e in examples
+        ]  # fmt: skip
+        noise = torch.stack([n for n, _ in draws])
+        weights = flow.timestep_weights(torch.cat([s for _, s in draws]), cfg.train.timestep_type)
+        velocity = -torch.stack([o.detach().float().squeeze(1) for o in outputs[0]])
+        d = (velocity - (noise - x0)).flatten(1)
+        per_item = d.abs().mean(1) if kind == "mae" else ((d * d + 0.01**2).sqrt() - 0.01).mean(1)
+        assert math.isclose(logged, float((per_item * weights).mean()), rel_tol=1e-5)
+    finally:
+        recipe.close()
+
+
+# --- sampling switches ------------------------------------------------------------------------------------------
+PROMPTS = ["a photo of [trigger]", "a red fox", "[trigger] at night"]
+
+
+def _run(make_job, tmp_path, name: str, sample: dict):
+    job = make_job({"job": {"name": name}, "train": {"steps": 4}, "save": {"every": 100},
+                    "sample": {"every": 2, "steps": 1, "prompts": PROMPTS, **sample}},
+                   folder=tmp_path / name)  # fmt: skip
+    result = train(load_job(job, [], warnings=[]), progress=False)
+    samples = result.run_dir / "samples"
+    written = {p.name: Image.open(p).text for p in sorted(samples.glob("0*.png"))}
+    reference = sorted(p.name for p in (samples / "reference").glob("*.png"))
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return written, reference, rows
+
+
+def test_the_sampling_switches_change_which_previews_are_written_and_their_seeds(make_job, tmp_path):
+    plain, _, _ = _run(make_job, tmp_path, "plain", {})
+    assert sorted({name[:9] for name in plain}) == ["000000000", "000000002", "000000004"]
+    assert {info["seed"] for info in plain.values()} == {"42"}
+
+    walked, _, _ = _run(make_job, tmp_path, "walk", {"walk_seed": True, "seed": 10})
+    assert {name: info["seed"] for name, info in walked.items() if name.startswith("000000002")} == {
+        "000000002_00.png": "10",
+        "000000002_01.png": "11",
+        "000000002_02.png": "12",
+    }
+
+    later, _, _ = _run(make_job, tmp_path, "later", {"start_step": 3})
+    assert sorted({name[:9] for name in later}) == ["000000000", "000000004"]  # no round at 2; the final one stays
+
+    hidden, reference, rows = _run(make_job, tmp_path, "hidden", {"first": False})
+    assert sorted({name[:9] for name in hidden}) == ["000000002", "000000004"]
+    assert reference == ["000000000_00.png", "000000000_01.png", "000000000_02.png"]  # still rendered, for the scores
+    assert "leak" in next(r for r in rows if r["step"] == 2)
+
+    off, reference, rows = _run(make_job, tmp_path, "off", {"enabled": False})
+    assert off == {} and reference == [] and not any("leak" in r for r in rows)
+
+
+# --- LoKr factor ------------------------------------------------------------------------------------------------
+
+
+def _split(d: int, factor: int) -> tuple[int, int]:
+    """The expected (smaller, larger) parts of a dimension: (f, d/f) when f divides d, else the most even split
+    whose smaller part is at most f (any size for f = -1)."""
+    if factor > 0 and d % factor == 0:
+        return tuple(sorted((factor, d // factor)))
+    m = max(k for k in range(1, int(d**0.5) + 1) if d % k == 0 and (factor < 0 or k <= factor))
+    return m, d // m
+
+
+@pytest.mark.parametrize("factor", [-1, 2, 4, 8])
+def test_the_lokr_factor_gives_the_factor_shapes(tiny_model_dir, factor):
+    transformer = load_components(tiny_model_dir).transformer
+    names = network.target_module_names(transformer, r"layers\.0\.feed_forward\.w1")
+    network.add_user_lora(transformer, names, rank=2, alpha=2, seed=0, kind="lokr", lokr_factor=factor)
+    layer = transformer.get_submodule(names[0])
+    out_small, out_large = _split(layer.base_layer.out_features, factor)
+    in_small, in_large = _split(layer.base_layer.in_features, factor)
+    assert tuple(layer.lokr_w1[network.USER].shape) == (out_small, in_small)
+    w2 = layer.lokr_w2_a[network.USER] @ layer.lokr_w2_b[network.USER]
+    assert tuple(w2.shape) == (out_large, in_large)
+
+
+# --- Blank Prompt Preservation and the guidance loss --------------------------------------------------------------
+
+
+def _preserving_run(make_job, tmp_path, name: str, bpp: bool):
+    train_cfg = {"steps": 60, "lr": 3e-3, "blank_prompt_preservation": {"enabled": bpp, "multiplier": 2.0}}
+    job = make_job({"job": {"name": name}, "model": {"arch": "zimage_deturbo"}, "target": {"rank": 8},
+                    "save": {"every": 1000}, "train": train_cfg}, images=4, folder=tmp_path / name)  # fmt: skip
+    return train(load_job(job, [], warnings=[]), progress=False)
+
+
+def test_blank_prompt_preservation_keeps_the_empty_prompts_prediction(make_job, tmp_path, tiny_model_dir):
+    """Measured as for DOP: how far the LoRA moves the model's output on the empty prompt, relative to the base
+    (here: 0.96 without, 0.22 with, multiplier 2)."""
+    from test_advanced import _relative_change
+
+    plain = _preserving_run(make_job, tmp_path, "plain", False)
+    kept = _preserving_run(make_job, tmp_path, "kept", True)
+    without = _relative_change(tiny_model_dir, plain.final_lora, ["", ""])
+    with_bpp = _relative_change(tiny_model_dir, kept.final_lora, ["", ""])
+    assert with_bpp <= 0.5 * without, (with_bpp, without)
+    rows = [json.loads(line) for line in (kept.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["bpp_loss"] == 0.0 and rows[-1]["bpp_loss"] > 0 and "dop_loss" not in rows[-1]
+
+
+def test_the_guidance_loss_trains_toward_its_formula(make_job):
+    """The loss of a step is the MSE against u + g (target - u), u the model's output on the empty prompt (the first
+    forward, without gradient); the logged loss stays the plain one."""
+    g = 2.5
+    cfg = load_job(make_job({"train": {"batch_size": 2, "guidance_loss": {"enabled": True, "target": g}}}), [],
+                   warnings=[])  # fmt: skip
+    recipe = LoraRecipe(cfg)
+    try:
+        recipe.setup()
+        with torch.no_grad():  # a LoRA that is not zero, so that the empty prompt's prediction carries it
+            for p in network.user_parameters(recipe.transformer):
+                p.normal_(0, 0.05)
+        micro = recipe.data.next(SimpleNamespace(epoch=0, batch=0), 1).micro[0]
+        outputs = []
+        hook = recipe.transformer.register_forward_hook(lambda m, a, out: outputs.append(out[0]))
+        try:
+            loss, plain, _ = recipe._loss(1, micro)
+        finally:
+            hook.remove()
+        assert len(outputs) == 2  # the empty prompt's forward, then the caption's
+        x0 = torch.stack([e.latent for e in micro])
+        draws = [
+            recipe.draws.noise_and_sigma(1, e.index, x0.shape[1:], cfg.train.timestep_type, cfg.train.timestep_bias,
+                                         recipe.arch.shift)
+            for e in micro
+        ]  # fmt: skip
+        noise = torch.stack([n for n, _ in draws])
+        weights = flow.timestep_weights(torch.cat([s for _, s in draws]), cfg.train.timestep_type)
+        u, pred = (-torch.stack([o.detach().float().squeeze(1) for o in out]) for out in outputs)
+        target = noise - x0
+        assert not torch.allclose(u, pred)  # the caption matters
+        wanted = u + g * (target - u)
+        per_item = ((pred - wanted) ** 2).flatten(1).mean(1)
+        assert math.isclose(float(loss.detach()), float((per_item * weights).mean()), rel_tol=1e-5)
+        logged = ((pred - target) ** 2).flatten(1).mean(1)
+        assert math.isclose(float(plain), float((logged * weights).mean()), rel_tol=1e-5)
+    finally:
+        recipe.close()
+
+
+def test_blank_prompt_preservation_and_dop_exclude_each_other(make_job):
+    from zimage_lora.errors import ConfigError
+
+    job = make_job({"train": {"blank_prompt_preservation": {"enabled": True}}})
+    with pytest.raises(ConfigError, match="cannot be combined with train.dop.enabled"):
+        load_job(job, ["train.dop.enabled=true", "train.dop.class_word=fox"], warnings=[])

@@ -208,3 +208,131 @@ def test_blank_prompt_preservation_and_dop_exclude_each_other(make_job):
     job = make_job({"train": {"blank_prompt_preservation": {"enabled": True}}})
     with pytest.raises(ConfigError, match="cannot be combined with train.dop.enabled"):
         load_job(job, ["train.dop.enabled=true", "train.dop.class_word=fox"], warnings=[])
+
+
+# --- DATASETS panel: caption tags, flips, the LoRA weight ------------------------------------------------------------
+TAGS = "zfox, red, fox, snow, tree, night, moon"
+
+
+def test_shuffled_tags_keep_the_first_ones_and_vary_after_them():
+    from zimage_lora.data.dataset import edit_tags
+    from zimage_lora.training.draws import KeyedDraws
+
+    rest = sorted(TAGS.split(", ")[2:])
+    seen = set()
+    for seed in range(20):
+        edited = edit_tags(TAGS, 2, True, 0.0, KeyedDraws(seed).tags(1, 0))
+        tags = edited.split(", ")
+        assert tags[:2] == ["zfox", "red"] and sorted(tags[2:]) == rest
+        seen.add(edited)
+    assert len(seen) >= 10  # 120 orders of 5 tags: 20 seeds give many
+    again = [edit_tags(TAGS, 2, True, 0.0, KeyedDraws(7).tags(3, 1)) for _ in range(2)]
+    assert again[0] == again[1]  # one seed, one step, one example: one order
+
+
+def test_token_dropout_drops_each_later_tag_at_its_rate_and_never_a_kept_one():
+    from zimage_lora.data.dataset import edit_tags
+    from zimage_lora.training.draws import KeyedDraws
+
+    dropped = dict.fromkeys(TAGS.split(", "), 0)
+    for step in range(200):
+        kept = set(edit_tags(TAGS, 2, False, 0.5, KeyedDraws(0).tags(step, 0)).split(", "))
+        for tag in dropped:
+            dropped[tag] += tag not in kept
+    assert dropped["zfox"] == dropped["red"] == 0
+    assert all(80 <= dropped[t] <= 120 for t in TAGS.split(", ")[2:]), dropped
+
+
+def _batches(tmp_path, store, image, **options):
+    from zimage_lora.config import DatasetSection
+    from zimage_lora.data.batches import DatasetBatches
+    from zimage_lora.data.dataset import ImageItem, Sample
+    from zimage_lora.training.draws import KeyedDraws
+
+    ds = DatasetSection(path=str(tmp_path), caption_dropout=0.0, **options)
+    items, samples = [ImageItem(image, TAGS, 0)], [Sample(0, 64, (64, 64))]
+    return DatasetBatches(items, samples, store.get, [ds], 1, 1, 5, KeyedDraws(5))
+
+
+def test_flips_are_drawn_per_step_cached_and_resumed(tmp_path, tiny_model_dir):
+    from conftest import demo_dataset
+    from PIL import ImageOps
+
+    from zimage_lora.data.cache import LatentStore
+    from zimage_lora.data.dataset import load_rgb
+
+    image = sorted(demo_dataset(tmp_path / "data", 1).glob("*.png"))[0]
+    store = LatentStore(load_components(tiny_model_dir, parts=("vae",)).vae, "cpu")
+    cache = tmp_path / "cache"
+    assert store.prepare([(image, (64, 64), cache, flip) for flip in ("", "x")]) == (2, 0)
+    assert len(list(cache.glob("*.safetensors"))) == 2  # the flipped latent is an entry of its own
+
+    batches = _batches(tmp_path, store, image, flip_x=True)
+    position = SimpleNamespace(epoch=0, batch=0)
+    drawn = [batches.next(position, step).micro[0][0] for step in range(1, 201)]
+    flips = [e.flip for e in drawn]
+    assert set(flips) == {"", "x"} and 80 <= flips.count("x") <= 120
+    flipped = next(e for e in drawn if e.flip == "x")
+    mirrored = tmp_path / "mirrored.png"
+    ImageOps.mirror(load_rgb(image)).save(mirrored)
+    assert torch.allclose(flipped.latent, store.encode([mirrored], (64, 64))[0], atol=1e-5)
+    assert not torch.allclose(flipped.latent, next(e for e in drawn if e.flip == "").latent, atol=1e-3)
+
+    resumed_at = SimpleNamespace(epoch=0, batch=0)
+    for step in range(1, 101):  # a run saved at step 100 stores its position; a new process continues from it
+        _batches(tmp_path, store, image, flip_x=True).next(resumed_at, step)
+    again = _batches(tmp_path, store, image, flip_x=True)
+    assert [again.next(resumed_at, step).micro[0][0].flip for step in range(101, 201)] == flips[100:]
+
+    plain = _batches(tmp_path, store, image)
+    assert {plain.next(SimpleNamespace(epoch=0, batch=0), step).micro[0][0].flip for step in range(1, 51)} == {""}
+
+    tagged = _batches(tmp_path, store, image, shuffle_tokens=True, keep_tokens=1)  # the tag edits reach the batches
+    captions = [tagged.next(SimpleNamespace(epoch=0, batch=0), step).micro[0][0] for step in range(1, 21)]
+    assert all(e.caption.startswith("zfox, ") and e.full_caption == TAGS for e in captions)
+    assert len({e.caption for e in captions}) > 5
+
+
+def test_a_datasets_lora_weight_reaches_the_forward_of_its_items_only(make_job, tmp_path):
+    from conftest import demo_dataset
+
+    demo_dataset(tmp_path / "half", 3)
+    datasets = [
+        {"path": "./dataset", "resolutions": [64], "caption_dropout": 0.0},
+        {"path": "./half", "resolutions": [64], "caption_dropout": 0.0, "network_weight": 0.5},
+    ]
+    cfg = load_job(make_job({"train": {"batch_size": 2}, "datasets": datasets}), [], warnings=[])
+    recipe = LoraRecipe(cfg)
+    try:
+        recipe.setup()
+        name = network.target_module_names(recipe.transformer, cfg.target.modules or r"layers\.0\..*to_q")[0]
+        layer = recipe.transformer.get_submodule(name)
+        seen = []
+        hook = layer.register_forward_pre_hook(lambda m, a: seen.append(m.scaling[network.USER]))
+        base = cfg.target.resolved_alpha / cfg.target.rank
+        weights_seen = set()
+        try:
+            for step in range(1, 9):
+                batch = recipe.data.next(recipe.state, step)
+                weights = {cfg.datasets[e.dataset].network_weight for e in batch.micro[0]}
+                assert len(weights) == 1  # a batch never mixes LoRA weights
+                seen.clear()
+                recipe.train_step(batch)
+                weight = weights.pop()
+                assert seen and all(math.isclose(s, base * weight) for s in seen), (step, seen)
+                weights_seen.add(weight)
+        finally:
+            hook.remove()
+        assert weights_seen == {1.0, 0.5}
+        assert layer.scaling[network.USER] == base  # back to 1 after the step (previews, validation, saves)
+    finally:
+        recipe.close()
+
+
+def test_tag_edits_refuse_cached_text_embeddings_in_one_sentence(make_job):
+    from zimage_lora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"datasets\[0\].shuffle_tokens: each step's caption differs"):
+        load_job(make_job({"datasets": [{"shuffle_tokens": True}]}), [], warnings=[])
+    job = make_job({"datasets": [{"token_dropout": 0.3}], "train": {"cache_text_embeddings": False}})
+    assert load_job(job, [], warnings=[]).datasets[0].token_dropout == 0.3

@@ -49,7 +49,8 @@ def world(tmp_path_factory, tiny_model_dir, tiny_adapter):
                 "model": {"name_or_path": str(tiny_model_dir), "training_adapter": str(tiny_adapter)},
                 "train": {"steps": STEPS},
                 "save": {"every": 2, "keep": 10},
-                "datasets": [{"caption_dropout": 0.3, "cache_dir": f"./cache-{name}"}],
+                # the data options hold per process: caption dropout and flips are keyed by the whole-batch index
+                "datasets": [{"caption_dropout": 0.3, "flip_x": True, "cache_dir": f"./cache-{name}"}],
                 "sample": {"every": 3, "steps": 2, "prompts": PROMPTS},
             },
         )
@@ -138,7 +139,7 @@ def test_gradients_are_exchanged_once_per_step_and_never_on_micro_steps(runs):
 
 def test_caching_encodes_each_image_once_in_total(runs):
     parts = [record(runs["ddp"], rank) for rank in (0, 1)]
-    assert sum(p["vae_encoded_images"] for p in parts) == IMAGES  # one bucket each: 64 px
+    assert sum(p["vae_encoded_images"] for p in parts) == 2 * IMAGES  # one bucket each (64 px), as is and mirrored
     assert all(p["vae_encoded_images"] > 0 for p in parts)  # split, not done by one
     single_log = (runs["single"].run_dir / "train.log").read_text()
     prompts = int(re.search(r"text: (\d+) distinct prompts", single_log).group(1))

@@ -433,6 +433,32 @@ class DatasetSection(_Section):
         1, ge=1, le=10_000, description="How many times each image counts per epoch (balances datasets)."
     )
     recursive: bool = Field(False, description="Also take images from sub-folders (the cache folder is skipped).")
+    network_weight: float = Field(
+        1.0,
+        gt=0,
+        le=10,
+        description="The LoRA's multiplier while training on this dataset's images (batches never mix weights); "
+        "AI Toolkit's network_weight.",
+    )
+    flip_x: bool = Field(
+        False, description="Mirror each image left-right at random (half the steps); its latent is cached too."
+    )
+    flip_y: bool = Field(False, description="Flip each image upside down at random (half the steps); cached too.")
+    shuffle_tokens: bool = Field(
+        False,
+        description="Shuffle the caption's comma-separated tags at every step, after the first keep_tokens; needs the "
+        "text encoder every step (not with train.cache_text_embeddings).",
+    )
+    keep_tokens: int = Field(
+        0, ge=0, le=1000, description="How many leading tags stay first and are never dropped (e.g. 1: the trigger)."
+    )
+    token_dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Chance that each tag after the first keep_tokens is left out at a step; AI Toolkit's "
+        "token_dropout_rate (not with train.cache_text_embeddings).",
+    )
 
     @field_validator("caption_ext", mode="before")
     @classmethod
@@ -960,6 +986,14 @@ def check_job(cfg: JobConfig, *, check_paths: bool = True) -> list[str]:
             "the blocks that would be compiled); turn one of them off"
         )
     errors += _shard_conflicts(cfg)
+    for index, ds in enumerate(cfg.datasets):
+        edited = "shuffle_tokens" if ds.shuffle_tokens else "token_dropout" if ds.token_dropout > 0 else None
+        if edited and (cfg.train.cache_text_embeddings or cfg.train.unload_text_encoder):
+            which = "cache_text_embeddings" if cfg.train.cache_text_embeddings else "unload_text_encoder"
+            errors.append(
+                f"datasets[{index}].{edited}: each step's caption differs, so it needs the text encoder at every "
+                f"step; turn off train.{which}, or turn this off"
+            )
     if cfg.train.blank_prompt_preservation.enabled and cfg.train.dop.enabled:
         errors.append(
             "train.blank_prompt_preservation.enabled: cannot be combined with train.dop.enabled (both add a "

@@ -1,8 +1,9 @@
 """A step's batch: the examples of one optimizer step, cut into micro-batches of one bucket each.
 
 ``StepBatch`` is what ``LoraRecipe.train_step`` takes. ``DatasetBatches`` makes them from the job's datasets: the
-epoch order of ``epoch_batches`` (one bucket per batch), ``grad_accum`` batches per step, each example's caption
-after caption dropout, its latent from the latent store. The data position (epoch, batch) lives in the recipe's
+epoch order of ``epoch_batches`` (one bucket and one LoRA weight per batch), ``grad_accum`` batches per step, each
+example's caption after caption dropout and its dataset's tag edits, its latent (flipped when drawn so) from the
+latent store. The data position (epoch, batch) lives in the recipe's
 ``TrainState``, so a resumed run continues with the batch it would have drawn next.
 
 With several processes (``share=(rank, world)``) a micro-batch of the whole job has ``batch_size x world`` examples
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from zimage_lora.data.dataset import ImageItem, Sample, epoch_batches
+from zimage_lora.data.dataset import ImageItem, Sample, edit_tags, epoch_batches
 from zimage_lora.training.distributed import split_sizes
 
 
@@ -29,8 +30,10 @@ class Example:
 
     index: int  # position in the step's effective batch (0 .. batch_size x grad_accum - 1): keys its random draws
     latent: object  # (16, H/8, W/8) float32 tensor
-    caption: str  # as trained: the empty prompt when caption dropout chose it
-    full_caption: str  # before caption dropout (DOP's class caption is made from it)
+    caption: str  # as trained: the empty prompt when caption dropout chose it, else after the tag edits
+    full_caption: str  # before caption dropout and tag edits (DOP's class caption is made from it)
+    dataset: int = 0  # its dataset's index in the job
+    flip: str = ""  # "", "x", "y" or "xy": how its image was flipped at this step
 
 
 @dataclass(frozen=True)
@@ -66,8 +69,8 @@ class DatasetBatches:
         self,
         items: list[ImageItem],
         samples: list[Sample],
-        latent: Callable[[Path, tuple[int, int]], object],
-        caption_dropout: list[float],
+        latent: Callable[[Path, tuple[int, int], str], object],
+        datasets: list,
         batch_size: int,
         grad_accum: int,
         seed: int,
@@ -75,7 +78,8 @@ class DatasetBatches:
         share: tuple[int, int] = (0, 1),
     ):
         self.items, self.samples, self.latent = items, samples, latent
-        self.caption_dropout, self.batch_size, self.grad_accum = caption_dropout, batch_size, grad_accum
+        # each dataset's options (caption_dropout, the tag edits, flips, network_weight: config.DatasetSection)
+        self.datasets, self.batch_size, self.grad_accum = datasets, batch_size, grad_accum
         self.seed, self.draws = seed, draws
         self.rank, self.world = share
         self._order: tuple[int, list[list[int]]] | None = None  # (epoch, its batches)
@@ -108,11 +112,21 @@ class DatasetBatches:
     def _example(self, step: int, index: int, sample_index: int) -> Example:
         sample = self.samples[sample_index]
         item = self.items[sample.item]
-        dropped = self.draws.caption_dropped(step, index, self.caption_dropout[item.dataset])
+        ds = self.datasets[item.dataset]
+        dropped = self.draws.caption_dropped(step, index, ds.caption_dropout)
         caption = "" if dropped else item.caption
-        return Example(index, self.latent(item.path, sample.bucket), caption, item.caption)
+        if caption and (ds.shuffle_tokens or ds.token_dropout > 0):
+            caption = edit_tags(caption, ds.keep_tokens, ds.shuffle_tokens, ds.token_dropout,
+                                self.draws.tags(step, index))  # fmt: skip
+        flip = self.draws.flip(step, index, ds.flip_x, ds.flip_y)
+        return Example(index, self.latent(item.path, sample.bucket, flip), caption, item.caption, item.dataset, flip)
+
+    def network_weight(self, micro: list[Example]) -> float:
+        """The LoRA multiplier of a micro-batch (its examples share one: batches form within a weight)."""
+        return self.datasets[micro[0].dataset].network_weight
 
     def _batches(self, epoch: int) -> list[list[int]]:
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, epoch_batches(self.samples, self.batch_size * self.world, self.seed, epoch))
+            groups = [(s.bucket, self.datasets[self.items[s.item].dataset].network_weight) for s in self.samples]
+            self._order = (epoch, epoch_batches(self.samples, self.batch_size * self.world, self.seed, epoch, groups))
         return self._order[1]

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
 from zimage_lora import faults
-from zimage_lora.data.dataset import crop_to_bucket, load_rgb
+from zimage_lora.data.dataset import crop_to_bucket, flip_image, load_rgb
 from zimage_lora.lora.io import atomic_write_bytes, serialize_safetensors
 from zimage_lora.models.offload import OnDemand
 from zimage_lora.models.vae import encode_latents, pil_to_tensor
@@ -47,8 +47,9 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def entry_name(image_digest: str, bucket: tuple[int, int], vae_id: str) -> str:
-    key = f"v{CACHE_VERSION}|{image_digest}|{bucket[0]}x{bucket[1]}|centre|{vae_id}"
+def entry_name(image_digest: str, bucket: tuple[int, int], vae_id: str, flip: str = "") -> str:
+    """The entry of an (image, bucket, flip): ``flip`` "", "x", "y" or "xy" (an unflipped entry keeps its old name)."""
+    key = f"v{CACHE_VERSION}|{image_digest}|{bucket[0]}x{bucket[1]}|centre|{vae_id}" + (f"|flip-{flip}" if flip else "")
     return hashlib.sha256(key.encode()).hexdigest()[:32] + ".safetensors"
 
 
@@ -83,7 +84,7 @@ class LatentStore:
         self.vae, self.device, self.batch_size, self.log = vae, device, batch_size, log
         # the VAE visits the device to encode; without low_vram it stays there (the recipe moves it afterwards)
         self.vae_on_device = OnDemand(vae, device, home="cpu" if low_vram else device)
-        self.memory: dict[tuple[Path, Bucket], torch.Tensor] = {}
+        self.memory: dict[tuple[Path, Bucket, str], torch.Tensor] = {}
         self._vae_id: str | None = None
         self.encoded_images = 0  # images through the VAE encoder in this process (the caching pass and on demand)
 
@@ -93,61 +94,65 @@ class LatentStore:
             self._vae_id = vae_identity(self.vae)
         return self._vae_id
 
-    def prepare(self, wanted: Iterable[tuple[Path, Bucket, Path]], share=None) -> tuple[int, int]:
-        """Make sure every (image, bucket) has a cache entry in its cache folder; returns (encoded, reused).
+    def prepare(self, wanted: Iterable[tuple], share=None) -> tuple[int, int]:
+        """Make sure every (image, bucket[, flip]) has a cache entry in its cache folder; returns (encoded, reused).
+        ``wanted`` holds (image, bucket, cache folder) or (image, bucket, cache folder, flip).
 
         ``share`` (``training.distributed.Processes``, several processes): each process encodes its part of the
         missing entries, then, after all have written theirs, reads the others' from the cache."""
-        todo: dict[Bucket, list[tuple[Path, Path]]] = {}
+        todo: dict[tuple[Bucket, str], list[tuple[Path, Path]]] = {}
         digests: dict[Path, str] = {}  # each file is read and hashed once, whatever its number of buckets
         reused = 0
-        for path, bucket, cache_dir in sorted(set(wanted), key=lambda w: (str(w[0]), w[1])):
+        wanted = {(w[0], w[1], w[2], w[3] if len(w) > 3 else "") for w in wanted}
+        for path, bucket, cache_dir, flip in sorted(wanted, key=lambda w: (str(w[0]), w[1], w[3])):
             if path not in digests:
                 digests[path] = file_digest(path)
-            entry = Path(cache_dir) / entry_name(digests[path], bucket, self.vae_id)
+            entry = Path(cache_dir) / entry_name(digests[path], bucket, self.vae_id, flip)
             latent = read_entry(entry)
             if latent is None:
-                todo.setdefault(bucket, []).append((path, entry))
+                todo.setdefault((bucket, flip), []).append((path, entry))
             else:
-                self.memory[(path, bucket)] = latent
+                self.memory[(path, bucket, flip)] = latent
                 reused += 1
         if share is None or not share.several:
             with self.vae_on_device.visit() if todo else nullcontext():
                 return self._encode_all(todo), reused
-        missing = [(bucket, job) for bucket, jobs in sorted(todo.items()) for job in jobs]
-        mine = share.share(missing)
-        own: dict[Bucket, list[tuple[Path, Path]]] = {}
-        for bucket, job in mine:
-            own.setdefault(bucket, []).append(job)
+        missing = [(key, job) for key, jobs in sorted(todo.items()) for job in jobs]
+        own: dict[tuple[Bucket, str], list[tuple[Path, Path]]] = {}
+        for key, job in share.share(missing):
+            own.setdefault(key, []).append(job)
         with self.vae_on_device.visit() if own else nullcontext():
             encoded = self._encode_all(own)
         share.wait_all()  # every process has written its entries
-        for bucket, (path, entry) in missing:
-            if (path, bucket) not in self.memory:
-                latent = read_entry(entry)
-                self.memory[(path, bucket)] = latent if latent is not None else self.encode([path], bucket)[0]
+        for (bucket, flip), (path, entry) in missing:
+            if (path, bucket, flip) not in self.memory:
+                latent = read_entry(entry)  # none: another machine wrote it where this one cannot read
+                if latent is None:
+                    latent = self.encode([path], bucket, flip)[0]
+                self.memory[(path, bucket, flip)] = latent
         return encoded, reused
 
-    def _encode_all(self, todo: dict[Bucket, list[tuple[Path, Path]]]) -> int:
+    def _encode_all(self, todo: dict[tuple[Bucket, str], list[tuple[Path, Path]]]) -> int:
         encoded = 0
-        for bucket, jobs in sorted(todo.items()):
+        for (bucket, flip), jobs in sorted(todo.items()):
             for i in range(0, len(jobs), self.batch_size):
                 chunk = jobs[i : i + self.batch_size]
-                for (path, entry), latent in zip(chunk, self.encode([p for p, _ in chunk], bucket), strict=True):
+                latents = self.encode([p for p, _ in chunk], bucket, flip)
+                for (path, entry), latent in zip(chunk, latents, strict=True):
                     write_entry(entry, latent, path)
-                    self.memory[(path, bucket)] = latent
+                    self.memory[(path, bucket, flip)] = latent
                     encoded += 1
                     faults.fire("cache.entry", encoded)
         return encoded
 
     @torch.no_grad()
-    def encode(self, paths: list[Path], bucket: Bucket) -> torch.Tensor:
-        """VAE latents (float32, on the CPU) of images cropped to ``bucket``, in one batch."""
-        pixels = torch.stack([pil_to_tensor(crop_to_bucket(load_rgb(p), bucket)) for p in paths])
+    def encode(self, paths: list[Path], bucket: Bucket, flip: str = "") -> torch.Tensor:
+        """VAE latents (float32, on the CPU) of images cropped to ``bucket`` (then flipped), in one batch."""
+        pixels = torch.stack([pil_to_tensor(flip_image(crop_to_bucket(load_rgb(p), bucket), flip)) for p in paths])
         self.encoded_images += len(paths)
         with self.vae_on_device.visit():
             return encode_latents(self.vae, pixels.to(self.device, self.vae.dtype)).float().cpu()
 
-    def get(self, path: Path, bucket: Bucket) -> torch.Tensor:
-        latent = self.memory.get((path, bucket))
-        return latent if latent is not None else self.encode([path], bucket)[0]
+    def get(self, path: Path, bucket: Bucket, flip: str = "") -> torch.Tensor:
+        latent = self.memory.get((path, bucket, flip))
+        return latent if latent is not None else self.encode([path], bucket, flip)[0]

@@ -200,22 +200,50 @@ def upscale_needed(width: int, height: int, resolution: int) -> float:
     return max(bw / width, bh / height)
 
 
-def epoch_batches(samples: list[Sample], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def edit_tags(caption: str, keep: int, shuffle: bool, dropout: float, generator) -> str:
+    """The caption's comma-separated tags: the first ``keep`` as they are, the others each left out with chance
+    ``dropout`` and, with ``shuffle``, in a random order (from ``generator``)."""
+    import torch
+
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    kept, rest = tags[:keep], tags[keep:]
+    if shuffle:
+        rest = [rest[i] for i in torch.randperm(len(rest), generator=generator).tolist()]
+    if dropout > 0:
+        drawn = torch.rand(len(rest), generator=generator).tolist()
+        rest = [t for t, r in zip(rest, drawn, strict=True) if r >= dropout]
+    return ", ".join(kept + rest)
+
+
+def flip_image(image: Image.Image, flip: str) -> Image.Image:
+    """``flip``: "" (as is), "x" (mirrored left-right), "y" (upside down) or "xy"."""
+    if "x" in flip:
+        image = ImageOps.mirror(image)
+    if "y" in flip:
+        image = ImageOps.flip(image)
+    return image
+
+
+def epoch_batches(
+    samples: list[Sample], batch_size: int, seed: int, epoch: int, groups: list | None = None
+) -> list[list[int]]:
     """Batches of sample indices for one epoch: one bucket per batch, order reproducible from (seed, epoch).
 
     One shuffle of all samples per epoch; each sample joins the open batch of its bucket, and a batch is emitted
     when it fills (the unfilled rest at the end). So the sample order does not depend on the batch size: within a
-    bucket, batch size 2 sees the same samples as batch size 1 with two accumulation steps.
+    bucket, batch size 2 sees the same samples as batch size 1 with two accumulation steps. ``groups`` (one key per
+    sample, e.g. (bucket, LoRA weight)) replaces the bucket as what a batch shares.
     """
     order = list(range(len(samples)))
     random.Random(f"{seed}:{epoch}").shuffle(order)
     open_batches: dict[tuple[int, int], list[int]] = {}
     batches = []
     for index in order:
-        batch = open_batches.setdefault(samples[index].bucket, [])
+        key = samples[index].bucket if groups is None else groups[index]
+        batch = open_batches.setdefault(key, [])
         batch.append(index)
         if len(batch) == batch_size:
             batches.append(batch)
-            del open_batches[samples[index].bucket]
+            del open_batches[key]
     batches.extend(open_batches.values())
     return batches

@@ -31,6 +31,18 @@ class KeyedDraws:
             return False
         return float(torch.rand(1, generator=keyed_generator(self.seed, step, index, "caption_dropout"))) < rate
 
+    def flip(self, step: int, index: int, x: bool, y: bool) -> str:
+        """Which flips the example gets at this step: "", "x", "y" or "xy", each axis on with chance 1/2."""
+        out = ""
+        for axis, on in (("x", x), ("y", y)):
+            if on and float(torch.rand(1, generator=keyed_generator(self.seed, step, index, f"flip_{axis}"))) < 0.5:
+                out += axis
+        return out
+
+    def tags(self, step: int, index: int) -> torch.Generator:
+        """The generator of the example's caption edit at this step (tag shuffle and tag dropout)."""
+        return keyed_generator(self.seed, step, index, "tags")
+
     def noise_and_sigma(
         self, step: int, index: int, shape, timestep_type: str, bias: str, shift: float
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -192,6 +192,7 @@ class LoraRecipe:
         self.latents: LatentStore | None = None
         self.preview_vae: OnDemand | None = None
         self.processes: Processes | None = None
+        self.lora_scale = 1.0  # the user's LoRA's multiplier in the training forward (a dataset's network_weight)
         self.buckets: BucketCounter | None = None  # counts DDP's gradient exchanges (several processes)
         # this process's part of each step and the saves it took part in (several processes)
         self.record: dict = {"batches": {}, "exchanges": {}, "saves": []}
@@ -490,9 +491,10 @@ class LoraRecipe:
         cfg, device = self.cfg, self.device
         self.latents = LatentStore(self.comps.vae, device, log=self.log, low_vram=cfg.model.low_vram)
         cached = [
-            (self.items[s.item].path, s.bucket, Path(cfg.datasets[self.items[s.item].dataset].cache_dir))
+            (self.items[s.item].path, s.bucket, Path(ds.cache_dir), flip)
             for s in self.samples
-            if cfg.datasets[self.items[s.item].dataset].cache_latents
+            if (ds := cfg.datasets[self.items[s.item].dataset]).cache_latents
+            for flip in flip_variants(ds)
         ]
         cached += [(v.path, v.bucket, Path(cfg.datasets[0].cache_dir)) for v in self.val_images]
         if cached:
@@ -511,9 +513,8 @@ class LoraRecipe:
                 "low_vram: the text encoder visits the device for every step's captions; "
                 "train.cache_text_embeddings avoids that"
             )
-        dropout = [ds.caption_dropout for ds in cfg.datasets]
         return DatasetBatches(
-            self.items, self.samples, self.latents.get, dropout, cfg.train.batch_size, cfg.train.grad_accum,
+            self.items, self.samples, self.latents.get, cfg.datasets, cfg.train.batch_size, cfg.train.grad_accum,
             cfg.job.seed, self.draws, share=(self.processes.rank, self.processes.world),
         )  # fmt: skip
 
@@ -561,6 +562,7 @@ class LoraRecipe:
         cfg, started, world = self.cfg, time.perf_counter(), self.processes.world
         plains, dops = [], []
         for i, micro in enumerate(batch.micro):
+            self._set_lora_scale(getattr(self.data, "network_weight", lambda m: 1.0)(micro))  # its dataset's
             weight = batch.weight(i)  # this process's share of the micro-batch (1 on one process)
             last = i == len(batch.micro) - 1
             # gradients are exchanged once, on the last micro-batch's backward
@@ -573,6 +575,7 @@ class LoraRecipe:
             plains.append(plain.float() * (weight / world) if world > 1 else plain.float())
             if dop_loss is not None:
                 dops.append(dop_loss.float() * (weight / world) if world > 1 else dop_loss.float())
+        self._set_lora_scale(1.0)  # after the backward: a recompute runs at the forward's scale
         max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
         norm = self.accelerator.clip_grad_norm_(self.params, max_norm)
         if self.sharded and hasattr(norm, "full_tensor"):
@@ -604,6 +607,12 @@ class LoraRecipe:
         return StepMetrics(
             batch.step, total, lr, values[-1], seconds, dop_total if dop else None, dop_total if bpp else None
         )
+
+    def _set_lora_scale(self, scale: float) -> None:
+        """The user's LoRA at ``scale`` (a dataset's ``network_weight``) until set again."""
+        if scale != self.lora_scale:
+            network.activate(self.transformer, adapter_on=self.cfg.model.training_adapter is not None, lora_scale=scale)
+            self.lora_scale = scale
 
     def _loss(self, step: int, micro: list[Example]):
         """(loss to back-propagate, plain flow MSE to log, DOP loss or None) of one micro-batch."""
@@ -647,7 +656,7 @@ class LoraRecipe:
             try:
                 prior = self.model(inputs, flow.model_time(sigma), class_caps, return_dict=False)[0]
             finally:
-                network.activate(self.transformer, adapter_on=adapter_on, lora_scale=1.0)
+                network.activate(self.transformer, adapter_on=adapter_on, lora_scale=self.lora_scale)
         preserved = self.model(inputs, flow.model_time(sigma), class_caps, return_dict=False)[0]
         dop_loss = torch.stack([((p.float() - q.float()) ** 2).mean() for p, q in zip(preserved, prior, strict=True)])
         dop_loss = dop_loss.mean()
@@ -847,6 +856,12 @@ def _lost_peer(error: RuntimeError) -> str | None:
     if found is None and isinstance(error, torch.distributed.DistError):
         found = type(error).__name__
     return found.lower() if found else None
+
+
+def flip_variants(ds) -> list[str]:
+    """The flips a dataset's images may be drawn with ("" always; "x", "y", "xy" as ``flip_x`` / ``flip_y`` allow)."""
+    allowed = {axis for axis, on in (("x", ds.flip_x), ("y", ds.flip_y)) if on}
+    return [f for f in ("", "x", "y", "xy") if set(f) <= allowed]
 
 
 def class_caption(caption: str, cfg) -> str:

@@ -336,3 +336,83 @@ def test_tag_edits_refuse_cached_text_embeddings_in_one_sentence(make_job):
         load_job(make_job({"datasets": [{"shuffle_tokens": True}]}), [], warnings=[])
     job = make_job({"datasets": [{"token_dropout": 0.3}], "train": {"cache_text_embeddings": False}})
     assert load_job(job, [], warnings=[]).datasets[0].token_dropout == 0.3
+
+
+# --- loss masks -------------------------------------------------------------------------------------------------------
+
+
+def _mask_image(path, size=(96, 64)):
+    """White where x < 48, black elsewhere, and one 8x8 block at x 48-55 half white (its top 4 rows)."""
+    import numpy as np
+
+    pixels = np.zeros((size[1], size[0]), dtype=np.uint8)
+    pixels[:, :48] = 255
+    pixels[:4, 48:56] = 255
+    Image.fromarray(pixels, "L").save(path)
+    return path
+
+
+def test_a_mask_is_cropped_and_flipped_with_its_image_and_averaged_per_latent_cell(tmp_path):
+    from zimage_lora.data.masks import mask_grid
+
+    mask = _mask_image(tmp_path / "m.png")
+    grid = mask_grid(mask, (96, 64), (64, 64), "")  # the 96x64 image's centre 64x64: x 16-79
+    assert grid.shape == (8, 8)
+    assert torch.equal(grid[:, :4], torch.ones(8, 4)) and float(grid[0, 4]) == 0.5
+    assert float(grid[1:, 4:].sum()) == 0 and float(grid[0, 5:].sum()) == 0
+    mirrored = mask_grid(mask, (96, 64), (64, 64), "x")
+    assert torch.equal(mirrored, grid.flip(1))
+    assert torch.equal(mask_grid(mask, (96, 64), (64, 64), "y"), grid.flip(0))
+
+
+def test_masked_cells_weigh_the_loss_by_the_minimum_value(tmp_path):
+    from zimage_lora.data.masks import cell_weights, mask_grid
+
+    grid = mask_grid(_mask_image(tmp_path / "m.png"), (96, 64), (64, 64), "")[None]
+    g = torch.Generator().manual_seed(0)
+    out, x0, noise = (torch.randn(1, 16, 8, 8, generator=g) for _ in range(3))
+    changed = x0.clone()
+    changed[..., 1:, 4:] += torch.randn(1, 16, 7, 4, generator=g)  # only cells where the mask is 0
+    w = torch.ones(1)
+
+    def loss_and_grad(x, cells):
+        pred = out.clone().requires_grad_(True)
+        loss, _ = flow.guided_flow_loss(pred, x, noise, w, None, "mse", cells=cells)
+        loss.backward()
+        return loss.detach(), pred.grad
+
+    zero = cell_weights(grid, 0.0)
+    (a, ga), (b, gb) = loss_and_grad(x0, zero), loss_and_grad(changed, zero)
+    assert torch.equal(a, b) and torch.equal(ga, gb)  # bit-identical
+    plain_change = float(loss_and_grad(changed, None)[0] - loss_and_grad(x0, None)[0])
+    m = 0.1
+    masked_change = float(
+        loss_and_grad(changed, cell_weights(grid, m))[0] - loss_and_grad(x0, cell_weights(grid, m))[0]
+    )
+    assert math.isclose(masked_change, m * plain_change, rel_tol=1e-4)
+
+
+def test_a_run_with_masks_trains_and_names_an_image_without_one(make_job, tmp_path):
+    job = make_job({"datasets": [{"mask_path": "./masks", "mask_min_value": 0.2, "flip_x": True}]})
+    (tmp_path / "masks").mkdir()
+    images = sorted((tmp_path / "dataset").glob("*.png"))
+    for image in images[:-1]:
+        _mask_image(tmp_path / "masks" / image.name, Image.open(image).size)
+    cfg = load_job(job, [], warnings=[])
+    recipe = LoraRecipe(cfg)
+    try:
+        recipe.setup()
+        masks = []
+        for step in range(1, 7):
+            batch = recipe.data.next(recipe.state, step)
+            masks += [e.mask for e in batch.micro[0]]
+            assert math.isfinite(recipe.train_step(batch).loss)
+    finally:
+        recipe.close()
+    weighted = [m for m in masks if m is not None]
+    assert weighted and len(weighted) < len(masks)  # the masked images and the one without
+    assert all(math.isclose(float(m.min()), 0.2, rel_tol=1e-6) and float(m.max()) == 1.0 for m in weighted)
+    log = (recipe.run.root / "train.log").read_text()
+    assert f"no mask for {images[-1].name}" in log
+    with pytest.raises(Exception, match="mask_path: folder not found"):
+        load_job(job, ["datasets.0.mask_path=./nowhere"], warnings=[])

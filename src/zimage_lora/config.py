@@ -443,6 +443,14 @@ class DatasetSection(_Section):
     flip_x: bool = Field(
         False, description="Mirror each image left-right at random (half the steps); its latent is cached too."
     )
+    mask_path: str | None = Field(
+        None,
+        description="Folder of loss masks: a greyscale image per training image, same file name; white trains fully, "
+        "black at mask_min_value (per latent cell, cropped and flipped with its image). Empty = no masks.",
+    )
+    mask_min_value: float = Field(
+        0.1, ge=0, le=1, description="The loss weight where a mask is black (AI Toolkit's default 0.1)."
+    )
     flip_y: bool = Field(False, description="Flip each image upside down at random (half the steps); cached too.")
     shuffle_tokens: bool = Field(
         False,
@@ -465,7 +473,7 @@ class DatasetSection(_Section):
     def _no_dot(cls, value: Any) -> Any:
         return value.lstrip(".") if isinstance(value, str) else value
 
-    @field_validator("path", "cache_dir")
+    @field_validator("path", "cache_dir", "mask_path")
     @classmethod
     def _resolve(cls, value: str | None, info: ValidationInfo) -> str | None:
         return _local_path(value, info)
@@ -1027,6 +1035,11 @@ def check_job(cfg: JobConfig, *, check_paths: bool = True) -> list[str]:
             problem = untrainable(folder, dataset.resolutions, dataset.recursive)
             if problem:
                 errors.append(f"datasets[{index}].resolutions: {problem}")
+            if dataset.mask_path is not None and not Path(dataset.mask_path).is_dir():
+                errors.append(
+                    f"datasets[{index}].mask_path: folder not found: {dataset.mask_path}; point it at the folder "
+                    "of the masks or remove it"
+                )
             images.update(list_images(folder, dataset.recursive, dataset.cache_dir))
         low, high = FEW_IMAGES_STEPS
         if images and len(images) < FEW_IMAGES and cfg.train.steps > high:

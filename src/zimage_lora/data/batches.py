@@ -34,6 +34,7 @@ class Example:
     full_caption: str  # before caption dropout and tag edits (DOP's class caption is made from it)
     dataset: int = 0  # its dataset's index in the job
     flip: str = ""  # "", "x", "y" or "xy": how its image was flipped at this step
+    mask: object = None  # (H/8, W/8) loss weight per latent cell, or None (data/masks.py)
 
 
 @dataclass(frozen=True)
@@ -76,12 +77,14 @@ class DatasetBatches:
         seed: int,
         draws,
         share: tuple[int, int] = (0, 1),
+        masks=None,
     ):
         self.items, self.samples, self.latent = items, samples, latent
         # each dataset's options (caption_dropout, the tag edits, flips, network_weight: config.DatasetSection)
         self.datasets, self.batch_size, self.grad_accum = datasets, batch_size, grad_accum
         self.seed, self.draws = seed, draws
         self.rank, self.world = share
+        self.masks = masks  # data/masks.MaskStore, for the datasets with a mask_path
         self._order: tuple[int, list[list[int]]] | None = None  # (epoch, its batches)
 
     def captions(self) -> set[str]:
@@ -119,7 +122,11 @@ class DatasetBatches:
             caption = edit_tags(caption, ds.keep_tokens, ds.shuffle_tokens, ds.token_dropout,
                                 self.draws.tags(step, index))  # fmt: skip
         flip = self.draws.flip(step, index, ds.flip_x, ds.flip_y)
-        return Example(index, self.latent(item.path, sample.bucket, flip), caption, item.caption, item.dataset, flip)
+        mask = None
+        if ds.mask_path is not None and self.masks is not None:
+            mask = self.masks.weights(item.path, ds.mask_path, sample.bucket, flip, ds.mask_min_value)
+        latent = self.latent(item.path, sample.bucket, flip)
+        return Example(index, latent, caption, item.caption, item.dataset, flip, mask)
 
     def network_weight(self, micro: list[Example]) -> float:
         """The LoRA multiplier of a micro-batch (its examples share one: batches form within a weight)."""

@@ -139,16 +139,18 @@ def guided_flow_loss(
     loss: str = "mse",
     unconditional: list[torch.Tensor] | torch.Tensor | None = None,
     guidance_target: float = 3.0,
+    cells: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to back-propagate, plain loss to log), ``loss`` one of ``LOSSES``.
 
     With the guidance loss (``unconditional``: the model's output on the empty prompt, no gradient through it, as
     velocity ``u``), the target becomes ``u + g (target - u)``, g = ``guidance_target``. With differential guidance
     (scale ``k``) the target then becomes ``pred + k * (target - pred)`` (pred detached): for mse the same loss
-    direction with ``k`` times its gradient. The plain loss is always against the data's own target."""
+    direction with ``k`` times its gradient. The plain loss is always against the data's own target. ``cells``
+    (B, H, W): a weight per latent cell (loss masks), on every channel."""
     pred = stack_velocity(output, x0.shape)
     target = flow_target(x0.float(), noise.float())
-    plain = _weighted_loss(pred, target, weights, loss)
+    plain = _weighted_loss(pred, target, weights, loss, cells)
     trained = target
     if unconditional is not None:
         trained = guidance_loss_target(stack_velocity(unconditional, x0.shape).detach(), target, guidance_target)
@@ -156,7 +158,7 @@ def guided_flow_loss(
         trained = differential_guidance_target(pred, trained, guidance_scale)
     if trained is target:
         return plain, plain
-    return _weighted_loss(pred, trained, weights, loss), plain.detach()
+    return _weighted_loss(pred, trained, weights, loss, cells), plain.detach()
 
 
 def guidance_loss_target(unconditional: torch.Tensor, target: torch.Tensor, g: float) -> torch.Tensor:
@@ -187,6 +189,11 @@ def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss: str) -> tor
 LOSSES = ("mse", "mae", "pseudo_huber")
 
 
-def _weighted_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, loss: str) -> torch.Tensor:
-    per_item = elementwise_loss(pred, target, loss).flatten(1).mean(1)
+def _weighted_loss(
+    pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, loss: str, cells: torch.Tensor | None = None
+) -> torch.Tensor:
+    elements = elementwise_loss(pred, target, loss)
+    if cells is not None:
+        elements = elements * cells.to(elements)[:, None]
+    per_item = elements.flatten(1).mean(1)
     return (per_item * weights.to(per_item)).mean()

@@ -45,6 +45,7 @@ from zimage_lora.config import DEFAULT_TARGET_REGEX, JobConfig, check_job, dump_
 from zimage_lora.data.batches import DatasetBatches, Example, StepBatch
 from zimage_lora.data.cache import LatentStore
 from zimage_lora.data.dataset import build_samples, discover
+from zimage_lora.data.masks import MaskStore
 from zimage_lora.data.text_cache import PromptEmbeddings
 from zimage_lora.errors import NonFiniteLoss, ProcessLost, UserError
 from zimage_lora.lora import network
@@ -516,6 +517,7 @@ class LoraRecipe:
         return DatasetBatches(
             self.items, self.samples, self.latents.get, cfg.datasets, cfg.train.batch_size, cfg.train.grad_accum,
             cfg.job.seed, self.draws, share=(self.processes.rank, self.processes.world),
+            masks=MaskStore(lambda message: self.log(f"warning: {message}")),
         )  # fmt: skip
 
     def _setup_optimizer(self) -> None:
@@ -638,9 +640,13 @@ class LoraRecipe:
             unconditional = [o.squeeze(1) for o in u]
         output = self.model(inputs, flow.model_time(sigma), caps, return_dict=False)[0]
         guidance = cfg.advanced.differential_guidance
+        cells = None
+        if any(e.mask is not None for e in micro):  # loss masks: a weight per latent cell (1 for an unmasked image)
+            cells = to_device(torch.stack([e.mask if e.mask is not None else torch.ones(x0.shape[2:]) for e in micro]),
+                              device)  # fmt: skip
         loss, plain = flow.guided_flow_loss(
             [o.squeeze(1) for o in output], x0, noise, weights, guidance.scale if guidance.enabled else None,
-            cfg.train.loss, unconditional, cfg.train.guidance_loss.target,
+            cfg.train.loss, unconditional, cfg.train.guidance_loss.target, cells,
         )  # fmt: skip
         keep = self._preservation()
         if keep is None:

@@ -416,3 +416,67 @@ def test_a_run_with_masks_trains_and_names_an_image_without_one(make_job, tmp_pa
     assert f"no mask for {images[-1].name}" in log
     with pytest.raises(Exception, match="mask_path: folder not found"):
         load_job(job, ["datasets.0.mask_path=./nowhere"], warnings=[])
+
+
+# --- regularisation ---------------------------------------------------------------------------------------------------
+
+
+def _reg_job(make_job, tmp_path, weight: float):
+    from conftest import demo_dataset
+
+    reg = demo_dataset(tmp_path / "reg", 3)
+    for image in reg.glob("*.png"):  # captions that would carry the trigger: a regularisation image never does
+        image.with_suffix(".txt").write_text("a photo of [trigger], a fox, zfox in snow")
+    datasets = [
+        {"path": "./dataset", "resolutions": [64], "caption_dropout": 0.0},
+        {"path": "./reg", "resolutions": [64], "caption_dropout": 0.0, "is_reg": True},
+    ]
+    train_cfg = {"reg_ratio": 0.25, "reg_weight": weight, "max_grad_norm": 0}
+    return load_job(make_job({"datasets": datasets, "train": train_cfg}, folder=tmp_path), [], warnings=[])
+
+
+def test_regularisation_fills_its_share_of_batches_without_the_trigger(make_job, tmp_path):
+    cfg = _reg_job(make_job, tmp_path, 0.5)
+    recipe = LoraRecipe(cfg)
+    try:
+        recipe.setup()
+        position = SimpleNamespace(epoch=0, batch=0, reg_epoch=0, reg_batch=0)
+        drawn = [recipe.data.next(position, step).micro[0][0] for step in range(1, 201)]
+    finally:
+        recipe.close()
+    reg = [e for e in drawn if cfg.datasets[e.dataset].is_reg]
+    assert len(reg) == 50  # 0.25 of 200, spread evenly
+    assert all("zfox" not in e.caption and "zfox" not in e.full_caption for e in reg)
+    assert {e.caption for e in reg} == {"a photo of, a fox, in snow"}
+    assert any("zfox" in e.caption for e in drawn if not cfg.datasets[e.dataset].is_reg)
+
+
+def test_a_regularisation_batch_is_weighted_by_reg_weight(make_job, tmp_path):
+    """The same first regularisation batch (step 4 at reg_ratio 0.25) on two fresh runs that differ only in
+    reg_weight: the gradient (its logged norm, unclipped) scales by the weight; the logged loss does not."""
+    norms, losses = {}, {}
+    for weight in (1.0, 0.5):
+        cfg = _reg_job(make_job, tmp_path / str(weight), weight)
+        recipe = LoraRecipe(cfg)
+        try:
+            recipe.setup()
+            position = SimpleNamespace(epoch=0, batch=0, reg_epoch=0, reg_batch=0)
+            batch = next(b for b in (recipe.data.next(position, s) for s in range(1, 9)) if b.step == 4)
+            assert cfg.datasets[batch.micro[0][0].dataset].is_reg
+            step = recipe.train_step(batch)
+            norms[weight], losses[weight] = step.grad_norm, step.loss
+        finally:
+            recipe.close()
+    assert math.isclose(norms[0.5], 0.5 * norms[1.0], rel_tol=1e-5) and norms[1.0] > 0
+    assert math.isclose(losses[0.5], losses[1.0], rel_tol=1e-6)
+
+
+def test_regularisation_settings_refused_in_one_sentence(make_job):
+    from zimage_lora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="every dataset is regularisation"):
+        load_job(make_job({"datasets": [{"is_reg": True}]}), [], warnings=[])
+    second = {"path": "./dataset", "resolutions": [64], "is_reg": True}
+    job = make_job({"datasets": [{"path": "./dataset", "resolutions": [64]}, second], "train": {"reg_ratio": 0}})
+    with pytest.raises(ConfigError, match="train.reg_ratio: 0 never draws"):
+        load_job(job, [], warnings=[])

@@ -403,6 +403,13 @@ class TrainSection(_Section):
         False, description="Encode the fixed captions once, then drop the text encoder from memory."
     )
     ema: EmaSection = Field(default_factory=EmaSection, description="Exponential moving average of the weights.")
+    reg_ratio: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="With regularisation datasets (datasets[].is_reg): the share of batches drawn from them.",
+    )
+    reg_weight: float = Field(1.0, gt=0, le=100, description="The loss weight of regularisation batches.")
     dop: DopSection = Field(default_factory=DopSection, description="Differential output preservation.")
     blank_prompt_preservation: BlankPromptSection = Field(
         default_factory=BlankPromptSection, description="Blank Prompt Preservation."
@@ -442,6 +449,11 @@ class DatasetSection(_Section):
     )
     flip_x: bool = Field(
         False, description="Mirror each image left-right at random (half the steps); its latent is cached too."
+    )
+    is_reg: bool = Field(
+        False,
+        description="Regularisation images: trained without the trigger word (removed from their captions), in their "
+        "own batches, train.reg_ratio of them, their loss weighted by train.reg_weight; AI Toolkit's is_reg.",
     )
     mask_path: str | None = Field(
         None,
@@ -994,6 +1006,12 @@ def check_job(cfg: JobConfig, *, check_paths: bool = True) -> list[str]:
             "the blocks that would be compiled); turn one of them off"
         )
     errors += _shard_conflicts(cfg)
+    if cfg.datasets and all(ds.is_reg for ds in cfg.datasets):
+        errors.append(
+            "datasets[].is_reg: every dataset is regularisation; leave at least one to learn the concept from"
+        )
+    elif any(ds.is_reg for ds in cfg.datasets) and cfg.train.reg_ratio == 0:
+        errors.append("train.reg_ratio: 0 never draws the regularisation datasets; raise it (e.g. 0.5) or drop is_reg")
     for index, ds in enumerate(cfg.datasets):
         edited = "shuffle_tokens" if ds.shuffle_tokens else "token_dropout" if ds.token_dropout > 0 else None
         if edited and (cfg.train.cache_text_embeddings or cfg.train.unload_text_encoder):

@@ -15,6 +15,7 @@ another number of processes continues at the same place when ``batch_size x worl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,8 @@ class DatasetBatches:
         draws,
         share: tuple[int, int] = (0, 1),
         masks=None,
+        reg_ratio: float = 0.0,
+        reg_weight: float = 1.0,
     ):
         self.items, self.samples, self.latent = items, samples, latent
         # each dataset's options (caption_dropout, the tag edits, flips, network_weight: config.DatasetSection)
@@ -85,7 +88,17 @@ class DatasetBatches:
         self.seed, self.draws = seed, draws
         self.rank, self.world = share
         self.masks = masks  # data/masks.MaskStore, for the datasets with a mask_path
-        self._order: tuple[int, list[list[int]]] | None = None  # (epoch, its batches)
+        self._order: dict[bool, tuple[int, list[list[int]]]] = {}  # per stream (regularisation or not): its epoch
+        # regularisation datasets (is_reg) fill reg_ratio of the micro-batches from an order of their own
+        self.reg_ratio, self.reg_weight = reg_ratio, reg_weight
+        self.streams = {
+            reg: [
+                i
+                for i, s in enumerate(samples)
+                if bool(getattr(datasets[items[s.item].dataset], "is_reg", False)) == reg
+            ]
+            for reg in (False, True)
+        }
 
     def captions(self) -> set[str]:
         return {it.caption for it in self.items}
@@ -93,13 +106,17 @@ class DatasetBatches:
     def next(self, position: Position, step: int) -> StepBatch:
         """This process's part of the batch of ``step``; advances ``position`` past the (whole) batches it took."""
         micro, weights, index = [], [], 0
-        for _ in range(self.grad_accum):
-            batches = self._batches(position.epoch)
-            if position.batch >= len(batches):
-                position.epoch += 1
-                position.batch = 0
-                batches = self._batches(position.epoch)
-            whole = batches[position.batch]
+        for j in range(self.grad_accum):
+            reg = self.is_reg_batch((step - 1) * self.grad_accum + j)
+            at_epoch, at_batch = ("reg_epoch", "reg_batch") if reg else ("epoch", "batch")
+            epoch, batch = getattr(position, at_epoch, 0), getattr(position, at_batch, 0)
+            batches = self._batches(reg, epoch)
+            if batch >= len(batches):
+                epoch, batch = epoch + 1, 0
+                batches = self._batches(reg, epoch)
+            whole = batches[batch]
+            setattr(position, at_epoch, epoch)
+            setattr(position, at_batch, batch + 1)
             sizes = split_sizes(len(whole), self.world)
             start = sum(sizes[: self.rank])
             mine = list(range(start, start + sizes[self.rank]))
@@ -109,7 +126,6 @@ class DatasetBatches:
             micro.append([self._example(step, index + j, whole[j]) for j in mine])
             weights.append(weight)
             index += len(whole)
-            position.batch += 1
         return StepBatch(step, micro, weights if self.world > 1 else None)
 
     def _example(self, step: int, index: int, sample_index: int) -> Example:
@@ -132,8 +148,24 @@ class DatasetBatches:
         """The LoRA multiplier of a micro-batch (its examples share one: batches form within a weight)."""
         return self.datasets[micro[0].dataset].network_weight
 
-    def _batches(self, epoch: int) -> list[list[int]]:
-        if self._order is None or self._order[0] != epoch:
-            groups = [(s.bucket, self.datasets[self.items[s.item].dataset].network_weight) for s in self.samples]
-            self._order = (epoch, epoch_batches(self.samples, self.batch_size * self.world, self.seed, epoch, groups))
-        return self._order[1]
+    def is_reg_batch(self, n: int) -> bool:
+        """Whether the job's micro-batch number ``n`` (0-based, counted over the whole run) is a regularisation one:
+        spread evenly, ``reg_ratio`` of them (exactly, up to one, over any stretch of the run)."""
+        if not self.streams[True] or self.reg_ratio <= 0:
+            return False
+        return math.floor((n + 1) * self.reg_ratio + 1e-9) > math.floor(n * self.reg_ratio + 1e-9)
+
+    def loss_weight(self, micro: list[Example]) -> float:
+        """``reg_weight`` for a regularisation micro-batch, else 1."""
+        return self.reg_weight if getattr(self.datasets[micro[0].dataset], "is_reg", False) else 1.0
+
+    def _batches(self, reg: bool, epoch: int) -> list[list[int]]:
+        """One epoch's batches of a stream (the regularisation samples or the others), as sample indices."""
+        if reg not in self._order or self._order[reg][0] != epoch:
+            subset = self.streams[reg]
+            samples = [self.samples[i] for i in subset]
+            groups = [(s.bucket, self.datasets[self.items[s.item].dataset].network_weight) for s in samples]
+            seed = f"{self.seed}:reg" if reg else self.seed
+            order = epoch_batches(samples, self.batch_size * self.world, seed, epoch, groups)
+            self._order[reg] = (epoch, [[subset[k] for k in batch] for batch in order])
+        return self._order[reg][1]

@@ -102,8 +102,20 @@ def discover(datasets, trigger_word: str | None, warn: Warn = _ignore) -> list[I
             raise UserError(f"datasets[{index}].path: no images (png, jpg, webp, bmp) in {folder}")
         for image in images:
             caption = read_caption(image, ds.caption_ext, ds.default_caption, trigger_word, warn)
+            if getattr(ds, "is_reg", False) and trigger_word:
+                caption = without_word(caption, trigger_word)
             items.extend(ImageItem(image, caption, index) for _ in range(ds.repeats))
     return items
+
+
+def without_word(caption: str, word: str) -> str:
+    """The caption with every whole occurrence of ``word`` removed (a regularisation image never carries the
+    trigger), the commas and spaces left around it tidied."""
+    import re
+
+    text = re.sub(rf"(?<![\w]){re.escape(word)}(?![\w])", "", caption)
+    tags = [" ".join(t.split()) for t in text.split(",")]
+    return ", ".join(t for t in tags if t)
 
 
 def image_size(path: Path) -> tuple[int, int]:

@@ -518,6 +518,7 @@ class LoraRecipe:
             self.items, self.samples, self.latents.get, cfg.datasets, cfg.train.batch_size, cfg.train.grad_accum,
             cfg.job.seed, self.draws, share=(self.processes.rank, self.processes.world),
             masks=MaskStore(lambda message: self.log(f"warning: {message}")),
+            reg_ratio=cfg.train.reg_ratio, reg_weight=cfg.train.reg_weight,
         )  # fmt: skip
 
     def _setup_optimizer(self) -> None:
@@ -565,7 +566,8 @@ class LoraRecipe:
         plains, dops = [], []
         for i, micro in enumerate(batch.micro):
             self._set_lora_scale(getattr(self.data, "network_weight", lambda m: 1.0)(micro))  # its dataset's
-            weight = batch.weight(i)  # this process's share of the micro-batch (1 on one process)
+            share = batch.weight(i)  # this process's share of the micro-batch (1 on one process)
+            weight = share * getattr(self.data, "loss_weight", lambda m: 1.0)(micro)  # x a regularisation weight
             last = i == len(batch.micro) - 1
             # gradients are exchanged once, on the last micro-batch's backward
             if self.sharded:
@@ -574,9 +576,9 @@ class LoraRecipe:
                 with self.accelerator.autocast():
                     loss, plain, dop_loss = self._loss(batch.step, micro)
                 self.accelerator.backward(loss * weight / len(batch.micro) if weight != 1 else loss / len(batch.micro))
-            plains.append(plain.float() * (weight / world) if world > 1 else plain.float())
+            plains.append(plain.float() * (share / world) if world > 1 else plain.float())  # logged: unweighted
             if dop_loss is not None:
-                dops.append(dop_loss.float() * (weight / world) if world > 1 else dop_loss.float())
+                dops.append(dop_loss.float() * (share / world) if world > 1 else dop_loss.float())
         self._set_lora_scale(1.0)  # after the backward: a recompute runs at the forward's scale
         max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
         norm = self.accelerator.clip_grad_norm_(self.params, max_norm)

@@ -21,10 +21,12 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     epoch: int = 0  # the epoch the next batch comes from
     batch: int = 0  # the next batch's index in that epoch's order
+    reg_epoch: int = 0  # the same for the regularisation datasets' batches (their own order)
+    reg_batch: int = 0
     ema: Any = None  # the LoraEMA when train.ema is on (training/ema.py)
 
     def position(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch}
+        return {"epoch": self.epoch, "batch": self.batch, "reg_epoch": self.reg_epoch, "reg_batch": self.reg_batch}
 
 
 def snapshot(state: TrainState, model, optimizer_state: dict, scheduler) -> dict:
@@ -54,7 +56,9 @@ def restore(saved: dict, state: TrainState, model, optimizer, scheduler) -> None
     optimizer.load_state_dict(shard_optimizer_state(optimizer, saved["optimizer"]))
     scheduler.load_state_dict(saved["scheduler"])
     state.step = int(saved["step"])
-    state.epoch, state.batch = int(saved["position"]["epoch"]), int(saved["position"]["batch"])
+    position = saved["position"]
+    state.epoch, state.batch = int(position["epoch"]), int(position["batch"])
+    state.reg_epoch, state.reg_batch = int(position.get("reg_epoch", 0)), int(position.get("reg_batch", 0))
     if state.ema is not None and saved.get("ema") is not None:
         state.ema.load_state_dict(saved["ema"])
 

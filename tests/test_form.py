@@ -480,3 +480,28 @@ def test_regularisation_settings_refused_in_one_sentence(make_job):
     job = make_job({"datasets": [{"path": "./dataset", "resolutions": [64]}, second], "train": {"reg_ratio": 0}})
     with pytest.raises(ConfigError, match="train.reg_ratio: 0 never draws"):
         load_job(job, [], warnings=[])
+
+
+# --- text-encoder layer offloading ----------------------------------------------------------------------------------
+
+
+def test_text_encoder_offloading_gives_the_resident_embeddings(make_job, tmp_path):
+    """The same job with half the text encoder's layers streamed in: the same cached embeddings, bit for bit, with
+    the offloaded layers loaded once per prompt and at most two on the device at once (recorded)."""
+    cached = {}
+    for fraction in (0.0, 0.5):
+        job = make_job({"job": {"name": f"te{int(fraction * 10)}"}, "model": {"text_encoder_offload": fraction}})
+        recipe = LoraRecipe(load_job(job, [], warnings=[]))
+        try:
+            recipe.setup()
+            cached[fraction] = dict(recipe.text.cached)
+            record = recipe._memory_record()
+        finally:
+            recipe.close()
+    assert cached[0.0].keys() == cached[0.5].keys() and len(cached[0.0]) > 2
+    assert all(torch.equal(cached[0.0][p], cached[0.5][p]) for p in cached[0.0])
+    offload = record["text_encoder_offload"]
+    assert offload["layers"] == [0, 1]  # ceil(0.5 x 3) of the tiny encoder's 3 layers
+    assert offload["loads"][:2] == [len(cached[0.5])] * 2 and offload["max_resident"] <= 2
+    with pytest.raises(Exception, match="model.text_encoder_offload: not with model.low_vram"):
+        load_job(job, ["model.low_vram=true"], warnings=[])

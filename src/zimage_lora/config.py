@@ -232,6 +232,14 @@ class ModelSection(_Section):
         description="Fraction of the transformer's main blocks kept in CPU memory and streamed to the GPU when used "
         "(0 = none; saves memory, costs speed).",
     )
+    text_encoder_offload: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Fraction of the text encoder's decoder layers kept in CPU memory and streamed to the GPU when "
+        "they encode (0 = none); not with low_vram, which keeps the whole text encoder off the GPU already. AI "
+        "Toolkit's text-encoder layer offloading.",
+    )
     shard: bool = Field(
         False,
         description="With several GPUs: shard the frozen transformer across them (FSDP2, each block's weights "
@@ -1006,6 +1014,11 @@ def check_job(cfg: JobConfig, *, check_paths: bool = True) -> list[str]:
             "the blocks that would be compiled); turn one of them off"
         )
     errors += _shard_conflicts(cfg)
+    if cfg.model.text_encoder_offload > 0 and cfg.model.low_vram:
+        errors.append(
+            "model.text_encoder_offload: not with model.low_vram, which already keeps the whole text encoder in CPU "
+            "memory between uses; turn one of them off"
+        )
     if cfg.datasets and all(ds.is_reg for ds in cfg.datasets):
         errors.append(
             "datasets[].is_reg: every dataset is regularisation; leave at least one to learn the concept from"

@@ -189,6 +189,7 @@ class LoraRecipe:
         self.round_scores: dict[int, RoundScores] = {}
         self.metrics: MetricsLog | None = None
         self.offloader: BlockOffloader | None = None
+        self.text_offloader: BlockOffloader | None = None  # model.text_encoder_offload
         self.validator: Validator | None = None
         self.latents: LatentStore | None = None
         self.preview_vae: OnDemand | None = None
@@ -472,6 +473,12 @@ class LoraRecipe:
         if text is not None:
             self.text = text
             return
+        if cfg.model.text_encoder_offload > 0:
+            encoder = self.comps.text_encoder
+            stack = encoder if hasattr(encoder, "layers") else encoder.model  # Qwen3Model, or a CausalLM around one
+            self.text_offloader = BlockOffloader(stack, cfg.model.text_encoder_offload, self.device)
+            n, kept = self.text_offloader.n_blocks, len(self.text_offloader.offloaded)
+            log(f"text encoder offload: {kept} of {n} layers stay in CPU memory and are streamed in when they encode")
         self.text = PromptEmbeddings(
             self.comps.tokenizer, self.comps.text_encoder, self.device, low_vram=cfg.model.low_vram
         )
@@ -844,6 +851,10 @@ class LoraRecipe:
     def _memory_record(self) -> dict:
         vae_visits = [c.visits for c in (self.latents and self.latents.vae_on_device, self.preview_vae) if c]
         record = {"text_encoder_visits": self.text.visits, "vae_visits": sum(vae_visits)}
+        if self.text_offloader is not None:
+            o = self.text_offloader
+            record["text_encoder_offload"] = {"layers": list(o.offloaded), "loads": list(o.loads),
+                                              "max_resident": o.max_resident}  # fmt: skip
         if self.offloader is not None:
             o = self.offloader
             record["offload"] = {

@@ -318,7 +318,11 @@ def toy_world_build(
 
 @toy_app.command("experiment")
 def toy_world_experiment(
-    name: str = typer.Argument(..., help="adapter (the guide's central claim), transfer or adapters (v1 against v2)."),
+    name: str = typer.Argument(
+        ...,
+        help="adapter (the guide's central claim), transfer, adapters (v1 against v2) or preservation (regularisation, "
+        "Blank Prompt Preservation and the guidance loss against leakage).",
+    ),
     out: Path = typer.Argument(..., help="Folder for the runs and the results (<name>.json)."),
 ) -> None:
     """Measure one of the guide's claims on the toy world (docs/experiments.md): trains the arms, scores them."""

@@ -9,6 +9,9 @@
   adapter) used on the base; each against its own model.
 - ``adapters``: two toy adapters of different training length (the shipped one and one trained a tenth as long),
   through ``compare`` (the guide's v1 against v2 A/B test).
+- ``preservation``: what keeps the stripes from leaking into pictures without the trigger, at PRESERVATION_STEPS
+  steps: the striped pictures alone; with the plain pictures in the same dataset (the demo); the plain pictures as a
+  regularisation dataset (``is_reg``); Blank Prompt Preservation; and the demo's data with the guidance loss.
 
 Every arm trains the demo's job (``presets/demo.yaml``) with one change, on the same data and seeds; pictures are
 scored on a fixed probe set of prompts (``PROBES`` of them, with and without the trigger). A difference between two
@@ -107,6 +110,9 @@ def measure(
     if sheet is not None:
         demo.sheet([untouched[1][:SHEET_COLUMNS], with_trigger[:SHEET_COLUMNS], without[:SHEET_COLUMNS]], sheet)
     accuracy = score.accuracy(without, scenes)["all"]
+    if sheet is not None:  # each probe's change, for the standard error of the leak
+        changes = [change(thumbnail_of(a), thumbnail_of(b)) for a, b in zip(without, untouched[1], strict=True)]
+        sheet.with_suffix(".changes.json").write_text(json.dumps(changes))
     return {
         "concept": score.concept_score(with_trigger, scenes),
         "leak": leak(without, untouched[1]),
@@ -119,15 +125,18 @@ def standard_error(p: float, n: int = PROBES) -> float:
     return math.sqrt(max(p * (1 - p), 1e-12) / n)
 
 
-def train_arm(out: Path, name: str, overrides: list[str], models: Path, log: Log):
-    """The demo's job with ``overrides``, in ``out/name``, its own copy of the data and the models' folder named."""
+def train_arm(out: Path, name: str, overrides: list[str], models: Path, log: Log, plain: int = 24, reg: int = 0):
+    """The demo's job with ``overrides``, in ``out/name``, its own copy of the data (``plain`` pictures without the
+    trigger beside the striped ones; ``reg`` plain pictures in ``reg/``) and the models' folder named."""
     from zimage_lora.config import load_job, preset_yaml
     from zimage_lora.training.recipe import train
 
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "dataset").is_dir():
-        demo.write_dataset(folder / "dataset")
+        demo.write_dataset(folder / "dataset", plain=plain)
+    if reg and not (folder / "reg").is_dir():
+        demo.write_dataset(folder / "reg", striped=0, plain=reg, seed=1)
     (folder / "job.yaml").write_text(preset_yaml("demo"))
     base = [
         f"model.name_or_path={models / 'turbo'}",
@@ -238,6 +247,44 @@ def experiment_adapters(out: Path, models: Path, log: Log, short_steps: int = 70
     return table
 
 
+PRESERVATION_STEPS = 500
+
+
+def experiment_preservation(out: Path, models: Path, log: Log) -> dict:
+    short = [f"train.steps={PRESERVATION_STEPS}", f"save.every={PRESERVATION_STEPS}", "sample.enabled=false"]
+    dataset = "{path: ./dataset, caption_dropout: 0.05, resolutions: [128]}"
+    reg = "{path: ./reg, caption_dropout: 0.05, resolutions: [128], is_reg: true}"
+    arms = {  # name: (overrides, plain pictures in the dataset, plain pictures as regularisation)
+        "striped_only": ([], 0, 0),
+        "plain_pictures_in_the_dataset": ([], 24, 0),
+        "plain_pictures_as_regularisation": ([f"datasets=[{dataset}, {reg}]", "train.reg_ratio=0.5"], 0, 24),
+        "blank_prompt_preservation": (["train.blank_prompt_preservation.enabled=true"], 0, 0),
+        "guidance_loss_3": (["train.guidance_loss.enabled=true", "train.guidance_loss.target=3"], 24, 0),
+    }
+    untouched = pictures(models, TURBO_8, None)
+    table = {}
+    for name, (overrides, plain, reg_pictures) in arms.items():
+        _, result = train_arm(out, name, [*short, *overrides], models, log, plain=plain, reg=reg_pictures)
+        table[name] = measure(models, TURBO_8, result.final_lora, untouched, out / f"{name}.png")
+        log(f"  {name}: {json.dumps(table[name])}")
+    base = table["striped_only"]
+    table["leak_shown"] = {  # a leak lower than the striped-only arm's by more than its standard error over the probes
+        name: bool(base["leak"] - m["leak"] > math.hypot(*_leak_errors(out, name)))
+        for name, m in table.items()
+        if name not in ("striped_only", "leak_shown")
+    }
+    return table
+
+
+def _leak_errors(out: Path, name: str) -> tuple[float, float]:
+    """The standard errors of two arms' leaks over the probe set (their per-probe changes, saved by ``measure``)."""
+    return tuple(float(np.std(v) / math.sqrt(len(v))) for v in (_changes(out, "striped_only"), _changes(out, name)))
+
+
+def _changes(out: Path, name: str) -> list[float]:
+    return json.loads((out / f"{name}.changes.json").read_text())
+
+
 def _cells(m: dict) -> str:
     return f"{m['concept']:.2f} | {m['leak']:.3f} | {m['accuracy']:.2f} | {m['drift']:+.2f}"
 
@@ -267,13 +314,26 @@ def markdown(name: str, result: dict) -> str:
         for arm, used in result.items():
             for where in ("own", "other"):
                 lines.append(f"| {arm} | {used[where]['setting']} ({where}) | {_cells(used[where])} |")
+    elif name == "preservation":
+        lines += [f"| arm ({PRESERVATION_STEPS} steps, toy Turbo 8 steps) {HEADER} leak below striped only |"]
+        lines += ["|---|---|---|---|---|---|"]
+        for arm, m in result.items():
+            if arm == "leak_shown":
+                continue
+            shown = "-" if arm == "striped_only" else ("shown" if result["leak_shown"][arm] else "not shown")
+            lines.append(f"| {arm} | {_cells(m)} | {shown} |")
     else:
         lines += [f"| adapter while training {HEADER}", "|---|---|---|---|---|"]
         lines += [f"| {arm} | {_cells(m)} |" for arm, m in result.items() if isinstance(m, dict)]
     return "\n".join(lines) + "\n"
 
 
-EXPERIMENTS = {"adapter": experiment_adapter, "transfer": experiment_transfer, "adapters": experiment_adapters}
+EXPERIMENTS = {
+    "adapter": experiment_adapter,
+    "transfer": experiment_transfer,
+    "adapters": experiment_adapters,
+    "preservation": experiment_preservation,
+}
 
 
 def run_experiment(name: str, out: Path, models: Path | None = None, log: Log = print) -> dict:

@@ -63,10 +63,10 @@ def restore(saved: dict, state: TrainState, model, optimizer, scheduler) -> None
         state.ema.load_state_dict(saved["ema"])
 
 
-# Keys a resumed run may change: length, saving, previews, the devices and how memory is saved (layer offload and
-# low_vram give the same numbers; compile, sharding and another number of processes within float rounding; the
-# batch size is checked as images per whole micro-batch, see check_processes). Anything else would make the run a
-# different one.
+# Keys a resumed run may change: length, saving, previews, the devices and how memory is saved (layer offload, text
+# encoder offload and low_vram give the same numbers; compile, sharding and another number of processes within float
+# rounding; the batch size is checked as images per whole micro-batch, see check_processes). Anything else would make
+# the run a different one.
 RESUMABLE_CHANGES = (
     "train.steps",
     "save.",
@@ -78,6 +78,7 @@ RESUMABLE_CHANGES = (
     "train.checkpoint_fraction",
     "model.layer_offload",
     "model.low_vram",
+    "model.text_encoder_offload",
     "train.compile",
 )
 

@@ -566,6 +566,39 @@ def test_the_device_picker_offers_the_machines_devices(browser, server):
     context.close()
 
 
+def test_a_datasets_more_options_reach_the_saved_job(browser, server):
+    """AI Toolkit's per-dataset options (issue 17) are in the form: folded under "More options", each with its help;
+    what is set there is saved in the job."""
+    from playwright.sync_api import expect
+
+    config = next(p["config"] for p in server.api("/api/presets")["presets"] if p["name"] == "turbo-adapter-v2")
+    config["job"].update(name="more", device="cpu")
+    config["datasets"] = [{**config["datasets"][0], "path": "datasets/more", "resolutions": [128]}]
+    server.api("/api/datasets", "POST", {"name": "more"})
+    shutil.copy(DEMO / "fox_01.png", server.data / "datasets" / "more" / "fox_01.png")
+    server.api("/api/jobs", "POST", {"config": config})
+
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(f"{server.url}/#/jobs/more/edit")
+    more = page.locator(by("dataset-more-0"))
+    expect(more).not_to_have_attribute("open", "")
+    more.locator("summary").click()
+    expect(more).to_contain_text("AI Toolkit's network_weight")  # the schema's help under the field
+    page.fill(by("dataset-network_weight-0"), "0.5")
+    page.check(by("dataset-flip_x-0"))
+    page.fill(by("dataset-keep_tokens-0"), "1")
+    expect(page.locator(by("validation-status"))).to_have_text("✓ Valid")
+    page.click(by("save-job"))
+    expect(page.locator(by("job-device"))).to_have_text("cpu")
+    saved = server.api("/api/jobs/more")["config"]["datasets"][0]
+    assert (saved["network_weight"], saved["flip_x"], saved["keep_tokens"], saved["flip_y"]) == (0.5, True, 1, False)
+    page.goto(f"{server.url}/#/jobs/more/edit")
+    expect(page.locator(by("dataset-more-0"))).to_have_attribute("open", "")  # open when the dataset sets one
+    context.close()
+
+
 # --- the token ------------------------------------------------------------------------------------------------------
 
 

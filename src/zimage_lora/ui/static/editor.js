@@ -166,6 +166,30 @@ function uniqueName(base, taken) {
   for (let i = 2; ; i += 1) if (!taken.has(`${stem}-${i}`)) return `${stem}-${i}`;
 }
 
+// The per-dataset options shown under "More options" (the schema gives their types, limits and help).
+const MORE_DATASET_FIELDS = [
+  'network_weight',
+  'is_reg',
+  'flip_x',
+  'flip_y',
+  'mask_path',
+  'mask_min_value',
+  'shuffle_tokens',
+  'keep_tokens',
+  'token_dropout',
+];
+const DATASET_LABELS = {
+  network_weight: 'LoRA weight',
+  is_reg: 'Regularisation images',
+  flip_x: 'Flip X',
+  flip_y: 'Flip Y',
+  mask_path: 'Mask folder',
+  mask_min_value: 'Mask minimum value',
+  shuffle_tokens: 'Shuffle tags',
+  keep_tokens: 'Keep first tags',
+  token_dropout: 'Tag dropout rate',
+};
+
 export async function jobEditorView(ctx, root, { mode, name, from }) {
   const loading = h('p', { class: 'muted' }, 'Loading the schema…');
   add(root, loading);
@@ -663,6 +687,7 @@ class JobEditor {
   // --- DATASETS panel ---------------------------------------------------------------------------------------
   datasetsWidget(field) {
     this.datasetHelp = Object.fromEntries((field.item_fields || []).map((f) => [f.key, f.description]));
+    this.datasetFields = Object.fromEntries((field.item_fields || []).map((f) => [f.key, f]));
     const list = h('div', { class: 'dataset-entries' });
     const wrap = h('div', { class: 'field field-wide', 'data-key': 'datasets' });
     const err = h('p', { class: 'field-error', hidden: true, 'data-testid': 'error-datasets' });
@@ -879,6 +904,57 @@ class JobEditor {
         ),
         h('div', { class: 'field field-wide' }, resBox),
       ),
+      this.moreDatasetOptions(entry, index, slot),
+    );
+  }
+
+  /** AI Toolkit's per-dataset options (LoRA weight, regularisation, flips, masks, caption tags), one control per
+   * schema field, folded away until opened (open when the dataset already sets one). */
+  moreDatasetOptions(entry, index, slot) {
+    const fields = MORE_DATASET_FIELDS.map((key) => this.datasetFields?.[key]).filter(Boolean);
+    const controls = fields.map((f) => {
+      const controlId = `ds-${index}-${f.key}`;
+      const testid = `dataset-${f.key}-${index}`;
+      let control;
+      if (f.type === 'boolean') {
+        control = h('input', { id: controlId, type: 'checkbox', checked: Boolean(entry[f.key] ?? f.default), 'data-testid': testid });
+        control.addEventListener('change', () => {
+          entry[f.key] = control.checked;
+          this.changed();
+        });
+      } else if (f.type === 'number' || f.type === 'integer') {
+        control = h('input', {
+          id: controlId,
+          type: 'number',
+          min: f.min ?? undefined,
+          max: f.max ?? undefined,
+          step: f.type === 'integer' ? 1 : 'any',
+          value: String(entry[f.key] ?? f.default ?? ''),
+          'data-testid': testid,
+        });
+        control.addEventListener('input', () => {
+          entry[f.key] = control.value === '' ? null : Number(control.value);
+          this.changed();
+        });
+      } else {
+        control = h('input', { id: controlId, type: 'text', value: entry[f.key] ?? '', spellcheck: 'false', 'data-testid': testid });
+        control.addEventListener('input', () => {
+          entry[f.key] = control.value.trim() === '' && f.nullable ? null : control.value;
+          this.changed();
+        });
+      }
+      const label = h('label', { for: controlId }, DATASET_LABELS[f.key] || f.key);
+      const help = h('p', { class: 'help' }, f.description || '');
+      return f.type === 'boolean'
+        ? h('div', { class: 'field field-boolean' }, h('div', { class: 'check' }, control, label), help, slot(f.key, control))
+        : h('div', { class: 'field' }, label, control, help, slot(f.key, control));
+    });
+    const set = fields.some((f) => entry[f.key] !== undefined && entry[f.key] !== f.default);
+    return h(
+      'details',
+      { class: 'more-options', open: set || undefined, 'data-testid': `dataset-more-${index}` },
+      h('summary', {}, 'More options: LoRA weight, regularisation, flips, masks, caption tags'),
+      h('div', { class: 'fields' }, controls),
     );
   }
 

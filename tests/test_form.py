@@ -41,6 +41,19 @@ def test_each_loss_type_equals_its_formula():
     assert math.isclose(float(flow.elementwise_loss(large, 0 * large, "pseudo_huber")), 10.0 - 0.01, rel_tol=1e-6)
 
 
+def _step_data(recipe, micro):
+    """Step 1's latents, their keyed noise and the timestep weights of a micro-batch, as the recipe draws them."""
+    train_cfg = recipe.cfg.train
+    x0 = torch.stack([e.latent for e in micro])
+    draws = [
+        recipe.draws.noise_and_sigma(1, e.index, x0.shape[1:], train_cfg.timestep_type, train_cfg.timestep_bias,
+                                     recipe.arch.shift)
+        for e in micro
+    ]  # fmt: skip
+    noise = torch.stack([n for n, _ in draws])
+    return x0, noise, flow.timestep_weights(torch.cat([s for _, s in draws]), train_cfg.timestep_type)
+
+
 @pytest.mark.parametrize("kind", ["mae", "pseudo_huber"])
 def test_the_loss_type_reaches_the_logged_loss(make_job, kind):
     """One real step on the tiny model: the logged loss is the chosen formula on the step's own prediction (read by a
@@ -56,15 +69,7 @@ def test_the_loss_type_reaches_the_logged_loss(make_job, kind):
             logged = recipe.train_step(batch).loss
         finally:
             hook.remove()
-        examples = batch.micro[0]
-        x0 = torch.stack([e.latent for e in examples])
-        draws = [
-            recipe.draws.noise_and_sigma(1, e.index, x0.shape[1:], cfg.train.timestep_type, cfg.train.timestep_bias,
-                                         recipe.arch.shift)
-            for e in examples
-        ]  # fmt: skip
-        noise = torch.stack([n for n, _ in draws])
-        weights = flow.timestep_weights(torch.cat([s for _, s in draws]), cfg.train.timestep_type)
+        x0, noise, weights = _step_data(recipe, batch.micro[0])
         velocity = -torch.stack([o.detach().float().squeeze(1) for o in outputs[0]])
         d = (velocity - (noise - x0)).flatten(1)
         per_item = d.abs().mean(1) if kind == "mae" else ((d * d + 0.01**2).sqrt() - 0.01).mean(1)
@@ -182,14 +187,7 @@ def test_the_guidance_loss_trains_toward_its_formula(make_job):
         finally:
             hook.remove()
         assert len(outputs) == 2  # the empty prompt's forward, then the caption's
-        x0 = torch.stack([e.latent for e in micro])
-        draws = [
-            recipe.draws.noise_and_sigma(1, e.index, x0.shape[1:], cfg.train.timestep_type, cfg.train.timestep_bias,
-                                         recipe.arch.shift)
-            for e in micro
-        ]  # fmt: skip
-        noise = torch.stack([n for n, _ in draws])
-        weights = flow.timestep_weights(torch.cat([s for _, s in draws]), cfg.train.timestep_type)
+        x0, noise, weights = _step_data(recipe, micro)
         u, pred = (-torch.stack([o.detach().float().squeeze(1) for o in out]) for out in outputs)
         target = noise - x0
         assert not torch.allclose(u, pred)  # the caption matters

@@ -524,22 +524,28 @@ def generate_in_playground(page, server: UiServer) -> None:
 # --- the device picker ------------------------------------------------------------------------------------------
 
 
+def _editing(browser, server, job: str, dataset: str):
+    """A job from the turbo-adapter-v2 preset on the CPU, with a one-image dataset, open in the job editor:
+    (its config, the browser context, the page)."""
+    config = next(p["config"] for p in server.api("/api/presets")["presets"] if p["name"] == "turbo-adapter-v2")
+    config["job"].update(name=job, device="cpu")
+    config["datasets"] = [{**config["datasets"][0], "path": f"datasets/{dataset}", "resolutions": [128]}]
+    server.api("/api/datasets", "POST", {"name": dataset})
+    shutil.copy(DEMO / "fox_01.png", server.data / "datasets" / dataset / "fox_01.png")  # 128 px
+    server.api("/api/jobs", "POST", {"config": config})
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(f"{server.url}/#/jobs/{job}/edit")
+    return config, context, page
+
+
 def test_the_device_picker_offers_the_machines_devices(browser, server):
     """The job form's device field lists what the server says the machine has (here DEVICES); two GPUs ticked save a
     list; a job's device the machine lacks is shown, ticked and marked, and starting it is refused beside the field."""
     from playwright.sync_api import expect
 
-    config = next(p["config"] for p in server.api("/api/presets")["presets"] if p["name"] == "turbo-adapter-v2")
-    config["job"].update(name="gpus", device="cpu")
-    config["datasets"] = [{**config["datasets"][0], "path": "datasets/devs", "resolutions": [128]}]
-    server.api("/api/datasets", "POST", {"name": "devs"})
-    shutil.copy(DEMO / "fox_01.png", server.data / "datasets" / "devs" / "fox_01.png")  # 128 px
-    server.api("/api/jobs", "POST", {"config": config})
-
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    page.goto(f"{server.url}/#/jobs/gpus/edit")
+    config, context, page = _editing(browser, server, "gpus", "devs")
     picker = page.locator(by("field-job.device"))
     expect(picker.locator("label")).to_have_text(["auto", "cpu", "cuda:0", "cuda:1"])
     expect(page.locator(by("device-cpu"))).to_be_checked()
@@ -571,17 +577,7 @@ def test_a_datasets_more_options_reach_the_saved_job(browser, server):
     what is set there is saved in the job."""
     from playwright.sync_api import expect
 
-    config = next(p["config"] for p in server.api("/api/presets")["presets"] if p["name"] == "turbo-adapter-v2")
-    config["job"].update(name="more", device="cpu")
-    config["datasets"] = [{**config["datasets"][0], "path": "datasets/more", "resolutions": [128]}]
-    server.api("/api/datasets", "POST", {"name": "more"})
-    shutil.copy(DEMO / "fox_01.png", server.data / "datasets" / "more" / "fox_01.png")
-    server.api("/api/jobs", "POST", {"config": config})
-
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    page.goto(f"{server.url}/#/jobs/more/edit")
+    _, context, page = _editing(browser, server, "more", "more")
     more = page.locator(by("dataset-more-0"))
     expect(more).not_to_have_attribute("open", "")
     more.locator("summary").click()

@@ -35,8 +35,9 @@ def test_the_public_lifecycle_trains_saves_and_samples_with_the_recorded_losses(
         assert [m.step for m in metrics] == [1, 2, 3, 4] and recipe.state.step == 4
         assert [m.loss for m in metrics] == pytest.approx(RECORDED_LOSSES, rel=1e-5)
         assert all(m.grad_norm > 0 and m.lr == 5e-4 and m.dop_loss is None for m in metrics)
-        # 4 images in 3 buckets make 3 batches an epoch; 4 steps of 2 micro-batches took 8 of them
-        assert recipe.state.position() == {"epoch": 2, "batch": 2}
+        # 4 images in 3 buckets make 3 batches an epoch; 4 steps of 2 micro-batches took 8 of them (no
+        # regularisation datasets: their own order is untouched)
+        assert recipe.state.position() == {"epoch": 2, "batch": 2, "reg_epoch": 0, "reg_batch": 0}
         final = recipe.save(4, final=True)
         previews = recipe.sample(4)
     finally:

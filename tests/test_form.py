@@ -183,7 +183,7 @@ def test_the_guidance_loss_trains_toward_its_formula(make_job):
         outputs = []
         hook = recipe.transformer.register_forward_hook(lambda m, a, out: outputs.append(out[0]))
         try:
-            loss, plain, _ = recipe._loss(1, micro)
+            loss, plain, _ = recipe.micro_loss(1, micro)
         finally:
             hook.remove()
         assert len(outputs) == 2  # the empty prompt's forward, then the caption's
@@ -493,7 +493,7 @@ def test_text_encoder_offloading_gives_the_resident_embeddings(make_job, tmp_pat
         try:
             recipe.setup()
             cached[fraction] = dict(recipe.text.cached)
-            record = recipe._memory_record()
+            record = recipe.memory_record()
         finally:
             recipe.close()
     assert cached[0.0].keys() == cached[0.5].keys() and len(cached[0.0]) > 2

@@ -581,7 +581,7 @@ class LoraRecipe:
                 self.transformer.set_requires_gradient_sync(last)
             with nullcontext() if last else self.accelerator.no_sync(self.model):
                 with self.accelerator.autocast():
-                    loss, plain, dop_loss = self._loss(batch.step, micro)
+                    loss, plain, dop_loss = self.micro_loss(batch.step, micro)
                 self.accelerator.backward(loss * weight / len(batch.micro) if weight != 1 else loss / len(batch.micro))
             plains.append(plain.float() * (share / world) if world > 1 else plain.float())  # logged: unweighted
             if dop_loss is not None:
@@ -625,8 +625,9 @@ class LoraRecipe:
             network.activate(self.transformer, adapter_on=self.cfg.model.training_adapter is not None, lora_scale=scale)
             self.lora_scale = scale
 
-    def _loss(self, step: int, micro: list[Example]):
-        """(loss to back-propagate, plain flow MSE to log, DOP loss or None) of one micro-batch."""
+    def micro_loss(self, step: int, micro: list[Example]):
+        """(loss to back-propagate, plain flow loss to log, preservation loss (DOP or Blank Prompt Preservation) or
+        None) of one micro-batch of ``step``, at the LoRA's current scale; no backward."""
         cfg, device, dtype = self.cfg, self.device, self.weight_dtype
         x0 = to_device(torch.stack([e.latent for e in micro]), device)
         caps = [to_device(c, device, dtype) for c in self.text([e.caption for e in micro])]
@@ -814,7 +815,7 @@ class LoraRecipe:
             status="stopped", stopped_at=result.stopped_at, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z")
         )
         self.log(f"stopped at step {result.stopped_at} and saved; continue with: zimage-lora train JOB.yaml --resume")
-        result.memory = self._memory_record()
+        result.memory = self.memory_record()
         return result
 
     def _finish(self, result: TrainResult) -> TrainResult:
@@ -833,7 +834,7 @@ class LoraRecipe:
         if not self.processes.main:
             return result
         result.samples = self.sample_paths
-        result.memory = self._memory_record()
+        result.memory = self.memory_record()
         sheet = self.run.samples_dir / "contact_sheet.png"
         result.contact_sheet = sheet if self.cfg.sample.active and sheet.is_file() else None
         rows = [row for row in read_metrics(self.run.root) if any(k in row for k in (*card.SCORES, "leak_note"))]
@@ -848,7 +849,8 @@ class LoraRecipe:
         self.control.answer_late_requests(final)
         return result
 
-    def _memory_record(self) -> dict:
+    def memory_record(self) -> dict:
+        """What the memory savers did so far: device visits of the text encoder and VAE, the offloaders' counts."""
         vae_visits = [c.visits for c in (self.latents and self.latents.vae_on_device, self.preview_vae) if c]
         record = {"text_encoder_visits": self.text.visits, "vae_visits": sum(vae_visits)}
         if self.text_offloader is not None:

@@ -184,6 +184,33 @@ def test_a_killed_process_ends_the_other_and_resume_completes_the_run(world, run
     assert training_differences(runs["ddp"], finished(world, "killed")) == []
 
 
+def test_a_hung_process_is_given_up_on_after_the_process_timeout(world):
+    """Process 1 held after step 2 (alive, not answering): process 0 waits at the step's exchange for
+    ``job.process_timeout`` (10 s here), not gloo's 30 minutes, then ends in one line; held, it is let go afterwards
+    so that the test does not wait for the launcher's own 30-second kill."""
+    holds = world.root / "hung-holds"
+    holds.mkdir()
+    env = {**cli_env("wait@step:2#rank1"), "ZIMAGE_LORA_FAULT_DIR": str(holds)}
+    job = world.job("hung", {"train": {"batch_size": 2}, "job": {"process_timeout": 10}})
+    err = world.root / "hung.err"
+    with open(err, "wb") as sink:
+        command = [sys.executable, "-m", "zimage_lora.cli", "train", str(job), "--num-processes", "2", "--no-progress"]
+        proc = subprocess.Popen(command, env=env, stderr=sink)
+    try:
+        wait_for(lambda: (holds / "held-step-2.rank1").exists(), 120, "process 1 held after step 2")
+        held_at = time.monotonic()
+        wait_for(lambda: "stopped answering (timed out)" in err.read_text(), 60, "process 0 to give up")
+        waited = time.monotonic() - held_at
+        (holds / "release-step-2.rank1").touch()
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            launch.kill_tree(proc.pid)
+    assert code == 1
+    assert 5 <= waited < 50, waited  # about the 10-s timeout (seen from outside), nowhere near gloo's own
+    assert "error: process 0: another process of this job is gone or stopped answering" in err.read_text()
+
+
 def test_ctrl_c_saves_once_and_requests_act_on_every_process_at_the_same_step(world, runs):
     """Both processes held in turn: a save request written while process 0 waits after step 2 is carried out by
     both at step 2; a Ctrl-C to ``zimage-lora train`` while it waits after step 4 saves once there, exit 0. Then

@@ -117,6 +117,7 @@ class LatentStore:
         if share is None or not share.several:
             with self.vae_on_device.visit() if todo else nullcontext():
                 return self._encode_all(todo), reused
+        share.wait_all()  # every process has looked at the cache before any writes to it: all see the same gaps
         missing = [(key, job) for key, jobs in sorted(todo.items()) for job in jobs]
         own: dict[tuple[Bucket, str], list[tuple[Path, Path]]] = {}
         for key, job in share.share(missing):

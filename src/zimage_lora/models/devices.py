@@ -1,7 +1,7 @@
 """Device names: the one rule for what a job, a generation or a queue item may name, and what it resolves to.
 
 ``auto`` (the first CUDA GPU when there is one, else the CPU), ``cpu``, ``cuda`` (the first GPU) or ``cuda:N``; a job
-may name a list of GPUs (one process each, ``device_names``).
+may name a list of GPUs (one process each), each resolved by ``device_name``.
 ``device_name`` resolves a spec to ``cpu`` or ``cuda:N`` without importing torch (the web UI's queue keys its
 device lock by it); ``resolve_device`` gives the ``torch.device`` and refuses a GPU this machine lacks.
 """
@@ -40,13 +40,6 @@ def device_name(spec: str, gpus: int | None = None) -> str:
             f"device '{spec}' does not exist: this machine has {gpus} CUDA GPU(s), use cuda:0 to cuda:{gpus - 1}."
         )
     return f"cuda:{index}"
-
-
-def device_names(spec: str | list[str], gpus: int | None = None) -> list[str]:
-    """The devices a job holds: one name for a single device, one per GPU for a list (``job.device: [cuda:0,
-    cuda:1]``), each resolved by ``device_name``."""
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    return [device_name(s, gpus) for s in specs]
 
 
 def resolve_device(spec: str):

@@ -43,7 +43,6 @@ class Processes:
 
     def __init__(self, accelerator):
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
-        self.local_rank = accelerator.local_process_index
         self.main = accelerator.is_main_process
         self.device = accelerator.device
         self._slow = None

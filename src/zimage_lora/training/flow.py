@@ -141,7 +141,7 @@ def guided_flow_loss(
     guidance_target: float = 3.0,
     cells: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to back-propagate, plain loss to log), ``loss`` one of ``LOSSES``.
+    """(loss to back-propagate, plain loss to log), ``loss`` one of ``elementwise_loss``'s (``train.loss``).
 
     With the guidance loss (``unconditional``: the model's output on the empty prompt, no gradient through it, as
     velocity ``u``), the target becomes ``u + g (target - u)``, g = ``guidance_target``. With differential guidance
@@ -184,9 +184,6 @@ def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss: str) -> tor
     if loss == "pseudo_huber":
         return torch.sqrt(d**2 + PSEUDO_HUBER_C**2) - PSEUDO_HUBER_C
     raise ValueError(f"unknown loss {loss!r}")
-
-
-LOSSES = ("mse", "mae", "pseudo_huber")
 
 
 def _weighted_loss(

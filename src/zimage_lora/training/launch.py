@@ -151,12 +151,7 @@ def run_launcher(command: list[str], run_root: Path) -> int:
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while True:
-            try:
-                code = proc.wait()
-                break
-            except InterruptedError:
-                continue
+        code = proc.wait()  # a signal runs ``forward`` and the wait goes on
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

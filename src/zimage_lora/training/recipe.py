@@ -595,7 +595,7 @@ class LoraRecipe:
         logged = self.processes.total(torch.stack([*plains, *dops]))
         values = torch.cat([logged, torch.as_tensor(norm, device=logged.device).float().reshape(1)]).tolist()
         total = sum(v / len(batch.micro) for v in values[: len(plains)])
-        dop_total = sum(v / len(batch.micro) for v in values[len(plains) : -1])
+        kept_total = sum(v / len(batch.micro) for v in values[len(plains) : -1])  # DOP's or Blank Prompt's
         if faults.fire("loss", batch.step):
             total = float("nan")
         if not math.isfinite(total):
@@ -616,7 +616,7 @@ class LoraRecipe:
         seconds = round(time.perf_counter() - started, 4)
         dop, bpp = cfg.train.dop.enabled, cfg.train.blank_prompt_preservation.enabled
         return StepMetrics(
-            batch.step, total, lr, values[-1], seconds, dop_total if dop else None, dop_total if bpp else None
+            batch.step, total, lr, values[-1], seconds, kept_total if dop else None, kept_total if bpp else None
         )
 
     def _set_lora_scale(self, scale: float) -> None:
@@ -746,7 +746,7 @@ class LoraRecipe:
         processes = self.processes
         every = list(range(len(self.previews)))
         # split by prompt; a sharded model runs each forward on every process together, so each renders all
-        mine = processes.share(every) if processes.several and not self.cfg.model.shard else every
+        mine = processes.share(every) if processes.several and not self.sharded else every
         images = {}
         was_training = self.transformer.training
         self.transformer.eval()

@@ -108,30 +108,59 @@ def test_killed_while_caching_latents(make_job, reference):
     assert final_bytes(job) == reference
 
 
+def last_logged_step(job: Path) -> int:
+    """The last step ``metrics.jsonl`` records (a line still being written is skipped)."""
+    path = run_folder(job) / "metrics.jsonl"
+    steps = [0]
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            steps.append(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            pass
+    return max(steps)
+
+
+def last_saved_step(job: Path) -> int:
+    return max((int(p.stem) for p in (run_folder(job) / "state").glob("*.pt")), default=0)
+
+
 def test_random_sigkills_always_resume_and_finish(make_job, tmp_path):
+    """Ten kills at random points of a 60-step run, placed by the run's progress, not by the clock.
+
+    Each kill waits until the run logs a random step one to six steps past both its checkpoint and what the killed
+    run before it logged, then a random fraction of a step more, so on a machine of any speed the kills land inside
+    steps and saves and every run is killed before it ends.
+    """
     override = {**OVERRIDE, "train": {**OVERRIDE["train"], "steps": 60}, "save": {"every": 3, "keep": 2}}
     straight = make_job(override, folder=tmp_path / "straight")
+    started = time.monotonic()
     assert cli("train", str(straight)).returncode == 0
+    step_time = (time.monotonic() - started) / 60  # an upper bound: start-up is counted too
     job = make_job(override, folder=tmp_path / "killed")
     rng = random.Random(1234)
     env = cli_env()
     kills = 0
+    errors = tmp_path / "stderr.txt"
     for _attempt in range(40):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "zimage_lora.cli", "train", str(job), "--resume", "--no-progress"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=env,
-        )
+        with errors.open("wb") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "zimage_lora.cli", "train", str(job), "--resume", "--no-progress"],
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                env=env,
+            )
         if kills < 10:
-            time.sleep(rng.uniform(2.5, 6.0))  # start-up takes ~2-3 s; the 60 steps a few more
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                kills += 1
-        _, err = proc.communicate(timeout=300)
+            target = min(max(last_saved_step(job), last_logged_step(job)) + rng.randint(1, 6), 48)
+            while proc.poll() is None and last_logged_step(job) < target:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.5) * step_time)
+            assert proc.poll() is None, f"it ended before step {target}: {errors.read_text()}"
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait(timeout=300)
         if proc.returncode == 0:
             break
-        assert proc.returncode == -signal.SIGKILL, err.decode()
+        assert proc.returncode == -signal.SIGKILL, errors.read_text()
         every_top_level_file_loads(job)
     assert proc.returncode == 0 and kills == 10
     assert final_bytes(job) == final_bytes(straight)  # ten kills later, the very same LoRA

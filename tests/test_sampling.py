@@ -267,21 +267,31 @@ def test_saved_lora_holds_nothing_of_the_adapter(make_job):
     assert max(float(w.up.abs().max()) for w in adapter.modules.values()) > 0.05
 
 
-def test_compare_writes_side_by_side_grids(make_job, tiny_model_dir, tmp_path):
+def test_compare_stops_resumes_without_retraining_and_writes_side_by_side_grids(make_job, tiny_model_dir, tmp_path):
     from zimage_lora.models.tiny_adapter import write_random_adapter
+    from zimage_lora.training.compare import read_comparison
 
     second = write_random_adapter(tiny_model_dir, tmp_path / "adapter_v2.safetensors", rank=2, seed=5)
     job = make_job({"train": {"steps": 2}, "sample": {"every": 1, "prompts": ["[trigger] a", "b", "c"]}})
-    proc = run_cli(
-        "compare",
-        str(job),
-        "--vary",
-        "target.rank=4",
-        "--vary",
-        f"target.rank=8;model.training_adapter={second}",
-        "--no-progress",
-    )
+    varies = ["--vary", "target.rank=4", "--vary", f"target.rank=8;model.training_adapter={second}"]
+    stopped = run_cli("compare", str(job), *varies, "--no-progress", fault="sigint@step:1#tiny_v1")
+    assert stopped.returncode == 0, stopped.stderr
+    assert "stopped: variant 1" in stopped.stdout and "at step 1" in stopped.stdout and "--resume" in stopped.stdout
+    folder = job.parent / "output" / "tiny_compare"
+    state = read_comparison(folder)
+    assert state["status"] == "stopped" and [v["status"] for v in state["variants"]] == ["done", "stopped"]
+    assert [v["step"] for v in state["variants"]] == [2, 1] and state["variants"][1]["samples"]["0"][0]
+    first = folder / "tiny_v0" / "tiny_v0.safetensors"
+    first_written = first.stat().st_mtime_ns
+    refused = run_cli("compare", str(job), *varies, "--no-progress")
+    assert refused.returncode == 2 and "already holds a comparison" in refused.stderr
+    other = run_cli("compare", str(job), "--vary", "target.rank=4", "--vary", "target.rank=2", "--resume")
+    assert other.returncode == 2 and "give the same --vary options" in other.stderr
+    proc = run_cli("compare", str(job), *varies, "--no-progress", "--resume")
     assert proc.returncode == 0, proc.stderr
+    assert "the run is complete" in proc.stderr and "resumed from step 1" in proc.stderr
+    assert first.stat().st_mtime_ns == first_written  # the finished variant was not trained again
+    assert read_comparison(folder)["status"] == "done"
     folder = job.parent / "output" / "tiny_compare"
     assert sorted(p.name for p in folder.glob("grid_*.png")) == [f"grid_{s:09d}.png" for s in (0, 1, 2)]
     assert (folder / "tiny_v0" / "tiny_v0.safetensors").is_file() and (folder / "tiny_v1" / "samples").is_dir()

@@ -266,17 +266,32 @@ def export_lora(
 def compare(
     job: Path = typer.Argument(..., help="The job file (YAML)."),
     vary: list[str] = typer.Option(..., help="One variant: KEY=VALUE, or several joined by ';' (repeat, 2+)."),
+    folder: Path = typer.Option(
+        None, help="Where the variants' runs and the grids go; empty = OUTPUT_DIR/NAME_compare."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue a stopped comparison (finished variants are kept)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard the folder's comparison and start afresh."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Train the job once per variant and put their previews side by side (the guide's A/B test)."""
     from zimage_lora.training.compare import compare as run_compare
-
-    result = run_compare(job, vary, progress=progress)
     from zimage_lora.training.compare import score_text
 
-    for label, run, scores in zip(result.variants, result.runs, result.scores, strict=True):
-        extra = f"; {score_text(scores)}" if score_text(scores) else ""
-        typer.echo(f"{label}: {run.final_lora} (final loss {run.last_loss:.4f}{extra})")
+    result = run_compare(job, vary, progress=progress, resume=resume, overwrite=overwrite, folder=folder)
+    for index, run in enumerate(result.runs):  # the variants trained so far
+        loss, scores = result.losses[index], result.scores[index] if result.scores else {}
+        facts = ([f"final loss {loss:.4f}"] if loss is not None else []) + ([score_text(scores)] if scores else [])
+        where = run.final_lora if run.stopped_at is None else run.run_dir
+        typer.echo(f"{result.variants[index]}: {where}" + (f" ({'; '.join(facts)})" if facts else ""))
+    if result.stopped is not None:
+        variant, step = result.stopped
+        again = " ".join(f"--vary {v!r}" for v in vary)
+        where = f" --folder {folder}" if folder is not None else ""
+        typer.echo(
+            f"stopped: variant {variant} ({result.variants[variant]}) at step {step}, saved; continue with: "
+            f"zimage-lora compare {job} {again}{where} --resume"
+        )
+        return
     typer.echo(f"grids: {result.folder} ({len(result.grids)} steps)")
     typer.echo(f"summary: {result.summary}")
 

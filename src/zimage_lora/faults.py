@@ -13,7 +13,8 @@
 
 Without ``:N`` a point fires every time. Example: ``ZIMAGE_LORA_FAULT=kill@save.state.tmp:4``. With several
 processes, ``#rankR`` after the point limits an entry to the process of that rank (``kill@step:3#rank1``); without
-it every process fires.
+it every process fires. ``#NAME`` limits it to the run of the job named NAME (a comparison trains several jobs in one
+process: ``wait@step:2#my_lora_v1`` holds only its second variant).
 
 ``wait`` makes a test independent of speed: the process writes ``held-<point>-<N>`` (``held-<point>`` without an
 index) into the folder ``ZIMAGE_LORA_FAULT_DIR`` and blocks until a file ``release-<point>-<N>`` appears there, then
@@ -35,13 +36,21 @@ DIR_ENV = "ZIMAGE_LORA_FAULT_DIR"
 WAIT_ENV = "ZIMAGE_LORA_FAULT_WAIT_S"
 
 
+_job = ""  # the job being trained in this process, for ``#NAME`` (set by the trainer)
+
+
+def set_job(name: str) -> None:
+    global _job
+    _job = name
+
+
 def _matches(point: str, index: int | None):
     spec = os.environ.get(ENV, "")
     for part in filter(None, (p.strip() for p in spec.split(","))):
         action, _, where = part.partition("@")
         where, _, who = where.partition("#")
         name, _, n = where.partition(":")
-        if who and who != f"rank{os.environ.get('RANK', '0')}":
+        if who and who not in (f"rank{os.environ.get('RANK', '0')}", _job):
             continue
         if name == point and (not n or (index is not None and int(n) == index)):
             yield action

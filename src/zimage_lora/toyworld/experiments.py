@@ -236,7 +236,7 @@ def experiment_adapters(out: Path, models: Path, log: Log, short_steps: int = 70
         f"model.training_adapter={models / 'training_adapter.safetensors'}",
         f"model.training_adapter={short / 'training_adapter.safetensors'}",
     ]
-    result = compare(job, variants, progress=False)
+    result = compare(job, variants, progress=False, resume=True)  # a rerun keeps the variants already trained
     untouched = pictures(models, TURBO_8, None)
     table = {}
     for name, run in zip(("shipped", f"short_{short_steps}_steps"), result.runs, strict=True):

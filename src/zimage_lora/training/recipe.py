@@ -280,6 +280,7 @@ class LoraRecipe:
         """Everything before the first step. ``components`` replaces loading the model; ``data`` (an object with
         ``next(state, step) -> StepBatch`` and ``captions()``) replaces the job's datasets; ``text`` replaces the
         prompt encoder (embeddings already computed)."""
+        faults.set_job(self.cfg.job.name)
         faults.fire("setup")
         quiet_libraries()
         self._setup_processes()

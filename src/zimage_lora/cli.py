@@ -296,6 +296,48 @@ def compare(
     typer.echo(f"summary: {result.summary}")
 
 
+@app.command("import-job")
+def import_job(
+    file: Path = typer.Argument(..., help="The AI Toolkit job file (YAML or JSON, as its UI writes it)."),
+    out: Path = typer.Option(
+        None, "-o", "--out", help="Where to write our job; empty = FILE's folder, <stem>_zimage.yaml."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    guidance_rule: str = typer.Option(
+        "current",
+        help="How to read sample guidance_scale: current (AI Toolkit since 2026-07-08: classic CFG, kept) or "
+        "before-2026-07-08 (a value g acted as classic g + 1).",
+    ),
+) -> None:
+    """Turn an AI Toolkit job (arch zimage, zimage:turbo, zimage:deturbo) into a zimage-lora job; every key is
+    mapped, converted by a stated rule, or listed with the reason it was not."""
+    from zimage_lora.aitoolkit import import_job_file
+    from zimage_lora.config import load_job
+    from zimage_lora.errors import ConfigError, UserError
+
+    imported = import_job_file(file, guidance_rule)
+    out = out if out is not None else file.with_name(f"{file.stem}_zimage.yaml")
+    if out.exists() and not force:
+        raise UserError(f"-o {out}: the file exists; pass --force to replace it or choose another name")
+    text = imported.yaml()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        from zimage_lora.files import atomic_write_bytes
+
+        atomic_write_bytes(out, text.encode())
+    except OSError as e:
+        raise UserError(f"-o {out}: cannot write it ({e.strerror}); choose a writable place") from None
+    for line in imported.report():
+        typer.echo(line)
+    try:
+        load_job(out, warnings=[])
+        typer.echo(f"wrote {out}; train it with: zimage-lora train {out}")
+    except ConfigError as e:
+        typer.echo(f"wrote {out}; fix these before training (the paths are the AI Toolkit job's):")
+        for problem in e.problems:
+            typer.echo(f"  {problem}")
+
+
 @app.command()
 def ui(
     host: str = typer.Option("127.0.0.1", help="Address to listen on; anything but loopback needs --token."),

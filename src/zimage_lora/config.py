@@ -45,7 +45,7 @@ from pydantic import (
 from zimage_lora.data.check import FEW_IMAGES, FEW_IMAGES_STEPS, HIGH_LR, untrainable
 from zimage_lora.data.dataset import IMAGE_EXTS, list_images
 from zimage_lora.errors import ConfigError
-from zimage_lora.models.arch import ARCHS, DEFAULT_ARCH, TRAINING_ADAPTERS, describe_archs
+from zimage_lora.models.arch import ARCHS, DEFAULT_ARCH, TRAINING_ADAPTERS, arch_for_alias, describe_archs
 from zimage_lora.models.devices import DEVICE_PATTERN
 from zimage_lora.models.refs import is_hub_ref, is_toy_world, looks_local
 from zimage_lora.training.optim import OPTIMIZERS
@@ -206,7 +206,9 @@ class JobSection(_Section):
 class ModelSection(_Section):
     arch: ArchName = Field(
         DEFAULT_ARCH,
-        description=f"Which Z-Image variant to train: {describe_archs()}. The first is recommended.",
+        description=f"Which Z-Image variant to train: {describe_archs()}. The first is recommended. AI Toolkit's "
+        "names are taken too: zimage:turbo, zimage:deturbo, and zimage (Turbo + adapter when an adapter is given, "
+        "else the arch of the model loaded).",
     )
     name_or_path: str | None = Field(
         None,
@@ -246,6 +248,18 @@ class ModelSection(_Section):
         "split between the processes and gathered when used), for a model that does not fit one card; the LoRA "
         "trains on top. Off: each GPU holds the whole model (data-parallel, faster when it fits).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _alias(cls, data: Any) -> Any:
+        """AI Toolkit's arch names (the registry's aliases) become ours."""
+        if isinstance(data, dict) and isinstance(data.get("arch"), str):
+            try:
+                arch, _ = arch_for_alias(data["arch"], data.get("name_or_path"), data.get("training_adapter"))
+            except KeyError:
+                return data
+            return {**data, "arch": arch}
+        return data
 
     @field_validator("name_or_path", "training_adapter", "text_encoder_path", "vae_path")
     @classmethod
@@ -457,6 +471,11 @@ class DatasetSection(_Section):
     )
     flip_x: bool = Field(
         False, description="Mirror each image left-right at random (half the steps); its latent is cached too."
+    )
+    add_trigger: bool = Field(
+        False,
+        description="Put job.trigger_word in front of every caption that lacks it (AI Toolkit does this always); "
+        "off: captions hold the trigger where they write it or [trigger]. Never for is_reg datasets.",
     )
     is_reg: bool = Field(
         False,

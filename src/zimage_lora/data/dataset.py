@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,16 +105,25 @@ def discover(datasets, trigger_word: str | None, warn: Warn = _ignore) -> list[I
             caption = read_caption(image, ds.caption_ext, ds.default_caption, trigger_word, warn)
             if getattr(ds, "is_reg", False) and trigger_word:
                 caption = without_word(caption, trigger_word)
+            elif getattr(ds, "add_trigger", False) and trigger_word and not has_word(caption, trigger_word):
+                caption = f"{trigger_word}, {caption}" if caption else trigger_word
             items.extend(ImageItem(image, caption, index) for _ in range(ds.repeats))
     return items
+
+
+def _word(word: str) -> str:
+    return rf"(?<![\w]){re.escape(word)}(?![\w])"
+
+
+def has_word(caption: str, word: str) -> bool:
+    """Whether ``word`` stands in the caption as a whole word."""
+    return re.search(_word(word), caption) is not None
 
 
 def without_word(caption: str, word: str) -> str:
     """The caption with every whole occurrence of ``word`` removed (a regularisation image never carries the
     trigger), the commas and spaces left around it tidied."""
-    import re
-
-    text = re.sub(rf"(?<![\w]){re.escape(word)}(?![\w])", "", caption)
+    text = re.sub(_word(word), "", caption)
     tags = [" ".join(t.split()) for t in text.split(",")]
     return ", ".join(t for t in tags if t)
 

@@ -55,6 +55,7 @@ class Arch:
     training_warning: str | None = None  # said by ``validate`` and the trainer whenever a job trains this arch
     distilled: bool = False  # step- and guidance-distilled (few steps, no CFG): its LoRAs can drift it
     adapters: tuple[TrainingAdapter, ...] = field(default=())  # the published adapters offered for this arch
+    aliases: tuple[str, ...] = ()  # other tools' names for this arch (AI Toolkit's), accepted as model.arch
 
     @property
     def cfg_label(self) -> str:
@@ -76,6 +77,7 @@ ARCHS: dict[str, Arch] = {
             adapter="required",
             use_with="zimage_turbo",
             adapters=TRAINING_ADAPTERS,
+            aliases=("zimage:turbo",),
         ),
         Arch(
             "zimage_deturbo",
@@ -87,6 +89,7 @@ ARCHS: dict[str, Arch] = {
             adapter="forbidden",
             use_with="zimage_deturbo",
             parts_from=TURBO_REPO,
+            aliases=("zimage:deturbo",),
         ),
         Arch(
             "zimage_base",
@@ -123,8 +126,30 @@ DEFAULT_ARCH = "zimage_turbo_adapter"  # what a job trains when model.arch is no
 DEFAULT_INFERENCE_ARCH = "zimage_turbo"  # what ``generate`` runs when neither --arch nor a LoRA's metadata says
 
 
+# AI Toolkit's name for the whole family: which of ours it means follows from the model and the adapter it loads.
+FAMILY_ALIAS = "zimage"
+ALIASES = {alias: arch.name for arch in ARCHS.values() for alias in arch.aliases}
+
+
 def get_arch(name: str) -> Arch:
     return ARCHS[name]
+
+
+def arch_for_alias(alias: str, name_or_path: str | None, adapter: str | None) -> tuple[str, str]:
+    """The arch an alias means, and why: ``zimage:turbo`` and ``zimage:deturbo`` name one arch each; the family
+    name ``zimage`` is Turbo + adapter when an adapter is given, else the arch whose default model is loaded (raw
+    Turbo, De-Turbo), else Base. KeyError for a name that is not an alias."""
+    if alias in ALIASES:
+        return ALIASES[alias], f"{alias} is {ALIASES[alias]}"
+    if alias != FAMILY_ALIAS:
+        raise KeyError(alias)
+    if adapter:
+        return TURBO_ADAPTER, f"{alias} with a training adapter is {TURBO_ADAPTER}"
+    repo = (name_or_path or "").partition("@")[0]
+    for arch in (ARCHS[TURBO], ARCHS[DETURBO]):
+        if repo == arch.default_model:
+            return arch.name, f"{alias} loading {repo} without an adapter is {arch.name}"
+    return BASE, f"{alias} loading {repo or 'its default model'} is {BASE}"
 
 
 def inference_arch(name: str) -> Arch:
@@ -147,3 +172,4 @@ for _arch in ARCHS.values():  # the registry's own consistency, checked once at 
     assert _arch.use_with in ARCHS and ARCHS[_arch.use_with].use_with == _arch.use_with, _arch.name
     assert bool(_arch.adapters) == (_arch.adapter != "forbidden"), _arch.name
 assert DEFAULT_ARCH in ARCHS and DEFAULT_INFERENCE_ARCH in ARCHS
+assert not set(ALIASES) & set(ARCHS) and FAMILY_ALIAS not in ALIASES

@@ -373,3 +373,17 @@ def test_the_imported_job_trains_on_the_tiny_model(tmp_path, tiny_model_dir, tin
     assert trained.returncode == 0, trained.stderr
     run = tmp_path / "output" / "my_first_lora_v1"
     assert (run / "my_first_lora_v1.safetensors").is_file() and (run / "samples").is_dir()
+
+
+def test_ai_toolkits_arch_names_are_accepted_in_our_jobs():
+    def arch(name: str, **model) -> str:
+        data = {"job": {"name": "x"}, "model": {"arch": name, **model}, "datasets": [{"path": "/data"}]}
+        return parse_job(data, "/", check_paths=False).model.arch
+
+    assert arch("zimage:turbo", training_adapter=ADAPTER_V2) == "zimage_turbo_adapter"
+    assert arch("zimage:deturbo") == "zimage_deturbo"
+    assert arch("zimage", training_adapter=ADAPTER_V2) == "zimage_turbo_adapter"
+    assert arch("zimage", name_or_path="Tongyi-MAI/Z-Image-Turbo@main") == "zimage_turbo"
+    assert arch("zimage") == "zimage_base"
+    with pytest.raises(UserError, match="model.arch"):
+        arch("zimage:base2")

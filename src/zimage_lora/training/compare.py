@@ -66,7 +66,7 @@ def compare(
     base = load_job(job, warnings=[])  # the job itself must be valid before anything runs (its trainer warns)
     if not base.sample.prompts:
         raise UserError("sample.prompts: compare needs preview prompts to put side by side")
-    folder = Path(folder) if folder is not None else Path(base.job.output_dir) / f"{base.job.name}_compare"
+    folder = Path(folder).absolute() if folder is not None else Path(base.job.output_dir) / f"{base.job.name}_compare"
     names = [f"{base.job.name}_v{i}" for i in range(len(variants))]
     configs = [
         load_job(job, [*overrides, f"job.name={name}", f"job.output_dir={folder}"], warnings=[])
@@ -84,7 +84,7 @@ def compare(
     runs: list[TrainResult] = []
     for index, cfg in enumerate(configs):
         _write_manifest(folder, {**manifest, "status": "running", "variant": index})
-        run = train(cfg, resume=resume, overwrite=overwrite and not resume, progress=progress)
+        run = train(cfg, resume=resume, overwrite=overwrite, progress=progress)
         runs.append(run)
         if run.stopped_at is not None:
             _write_manifest(folder, {**manifest, "status": "stopped", "variant": index, "step": run.stopped_at})

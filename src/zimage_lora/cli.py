@@ -20,6 +20,8 @@ app = typer.Typer(
 
 dataset_app = typer.Typer(no_args_is_help=True, help="Inspect dataset folders.")
 app.add_typer(dataset_app, name="dataset")
+lora_app = typer.Typer(no_args_is_help=True, help="LoRA files: inspect them, convert between tools' layouts.")
+app.add_typer(lora_app, name="lora")
 toy_app = typer.Typer(no_args_is_help=True, help="The toy world: a tiny pretrained Z-Image family that really draws.")
 app.add_typer(toy_app, name="toy-world")
 
@@ -336,6 +338,48 @@ def import_job(
         typer.echo(f"wrote {out}; fix these before training (the paths are the AI Toolkit job's):")
         for problem in e.problems:
             typer.echo(f"  {problem}")
+
+
+_MODEL_HELP = "A model folder whose transformer names the layers; empty = Z-Image's own (built without weights)."
+
+
+@lora_app.command("inspect")
+def lora_inspect(
+    file: Path = typer.Argument(..., help="A LoRA, LoKr, LoHa or DoRA file in any layout."),
+    model: Path = typer.Option(None, help=_MODEL_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """What the file holds (format, modules by block and kind, ranks, metadata) and what diffusers and ComfyUI
+    load of it."""
+    import json
+
+    from zimage_lora.lora.formats import transformer_names
+    from zimage_lora.lora.tools import inspect_lora, inspect_text
+    from zimage_lora.quiet import quiet_libraries
+
+    quiet_libraries()
+    report = inspect_lora(file, transformer_names(model))
+    typer.echo(json.dumps(report, indent=2) if as_json else "\n".join(inspect_text(report)))
+
+
+@lora_app.command("convert")
+def lora_convert(
+    source: Path = typer.Argument(..., help="The LoRA file to read (any layout)."),
+    out: Path = typer.Argument(..., help="The file to write."),
+    to: str = typer.Option(..., help="zimage-lora, ai-toolkit, diffusers, kohya, comfyui or diffsynth."),
+    dtype: str = typer.Option("bf16", help="bf16, fp16 or fp32."),
+    model: Path = typer.Option(None, help=_MODEL_HELP),
+) -> None:
+    """Write the same weight updates in another tool's layout (checked before anything is written)."""
+    from zimage_lora.lora.formats import transformer_names
+    from zimage_lora.lora.tools import convert_lora
+    from zimage_lora.quiet import quiet_libraries
+
+    quiet_libraries()
+    written, worst = convert_lora(source, out, to, dtype, transformer_names(model))
+    typer.echo(
+        f"{out}: {to}, {len(written.modules)} modules, updates kept within {worst:.1e} (before {dtype} rounding)"
+    )
 
 
 @app.command()

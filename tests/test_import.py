@@ -262,6 +262,10 @@ def test_a_deturbo_job():
     assert "kept" in findings(imported, "converted")[f"{P}.sample.sample_steps"]  # not Turbo: 25 stays 25
     assert "sample.negative_prompt" in findings(imported, "not mapped")[f"{P}.sample.samples[0].neg"]
     assert_every_key_reported(job, imported)
+    proc["model"] = {"name_or_path": "Tongyi-MAI/Z-Image-Turbo", "arch": "zimage:turbo"}  # no adapter named
+    turbo = import_job_text(yaml.safe_dump(job), "turbo.yaml")
+    assert turbo.data["model"]["training_adapter"] == ADAPTER_V2
+    assert "our default adapter" in findings(turbo, "converted")[f"{P}.model.arch"]
     proc["model"] = {"name_or_path": "ostris/Z-Image-De-Turbo@abc123", "arch": "zimage"}  # the family name
     family = import_job_text(yaml.safe_dump(job), "deturbo.yaml")
     assert family.data["model"]["arch"] == "zimage_deturbo"

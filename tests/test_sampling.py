@@ -291,7 +291,10 @@ def test_compare_stops_resumes_without_retraining_and_writes_side_by_side_grids(
     assert proc.returncode == 0, proc.stderr
     assert "the run is complete" in proc.stderr and "resumed from step 1" in proc.stderr
     assert first.stat().st_mtime_ns == first_written  # the finished variant was not trained again
-    assert read_comparison(folder)["status"] == "done"
+    done = read_comparison(folder)
+    assert done["status"] == "done"
+    assert sorted(done["variants"][1]["samples"], key=int) == ["0", "1", "2"]  # the stop's step rendered on resume
+    assert done["labels"] == ["target.rank=4", "target.rank=8; model.training_adapter=adapter_v2.safetensors"]
     folder = job.parent / "output" / "tiny_compare"
     assert sorted(p.name for p in folder.glob("grid_*.png")) == [f"grid_{s:09d}.png" for s in (0, 1, 2)]
     assert (folder / "tiny_v0" / "tiny_v0.safetensors").is_file() and (folder / "tiny_v1" / "samples").is_dir()

@@ -645,3 +645,165 @@ def test_token_login(browser, tmp_path):
         context.close()
     finally:
         ui.stop()
+
+
+# --- issue 18: importing an AI Toolkit job, comparisons ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compare_server(tmp_path_factory, tiny_model_dir, tiny_adapter):
+    """The UI on a data folder with the tiny model, the demo fox pictures and two training adapters in DATA/models;
+    the second variant of a comparison of the job ``cmp`` stops after its step 1 until the test lets it go (a
+    ``wait`` fault on its job name: every other trainer runs freely)."""
+    from conftest import demo_dataset
+
+    from zimage_lora.models.tiny_adapter import write_random_adapter
+
+    data = tmp_path_factory.mktemp("ui-compare") / "data"
+    shutil.copytree(tiny_model_dir, data / "models" / "tiny")
+    shutil.copy(tiny_adapter, data / "models" / "adapter_a.safetensors")
+    write_random_adapter(tiny_model_dir, data / "models" / "adapter_b.safetensors", rank=4, seed=2)
+    demo_dataset(data / "datasets" / "fox", 3)
+    ui = UiServer(data, fault="wait@step:1#cmp_v1").wait_ready()
+    try:
+        yield ui
+    finally:
+        for held in ui.holds.glob("held-*"):
+            ui.release(held.name.removeprefix("held-"))
+        try:
+            for found in ui.api("/api/comparisons")["comparisons"]:
+                if found["status"] in ("queued", "running"):
+                    ui.api(f"/api/comparisons/{found['id']}/stop", "POST")
+        except Exception:  # noqa: BLE001 - best effort: the server may be gone already
+            pass
+        ui.stop()
+
+
+def test_compare_two_adapters_stop_resume_and_see_them_side_by_side(browser, compare_server):
+    """From a job's page: Compare, two adapter files as the values; the comparison's page follows it while the first
+    variant trains; Stop while the second is held after its step 1 (it saves there); Resume; the grid shows both
+    variants' previews at the last checkpoint, and each variant's loss curve."""
+    from playwright.sync_api import expect
+    from test_ui_api import job_config
+
+    server = compare_server
+    adapters = ["models/adapter_a.safetensors", "models/adapter_b.safetensors"]
+    override = {
+        "train": {"steps": 4},
+        "save": {"every": 2, "keep": 4},
+        "sample": {"every": 2, "steps": 1, "prompts": ["[trigger] head", "a red car"]},
+    }
+    server.api("/api/jobs", "POST", {"config": job_config("cmp", adapters[0], override)})
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        page.goto(f"{server.url}/#/jobs/cmp")
+        page.click(by("btn-compare"))
+        expect(page.locator(by("cmp-setting"))).to_have_value("model.training_adapter")
+        expect(page.locator(by("cmp-value-0"))).to_have_value(re.compile(r"_v1\.safetensors$"))  # the published ones
+        expect(page.locator(by("cmp-value-1"))).to_have_value(re.compile(r"_v2\.safetensors$"))
+        page.fill(by("cmp-value-0"), "models/nothing.safetensors")
+        page.fill(by("cmp-value-1"), adapters[1])
+        page.click(by("cmp-submit"))
+        expect(page.locator(by("cmp-error"))).to_contain_text("values.0: model.training_adapter=models/nothing")
+        page.fill(by("cmp-value-0"), adapters[0])
+        shot(page, "11-compare-dialog")
+        page.click(by("cmp-submit"))
+        expect(page).to_have_url(re.compile(r"#/comparisons/[0-9a-f]+$"))
+        expect(page.locator(by("cmp-job"))).to_have_text("cmp")
+
+        server.wait_for_hold("step-1")  # the first variant is done, the second holds after its step 1
+        expect(page.locator(by("cmp-status"))).to_have_text("running")
+        expect(page.locator(by("cmp-variant-status-0"))).to_have_text("done")
+        expect(page.locator(by("cmp-variant-status-1"))).to_have_text("running")
+        expect(page.locator(by("cmp-progress"))).to_have_text(re.compile("^Training variant 2 of 2"))
+        expect(page.locator(f"{by('cmp-cell-0-0')} img")).to_be_visible()  # the first variant's last previews
+        shot(page, "12-comparison-running")
+        page.click(by("cmp-stop"))
+        expect(page.locator(by("cmp-status"))).to_have_text("stopping")
+        server.release("step-1")  # the trainer reaches its step's end and saves
+        expect(page.locator(by("cmp-status"))).to_have_text("stopped", timeout=60_000)
+        expect(page.locator(by("cmp-variant-status-1"))).to_have_text("stopped")
+
+        page.click(by("cmp-resume"))
+        expect(page.locator(by("cmp-status"))).to_have_text("done", timeout=120_000)
+        grid = page.locator(by("cmp-grid"))
+        expect(grid).to_have_attribute("data-step", "4")  # the last checkpoint, both variants side by side
+        for row in (0, 1):
+            for column in (0, 1):
+                image = page.locator(f"{by(f'cmp-cell-{row}-{column}')} img")
+                expect(image).to_be_visible()
+                page.wait_for_function("img => img.complete && img.naturalWidth === 64", arg=image.element_handle())
+        expect(page.locator(by("cmp-column-1"))).to_contain_text("adapter_b.safetensors")
+        page.select_option(by("cmp-step"), "2")
+        expect(grid).to_have_attribute("data-step", "2")
+        expect(page.locator(f"{by('cmp-cell-0-1')} img")).to_be_visible()  # resumed from step 1: step 2 is there
+        for variant in (0, 1):
+            expect(page.locator(f"{by(f'cmp-loss-{variant}')} svg")).to_have_attribute("data-points", "4")
+        expect(page.locator(by("cmp-summary"))).to_be_visible()
+        shot(page, "13-comparison-done")
+
+        page.click(by("cmp-job"))
+        expect(page.locator(f'{by("job-comparisons")} [data-testid^="cmp-status-"]')).to_have_text("done")
+    except BaseException:
+        shot(page, "failure-compare")
+        raise
+    assert not errors, f"JavaScript errors on the pages: {errors}"
+    context.close()
+
+
+AI_TOOLKIT_JOB = """job: extension
+config:
+  name: fox lora
+  process:
+    - type: diffusion_trainer
+      training_folder: /home/me/ai-toolkit/output
+      device: cpu
+      trigger_word: zfox
+      network: {type: lora, linear: 8, linear_alpha: 8}
+      datasets:
+        - {folder_path: /home/me/ai-toolkit/datasets/fox, resolution: [64]}
+      train: {batch_size: 1, steps: 2000, optimizer: adamw8bit, lr: 0.0001}
+      model:
+        name_or_path: Tongyi-MAI/Z-Image-Turbo
+        arch: zimage:turbo
+        assistant_lora_path: ostris/zimage_turbo_training_adapter/zimage_turbo_training_adapter_v2.safetensors
+      sample: {sample_every: 250, width: 1024, height: 1024, prompts: [zfox], sample_steps: 9, fancy: 3}
+"""
+
+
+def test_import_an_ai_toolkit_job_into_the_new_job_form(browser, compare_server, tmp_path):
+    """The file lands in the form as a preset does; the findings are listed by kind; its dataset folder, outside the
+    data folder, stays as written and is marked; choosing the data folder's dataset makes the job valid."""
+    from playwright.sync_api import expect
+
+    job_file = tmp_path / "fox lora.yaml"
+    job_file.write_text(AI_TOOLKIT_JOB)
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(f"{compare_server.url}/#/jobs/new")
+    expect(page.locator(by("validation-status"))).to_have_text(re.compile("Valid|problem"))
+    page.set_input_files(by("import-file"), str(job_file))
+    findings = page.locator(by("import-findings"))
+    expect(findings).to_contain_text("Imported from fox lora.yaml")
+    converted = page.locator(by("import-group-converted"))
+    expect(converted).to_have_attribute("open", "")
+    expect(converted).to_contain_text("config.process[0].sample.sample_steps")
+    expect(page.locator(by("import-group-not-mapped"))).to_contain_text("config.process[0].sample.fancy")
+    expect(page.locator(by("import-group-mapped"))).not_to_have_attribute("open", "")
+    expect(page.locator(by("start-from"))).to_have_value("import")
+    expect(page.locator(by("field-job.name"))).to_have_value("fox_lora")
+    expect(page.locator(by("field-target.rank"))).to_have_value("8")
+    expect(page.locator(by("error-datasets[0].path"))).to_contain_text("/home/me/ai-toolkit/datasets/fox")
+    shot(page, "14-import-ai-toolkit")
+    page.select_option(by("dataset-select-0"), "fox")
+    expect(page.locator(by("validation-status"))).to_have_text("✓ Valid")
+
+    page.set_input_files(by("import-file"), {"name": "notes.txt.yaml", "mimeType": "text/yaml", "buffer": b"a: [b"})
+    expect(page.locator(by("import-error"))).to_contain_text("notes.txt.yaml: not a YAML or JSON file")
+    expect(page.locator(by("field-job.name"))).to_have_value("fox_lora")  # a refused file changes nothing
+    context.close()

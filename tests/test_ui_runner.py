@@ -20,7 +20,7 @@ from conftest import cli_env, run_cli
 from test_ui_api import data_dir, job_config, open_client, wait_for, wait_status  # noqa: F401 - data_dir: a fixture
 
 from zimage_lora.errors import UserError
-from zimage_lora.ui.db import Store
+from zimage_lora.ui.db import MIGRATIONS, Store
 from zimage_lora.ui.runner import Runner, alive, start_time
 
 
@@ -200,7 +200,8 @@ def test_store_migrates_once_and_refuses_a_second_ui(tmp_path):
     store.close()
     again = Store(tmp_path)  # the lock went with the first store
     assert again.get("jobs", "a")["config"] == {"x": 1}
-    assert [tuple(r) for r in again.conn.execute("SELECT version FROM schema_version")] == [(1,)]
+    versions = [tuple(r) for r in again.conn.execute("SELECT version FROM schema_version")]
+    assert versions == [(v,) for v in range(1, len(MIGRATIONS) + 1)]  # each migration ran once
     assert again.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     again.close()
 

@@ -234,10 +234,8 @@ class _Importer:
         elif adapter:
             self.skip(f"{p}.assistant_lora_path", f"{arch} trains without a training adapter")
         elif ARCHS[arch].adapter == "required":
-            self.note(
-                f"{p}.arch",
-                f"no assistant_lora_path: model.training_adapter is our default, {DEFAULT_TRAINING_ADAPTER}",
-            )
+            why = "no assistant_lora_path: our default adapter"
+            self.put("model.training_adapter", DEFAULT_TRAINING_ADAPTER, f"{p}.arch", "converted", why)
         for key, ours in (("quantize", "transformer"), ("quantize_te", "text_encoder")):
             qtype_key = "qtype" if key == "quantize" else "qtype_te"
             self._quant(model, key, qtype_key, ours, p)

@@ -16,7 +16,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from zimage_lora.files import atomic_write_bytes
 from zimage_lora.sampling.sampler import SampleSettings
-from zimage_lora.training.run_folder import sample_files
+from zimage_lora.training.run_folder import preview_files
 
 
 @dataclass(frozen=True)
@@ -77,11 +77,6 @@ def build_contact_sheet(samples_dir: Path, prompts: list[str], thumb: int = 256)
     path = Path(samples_dir) / "contact_sheet.png"
     save_grid(path, cells, labels, [f"step {step}" for step in steps], thumb)
     return path
-
-
-def preview_files(samples_dir: Path) -> dict[tuple[int, int], Path]:
-    """Preview PNGs of a run by (step, prompt index)."""
-    return {(step, index): path for step, index, path in sample_files(samples_dir)}
 
 
 def save_grid(

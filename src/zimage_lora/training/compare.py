@@ -21,14 +21,15 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from zimage_lora.config import load_job
 from zimage_lora.errors import UserError
 from zimage_lora.files import atomic_write_bytes
-from zimage_lora.sampling.previews import preview_files, save_grid
 from zimage_lora.training.card import SCORES
-from zimage_lora.training.recipe import TrainResult, train
-from zimage_lora.training.run_folder import read_metrics
+from zimage_lora.training.run_folder import preview_files, read_metrics
+
+if TYPE_CHECKING:
+    from zimage_lora.training.recipe import TrainResult
 
 MANIFEST = "compare.json"
 LOSS_WINDOW = 10  # the final loss of a variant: the mean of its last this many steps
@@ -55,6 +56,9 @@ def compare(
     overwrite: bool = False,
     folder: Path | None = None,
 ) -> CompareResult:
+    from zimage_lora.config import load_job
+    from zimage_lora.training.recipe import train  # torch: only where training happens (the web UI reads only)
+
     if resume and overwrite:
         raise UserError("--resume and --overwrite exclude each other; pick one")
     if len(varies) < 2:
@@ -72,7 +76,7 @@ def compare(
         load_job(job, [*overrides, f"job.name={name}", f"job.output_dir={folder}"], warnings=[])
         for name, overrides in zip(names, variants, strict=True)
     ]  # all variants are validated before the first one trains
-    labels = ["; ".join(v) for v in variants]
+    labels = ["; ".join(map(_short, v)) for v in variants]
     _check_start(folder, varies, resume, overwrite)
     manifest = {"job": str(Path(job).resolve()), "variants": list(varies), "labels": labels, "names": names}
     manifest["prompts"] = [p.prompt for p in base.sample.prompts]
@@ -96,6 +100,12 @@ def compare(
     _write_manifest(folder, {**manifest, "status": "done", "variant": None})
     last = _last_scores(runs)
     return CompareResult(folder, labels, runs, grids, summary, last, [_final_loss(r.run_dir) for r in runs])
+
+
+def _short(override: str) -> str:
+    """``KEY=VALUE`` with a path shown by its file name, for the grids' labels."""
+    key, _, value = override.partition("=")
+    return f"{key}={Path(value).name}" if "/" in value or os.sep in value else override
 
 
 def _check_start(folder: Path, varies: list[str], resume: bool, overwrite: bool) -> None:
@@ -141,6 +151,8 @@ def _draw(
 ) -> tuple[list[Path], Path | None]:
     """One grid per preview step (the variants trained so far; the others' columns stay white) and, when the
     comparison is complete, the summary."""
+    from zimage_lora.sampling.previews import save_grid
+
     found = [preview_files(r.run_dir / "samples") for r in runs]
     found += [{}] * (len(labels) - len(runs))
     scores = [_scores(r.run_dir) for r in runs] + [{}] * (len(labels) - len(runs))

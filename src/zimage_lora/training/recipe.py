@@ -238,6 +238,8 @@ class LoraRecipe:
             with self.control:
                 if self.state.step == 0 and self.cfg.sample.active:
                     self.sample(0, shown=self.cfg.sample.first)
+                elif self._previews_skipped_by_a_stop(self.state.step):
+                    self.sample(self.state.step)
                 for step in range(self.state.step + 1, steps + 1):
                     metrics = self.train_step(self.data.next(self.state, step))
                     todo = self._agree(self.control.after_step(step))
@@ -266,6 +268,12 @@ class LoraRecipe:
             window = min(LOSS_WINDOW, len(losses))
             result.first_loss, result.last_loss = sum(losses[:window]) / window, sum(losses[-window:]) / window
         return self._stopped(result) if stopped_at is not None else self._finish(result)
+
+    def _previews_skipped_by_a_stop(self, step: int) -> bool:
+        """A stop at a scheduled preview step saves at once and renders nothing; the resumed run renders them."""
+        preview = self.cfg.sample
+        due = preview.active and 0 < step < self.cfg.train.steps and step % preview.every == 0
+        return due and step >= preview.start_step and not any(s == step for s, _, _ in self.run.samples())
 
     def _agree(self, todo: Todo) -> Todo:
         """Every process acts on the same step: a save, sample or stop asked on any of them (a request file, read by

@@ -50,6 +50,11 @@ def sample_files(samples_dir: Path) -> list[tuple[int, int, Path]]:
     return sorted((int(m[1]), int(m[2]), p) for p in Path(samples_dir).iterdir() if (m := SAMPLE_RE.match(p.name)))
 
 
+def preview_files(samples_dir: Path) -> dict[tuple[int, int], Path]:
+    """Preview PNGs of a run by (step, prompt index)."""
+    return {(step, index): path for step, index, path in sample_files(samples_dir)}
+
+
 class RunFolder:
     def __init__(self, root: Path, name: str):
         self.root = Path(root)

@@ -1,10 +1,10 @@
-"""The UI's own records in ``DATA/ui.db`` (SQLite, WAL): jobs, playground generations, settings.
+"""The UI's own records in ``DATA/ui.db`` (SQLite, WAL): jobs, playground generations, comparisons, settings.
 
-The run folders stay the truth about training (steps, files, run.json); the database holds what only the UI knows:
-each job's config as the form shows it, its queue state (``device``: the devices it holds, comma-joined), and the
-trainer's pid and /proc start time so that a restarted UI finds its processes again. One connection serves every
-thread, behind a lock. The schema grows by appending to ``MIGRATIONS``; ``schema_version`` records how many have
-run.
+The run folders stay the truth about training (steps, files, run.json, compare.json); the database holds what only
+the UI knows: each job's config as the form shows it, each comparison's setting and values, their queue state
+(``device``: the devices it holds, comma-joined), and the process's pid and /proc start time so that a restarted UI
+finds its processes again. One connection serves every thread, behind a lock. The schema grows by appending to
+``MIGRATIONS``; ``schema_version`` records how many have run.
 
 ``Store`` also holds ``DATA/ui.lock`` (an flock) while open: two UIs driving one data folder would start every
 queued job twice.
@@ -34,9 +34,17 @@ MIGRATIONS = [
         error TEXT);
     CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # comparisons (issue 18): one job trained once per value of one setting; ``vals`` are the values as the UI
+    # shows them, ``varies`` the ``--vary`` strings the process gets (paths made absolute)
+    """
+    CREATE TABLE comparisons (
+        id TEXT PRIMARY KEY, job TEXT NOT NULL, setting TEXT NOT NULL, vals TEXT NOT NULL, varies TEXT NOT NULL,
+        status TEXT NOT NULL, prev_status TEXT, device TEXT, mode TEXT, pid INTEGER, pid_start INTEGER,
+        exit_code INTEGER, created TEXT NOT NULL, queued REAL, started TEXT, finished TEXT, error TEXT);
+    """,
 ]
-JSON_COLUMNS = {"config", "request"}
-KEYS = {"jobs": "name", "generations": "id"}
+JSON_COLUMNS = {"config", "request", "vals", "varies"}
+KEYS = {"jobs": "name", "generations": "id", "comparisons": "id"}
 
 
 def now() -> str:

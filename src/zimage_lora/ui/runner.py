@@ -1,6 +1,7 @@
-"""The queue and the runner: trainers and playground generations, each holding a set of devices while it runs.
+"""The queue and the runner: trainers, comparisons and playground generations, each holding a set of devices while it
+runs.
 
-Jobs and generations wait as ``queued`` rows in the database. Each row names the devices it will hold (its
+Jobs, comparisons and generations wait as ``queued`` rows in the database. Each row names the devices it will hold (its
 ``device`` column: the sorted names joined by commas, e.g. ``cuda:0,cuda:1``; a row of an older UI holds the one
 name it has). A background thread (``Runner.run``) looks every half second (and at once when the API pokes it): it
 finishes the processes that have ended, then goes through the queued items oldest first and starts each one whose
@@ -9,8 +10,9 @@ overlap run at the same time; an item that shares a device with a running item w
 place: the devices it waits for count as taken for every item queued after it, so a later item never overtakes an
 older one that shares a device with it (a two-GPU job is not starved by a stream of one-GPU generations), while a
 later item on other devices starts at once. Each item runs as its own ``python -m zimage_lora.cli
-train|generate`` process in a new session, with stdout and stderr in a log file, so the UI can exit or crash
-without stopping it.
+train|compare|generate`` process in a new session, with stdout and stderr in a log file, so the UI can exit or crash
+without stopping it. A comparison (``zimage-lora compare``: its job trained once per value of one setting) holds
+its job's devices, and runs on a snapshot of the job file taken when it was created, in DATA/comparisons/<id>.
 
 The machine's devices are ``cpu`` and one ``cuda:N`` per GPU (``machine_devices``); an item that names a device
 the machine lacks is refused when it is queued, in one sentence that names the device and the machine's devices.
@@ -18,7 +20,8 @@ the machine lacks is refused when it is queued, in one sentence that names the d
 The database keeps each process's pid and its start time from /proc/<pid>/stat: a restarted UI re-attaches to a
 process only when both match (a reused pid is never mistaken for the trainer). A trainer that has ended is ``done``
 or ``stopped`` as its run.json says (when run.json was written by that very process and it did not exit with an
-error), ``stopped`` when the user asked it to stop, else ``failed`` with its last log lines as the error.
+error), ``stopped`` when the user asked it to stop, else ``failed`` with its last log lines as the error; a
+comparison the same way by its compare.json.
 
 Every change of status goes through this module, under ``Runner.lock``, so an API call never races the thread.
 """
@@ -144,8 +147,8 @@ class Runner:
     def __init__(self, data: Path, store: Store, poll_s: float = 0.5):
         self.data, self.store, self.poll_s = data, store, poll_s
         self.lock = threading.RLock()
-        self.procs: dict[str, subprocess.Popen] = {}  # processes this UI started, by "job:<name>" / "gen:<id>"
-        self.forced: set[str] = set()  # jobs killed by a force stop, until their end is recorded
+        self.procs: dict[str, subprocess.Popen] = {}  # processes this UI started: "job:<name>", "gen:<id>", "cmp:<id>"
+        self.forced: set[str] = set()  # the same keys, of items killed by a force stop until their end is recorded
         self.wake = threading.Event()
         self.closing = threading.Event()
         self.thread: threading.Thread | None = None
@@ -155,6 +158,9 @@ class Runner:
 
     def gen_dir(self, gen_id: str) -> Path:
         return self.data / "generations" / gen_id
+
+    def cmp_dir(self, cmp_id: str) -> Path:
+        return self.data / "comparisons" / cmp_id
 
     # --- the thread ---------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -186,6 +192,10 @@ class Runner:
                 ended, code = self._ended(f"job:{row['name']}", row)
                 if ended:
                     self._finish_job(row, code)
+            for row in self.store.select("comparisons", "status IN ('running', 'stopping')"):
+                ended, code = self._ended(f"cmp:{row['id']}", row)
+                if ended:
+                    self._finish_comparison(row, code)
             for row in self.store.select("generations", "status = 'running'"):
                 ended, code = self._ended(f"gen:{row['id']}", row)
                 if ended:
@@ -205,21 +215,49 @@ class Runner:
 
     def _launch_queued(self) -> None:
         running = self.store.select("jobs", "status IN ('running', 'stopping')")
+        running += self.store.select("comparisons", "status IN ('running', 'stopping')")
         running += self.store.select("generations", "status = 'running'")
         taken = set().union(*map(holds, running))
-        waiting = [("job", row) for row in self.store.select("jobs", "status = 'queued'")]
-        waiting += [("gen", row) for row in self.store.select("generations", "status = 'queued'")]
-        for kind, row in sorted(waiting, key=lambda item: item[1]["queued"]):
+        launch = {
+            "jobs": self._launch_job,
+            "comparisons": self._launch_comparison,
+            "generations": self._launch_generation,
+        }
+        waiting = [(table, row) for table in launch for row in self.store.select(table, "status = 'queued'")]
+        for table, row in sorted(waiting, key=lambda item: item[1]["queued"]):
             wanted = holds(row)
             free = not wanted & taken
             taken |= wanted  # started, or waiting in its place: no later item may take these devices first
             if not free:
                 continue
             try:
-                self._launch_job(row) if kind == "job" else self._launch_generation(row)
+                launch[table](row)
             except OSError as e:
-                table, key = ("jobs", row["name"]) if kind == "job" else ("generations", row["id"])
+                key = row["name"] if table == "jobs" else row["id"]
                 self.store.update(table, key, status="failed", error=f"could not start the process: {e}")
+
+    def _verdict(
+        self, key: str, row: dict[str, Any], code: int | None, facts: dict[str, Any], log_file: Path
+    ) -> tuple[str, str | None]:
+        """(status, error) of an ended trainer or comparison: what its own run.json / compare.json says when that
+        very process wrote it and exited cleanly, ``stopped`` when the user stopped it, else ``failed`` with its last
+        log lines. A process of ours that exits 0 without writing the file found the work complete already (a
+        --resume of a finished run), and then the file is still right."""
+        own = facts.get("pid") == row["pid"] or (code == 0 and facts.get("status") == "done")
+        verdict = facts.get("status") if own and code in (None, 0) else None
+        forced = key in self.forced
+        self.forced.discard(key)
+        if verdict in ("done", "stopped"):
+            return verdict, None
+        if forced:
+            return "stopped", (
+                "force-stopped: the steps since the last checkpoint were not saved (resume continues from it)"
+            )
+        if row["status"] == "stopping":
+            return "stopped", None  # stopped before training began: there is nothing to resume, start it again
+        how = f"exit code {code}" if code is not None else "it was gone when the UI looked"
+        what = "the trainer" if key.startswith("job:") else "the comparison"
+        return "failed", f"{what} ended before finishing ({how}); its last log lines:\n{_last_lines(log_file)}"
 
     # --- jobs ---------------------------------------------------------------------------------------------------
     def _launch_job(self, row: dict[str, Any]) -> None:
@@ -241,25 +279,9 @@ class Runner:
         )
 
     def _finish_job(self, row: dict[str, Any], code: int | None) -> None:
-        facts = runs.read_json(self.job_dir(row["name"]) / "run.json")
-        # run.json speaks for the process that wrote it; a trainer of ours that exits 0 without writing it found the
-        # run complete already (--resume of a finished run), and then run.json is still right
-        own = facts.get("pid") == row["pid"] or (code == 0 and facts.get("status") == "done")
-        verdict = facts.get("status") if own and code in (None, 0) else None
-        error = None
-        if verdict in ("done", "stopped"):
-            status = verdict
-        elif row["name"] in self.forced:
-            status = "stopped"
-            error = "force-stopped: the steps since the last checkpoint were not saved (resume continues from it)"
-        elif row["status"] == "stopping":
-            status = "stopped"  # stopped before training began: there is nothing to resume, start it again
-        else:
-            status = "failed"
-            how = f"exit code {code}" if code is not None else "it was gone when the UI looked"
-            tail = _last_lines(runs.log_path(self.job_dir(row["name"])))
-            error = f"the trainer ended before finishing ({how}); its last log lines:\n{tail}"
-        self.forced.discard(row["name"])
+        folder = self.job_dir(row["name"])
+        facts = runs.read_json(folder / "run.json")
+        status, error = self._verdict(f"job:{row['name']}", row, code, facts, runs.log_path(folder))
         self.store.update("jobs", row["name"], status=status, exit_code=code, error=error, finished=now())
 
     def queue_job(self, name: str, resume: bool) -> None:
@@ -287,27 +309,32 @@ class Runner:
         process group at once: files are written atomically, so every saved checkpoint stays whole, and the steps
         since the last one are lost."""
         with self.lock:
-            row = self._job(name)
-            if force and row["status"] in ACTIVE:
-                if alive(row["pid"], row["pid_start"]):
-                    self.forced.add(name)
-                    from zimage_lora.training.launch import kill_tree
-
-                    # a job on several GPUs: the launcher and its processes run in sessions of their own
-                    kill_tree(row["pid"], signal.SIGKILL)
-                    os.killpg(row["pid"], signal.SIGKILL)  # its own session: the trainer and any child
-                self.store.update("jobs", name, status="stopping")
-            elif row["status"] == "queued":
-                self.store.update("jobs", name, status=row["prev_status"] or "draft", queued=None)
-            elif row["status"] == "running":
-                if alive(row["pid"], row["pid_start"]):
-                    # Training: the trainer finishes its step, saves and exits 0 (SIGTERM acts as Ctrl-C does).
-                    # Still loading: the default action ends it at once, quietly; there is nothing to save yet.
-                    os.kill(row["pid"], signal.SIGTERM)
-                self.store.update("jobs", name, status="stopping")
-            elif row["status"] != "stopping":
-                raise ApiError(409, f"job {name!r} is {row['status']}, not running; there is nothing to stop")
+            self._stop("jobs", self._job(name), force, f"job {name!r}", unqueued="draft")
         self.poke()
+
+    def _stop(self, table: str, row: dict[str, Any], force: bool, what: str, unqueued: str) -> None:
+        """Stop a job or a comparison (under ``self.lock``); a queued one goes back to its status before it was
+        queued (``unqueued`` when it had none)."""
+        key = row["name"] if table == "jobs" else row["id"]
+        if force and row["status"] in ACTIVE:
+            if alive(row["pid"], row["pid_start"]):
+                self.forced.add(f"{'job' if table == 'jobs' else 'cmp'}:{key}")
+                from zimage_lora.training.launch import kill_tree
+
+                # a job on several GPUs: the launcher and its processes run in sessions of their own
+                kill_tree(row["pid"], signal.SIGKILL)
+                os.killpg(row["pid"], signal.SIGKILL)  # its own session: the trainer and any child
+            self.store.update(table, key, status="stopping")
+        elif row["status"] == "queued":
+            self.store.update(table, key, status=row["prev_status"] or unqueued, queued=None)
+        elif row["status"] == "running":
+            if alive(row["pid"], row["pid_start"]):
+                # Training: the trainer finishes its step, saves and exits 0 (SIGTERM acts as Ctrl-C does).
+                # Still loading: the default action ends it at once, quietly; there is nothing to save yet.
+                os.kill(row["pid"], signal.SIGTERM)
+            self.store.update(table, key, status="stopping")
+        elif row["status"] != "stopping":
+            raise ApiError(409, f"{what} is {row['status']}, not running; there is nothing to stop")
 
     def request(self, name: str, action: str) -> None:
         """Ask the running trainer to save or sample after its current step (a file in requests/)."""
@@ -335,6 +362,84 @@ class Runner:
         row = self.store.get("jobs", name)
         if row is None:
             raise ApiError(404, f"no job named {name!r}; see GET /api/jobs", "name")
+        return row
+
+    # --- comparisons --------------------------------------------------------------------------------------------
+    def add_comparison(self, cmp_id: str, job: str, setting: str, values: list[Any], varies: list[str]) -> None:
+        """Queue a new comparison of ``job`` (its folder holds the job file's snapshot already): it holds the job's
+        devices (ApiError 422 on ``job.device`` for one the machine lacks)."""
+        with self.lock:
+            devices = device_set(self._job(job)["config"]["job"]["device"], "job.device")
+            self.store.insert(
+                "comparisons",
+                id=cmp_id,
+                job=job,
+                setting=setting,
+                vals=values,
+                varies=varies,
+                status="queued",
+                mode="start",
+                device=",".join(devices),
+                created=now(),
+                queued=time.time(),
+            )
+        self.poke()
+
+    def resume_comparison(self, cmp_id: str) -> None:
+        """Queue a stopped or failed comparison again: ``--resume`` keeps the variants that finished and continues
+        the stopped one from its checkpoint (a comparison that never began starts afresh)."""
+        with self.lock:
+            row = self._comparison(cmp_id)
+            if row["status"] in ("queued", *ACTIVE):
+                raise ApiError(409, f"comparison {cmp_id!r} is already {row['status']}; stop it first")
+            devices = device_set(sorted(holds(row), key=_device_order), "job.device")  # the machine may have changed
+            began = (self.cmp_dir(cmp_id) / "compare.json").is_file()
+            self.store.update(
+                "comparisons",
+                cmp_id,
+                status="queued",
+                prev_status=row["status"],
+                mode="resume" if began else "start",
+                device=",".join(devices),
+                queued=time.time(),
+                error=None,
+            )
+        self.poke()
+
+    def stop_comparison(self, cmp_id: str, force: bool = False) -> None:
+        """As ``stop_job``: the variant in training saves after its step and the comparison ends ``stopped``."""
+        with self.lock:
+            self._stop("comparisons", self._comparison(cmp_id), force, f"comparison {cmp_id!r}", unqueued="stopped")
+        self.poke()
+
+    def _launch_comparison(self, row: dict[str, Any]) -> None:
+        folder, resume = self.cmp_dir(row["id"]), row["mode"] == "resume"
+        varies = [arg for vary in row["varies"] for arg in ("--vary", vary)]
+        args = ["compare", str(folder / "job.yaml"), *varies, "--folder", str(folder), "--no-progress"]
+        proc, pid_start = _spawn([*args, "--resume" if resume else "--overwrite"], folder / "ui-process.log", resume)
+        self.procs[f"cmp:{row['id']}"] = proc
+        self.store.update(
+            "comparisons",
+            row["id"],
+            status="running",
+            pid=proc.pid,
+            pid_start=pid_start,
+            exit_code=None,
+            error=None,
+            started=now(),
+            finished=None,
+        )
+
+    def _finish_comparison(self, row: dict[str, Any], code: int | None) -> None:
+        folder = self.cmp_dir(row["id"])
+        facts = runs.read_json(folder / "compare.json")
+        status, error = self._verdict(f"cmp:{row['id']}", row, code, facts, folder / "ui-process.log")
+        self.store.update("comparisons", row["id"], status=status, exit_code=code, error=error, finished=now())
+
+    def _comparison(self, cmp_id: str) -> dict[str, Any]:
+        row = self.store.get("comparisons", cmp_id)
+        if row is None:
+            raise ApiError(404, f"no comparison {cmp_id!r}; see GET /api/comparisons", "id")
         return row
 
     # --- generations --------------------------------------------------------------------------------------------

@@ -1,15 +1,17 @@
 """The web UI's HTTP server: ``create_app`` builds the FastAPI app of docs/ui-api.md; ``serve`` runs it.
 
-Routes, grouped as in the contract: pages, schema and config, jobs (with the event stream), datasets, models, LoRAs
-and the playground, files. Handlers stay thin: the config goes through ``schema`` (the CLI's validation), status
-changes through ``runner`` (the queue), run folders are read through ``runs``, and every path from a URL through
-``security.resolve_inside``. A user mistake answers 4xx ``{"error": one sentence, "field": key or null}``; an
-unexpected failure answers 500 with a sentence, never a traceback.
+Routes, grouped as in the contract: pages, schema and config, jobs (with the event stream, the AI Toolkit import),
+comparisons, datasets, models, LoRAs and the playground, files. Handlers stay thin: the config goes through
+``schema`` (the CLI's validation), status changes through ``runner`` (the queue), run folders are read through
+``runs``, and every path from a URL through ``security.resolve_inside``. A user mistake answers 4xx
+``{"error": one sentence, "field": key or null}``; an unexpected failure answers 500 with a sentence, never a
+traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import io
 import json
@@ -37,7 +39,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from zimage_lora.config import ConfigError, dump_yaml, parse_job, parse_resolutions
+from zimage_lora.config import ConfigError, apply_overrides, dump_yaml, job_to_dict, parse_job, parse_resolutions
+from zimage_lora.errors import UserError
 from zimage_lora.files import atomic_write_bytes
 from zimage_lora.models.arch import ARCHS, inference_arch
 from zimage_lora.sampling.request import GenerationRequest
@@ -59,10 +62,12 @@ from zimage_lora.ui.security import (
 )
 
 STATIC = Path(__file__).parent / "static"
-FILE_ROOTS = ("datasets", "jobs", "models", "generations")  # what /files serves; never ui.db or the thumbnails
+FILE_ROOTS = ("datasets", "jobs", "models", "generations", "comparisons")  # what /files serves; never ui.db
 LOG_TAIL = 40
 THUMB_SIZE = 256
 HEARTBEAT_S = 10.0
+IMPORT_MAX_CHARS = 1_000_000  # an AI Toolkit job file is a few KB
+FIXED_SETTINGS = ("version", "job.name", "job.output_dir", "job.device")  # what a comparison cannot vary
 LOGIN_FORM = """<!doctype html><meta charset="utf-8"><title>zimage-lora: sign in</title>
 <form method="post" action="/api/login"><label>Token <input name="token" type="password" autofocus></label>
 <button>Sign in</button></form>"""
@@ -99,9 +104,16 @@ class Ui:
             raise ApiError(422, errors[0]["message"], errors[0]["key"], errors=errors)
         return normalised
 
-    def write_job_yaml(self, name: str, config: dict[str, Any]) -> None:
+    def write_job_yaml(self, name: str, config: dict[str, Any], folder: Path | None = None) -> None:
+        """The job file the trainer reads, in the job's folder (or ``folder``: a comparison's snapshot)."""
         cfg = parse_job(schema.job_data(config, self.data), self.data, check_paths=False)
-        _atomic_write(self.runner.job_dir(name) / "job.yaml", dump_yaml(cfg).encode())
+        _atomic_write((folder or self.runner.job_dir(name)) / "job.yaml", dump_yaml(cfg).encode())
+
+    def comparison(self, cmp_id: str) -> dict[str, Any]:
+        row = self.store.get("comparisons", cmp_id) if NAME_RE.match(cmp_id) else None
+        if row is None:
+            raise ApiError(404, f"no comparison {cmp_id!r}; see GET /api/comparisons", "id")
+        return row
 
 
 _WRITES = threading.Lock()  # handlers run on a thread pool; two writes of one file must not share its .tmp
@@ -145,6 +157,16 @@ class CaptionBody(_Body):
     caption: str
 
 
+class ImportBody(_Body):
+    text: str
+    filename: str | None = None
+
+
+class CompareBody(_Body):
+    setting: str
+    values: list[Any]
+
+
 # --- the app ----------------------------------------------------------------------------------------------------------
 
 
@@ -175,6 +197,7 @@ def create_app(
     _page_routes(app, ui)
     _config_routes(app, ui)
     _job_routes(app, ui)
+    _comparison_routes(app, ui)
     _dataset_routes(app, ui)
     _playground_routes(app, ui)
     _file_routes(app, ui)
@@ -330,6 +353,22 @@ def _job_routes(app: FastAPI, ui: Ui) -> None:
     def list_jobs() -> dict:
         return {"jobs": [job_summary(ui, row) for row in ui.store.select("jobs")]}
 
+    @app.post("/api/jobs/import")
+    def import_job(body: ImportBody) -> dict:
+        """An AI Toolkit job file as the new-job form's config, with what was mapped, converted or left out."""
+        from zimage_lora.aitoolkit import import_job_text
+
+        if len(body.text) > IMPORT_MAX_CHARS:
+            raise ApiError(413, "text: the file is over 1 MB; an AI Toolkit job file is a few KB", "text")
+        try:
+            imported = import_job_text(body.text, body.filename or "the imported file")
+        except UserError as e:
+            raise ApiError(422, str(e), "text") from None
+        raw = _in_data_folder(imported.data, ui.data)
+        config, errors = schema.validate(raw, ui.data)
+        # an invalid job lands in the form as imported, where each problem shows beside its field
+        return {"config": config or raw, "findings": [f.as_dict() for f in imported.findings], "errors": errors}
+
     @app.post("/api/jobs", status_code=201)
     def create_job(body: ConfigBody) -> dict:
         config = ui.validated(body.config)
@@ -450,6 +489,29 @@ def _job_routes(app: FastAPI, ui: Ui) -> None:
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
 
 
+def _in_data_folder(data: dict[str, Any], root: Path) -> dict[str, Any]:
+    """An imported job as the UI's config before validation: output in DATA/jobs, paths inside the data folder
+    relative to it (as the form writes them); other paths stay as written, for the form to show their errors."""
+    out = copy.deepcopy(data)
+    if isinstance(out.get("job"), dict):
+        out["job"]["output_dir"] = schema.OUTPUT_DIR
+
+    def relative(value: Any) -> Any:
+        if isinstance(value, str) and Path(value).is_absolute() and Path(value).is_relative_to(root):
+            return Path(value).relative_to(root).as_posix()
+        return value
+
+    model = out.get("model")
+    if isinstance(model, dict):
+        for key in schema.MODEL_PATHS:
+            if key in model:
+                model[key] = relative(model[key])
+    for dataset in out.get("datasets") or []:
+        if isinstance(dataset, dict) and "path" in dataset:
+            dataset["path"] = relative(dataset["path"])
+    return out
+
+
 def _sse(event: str, payload: Any) -> str:
     return f"event: {event}\ndata: {json.dumps(payload)}\n\n"
 
@@ -505,6 +567,182 @@ async def _event_stream(
             beat = time.monotonic()
             yield ": heartbeat\n\n"
         await asyncio.sleep(0.5)
+
+
+# --- comparisons ------------------------------------------------------------------------------------------------------
+
+
+def _setting_keys(setting: str) -> list[str | int]:
+    """``datasets[0].path`` / ``datasets.0.path`` as the key path ``["datasets", 0, "path"]`` (``--set``'s rule)."""
+    return [int(part) if part.isdigit() else part for part in setting.replace("[", ".").replace("]", "").split(".")]
+
+
+def _vary_value(value: Any) -> str:
+    """A resolved value as ``--vary`` reads it back: text literally (unless it would read as YAML's null or a
+    quoted string), anything else as YAML (JSON is YAML)."""
+    if isinstance(value, str) and value not in ("null", "~") and not value.startswith(("'", '"')):
+        return value
+    return json.dumps(value)
+
+
+def comparison_variants(ui: Ui, config: dict[str, Any], setting: str, values: list[Any]) -> list[str]:
+    """The ``--vary`` strings of a comparison of ``config`` over ``values`` of ``setting``; ApiError 422 naming the
+    setting or the value for a mistake. Each value is read as ``--set`` reads it (text literally, else YAML), the
+    job with it must pass the job form's validation, and what goes to the process is the resolved value (a model
+    path in the data folder, ``models/x.safetensors``, becomes absolute, as in the job file)."""
+    key = setting.strip()
+    if not key:
+        raise ApiError(422, "setting: name the setting to compare, e.g. model.training_adapter", "setting")
+    if key.replace("[", ".").replace("]", "") in FIXED_SETTINGS:
+        why = "a comparison names its runs itself and holds the job's devices"
+        raise ApiError(422, f"setting: {key} cannot be compared ({why}); choose another setting", "setting")
+    if len(values) < 2:
+        raise ApiError(422, f"values: give two or more values of {key} to compare (got {len(values)})", "values")
+    varies: list[str] = []
+    for index, value in enumerate(values):
+        field = f"values.{index}"
+        raw = value if isinstance(value, str) else json.dumps(value)
+        try:
+            varied = apply_overrides(config, [f"{key}={raw}"])
+        except ConfigError as e:
+            message = str(e)
+            if " in --set " in message:  # the key is not a setting of the job
+                raise ApiError(422, message.rsplit(" in --set ", 1)[0], "setting") from None  # names the key
+            raise ApiError(422, f"{field}: {message}", field) from None
+        normalised, errors = schema.validate(varied, ui.data)
+        if errors:
+            message, prefix = errors[0]["message"], f"{errors[0]['key']}: "
+            problem = message.removeprefix(prefix) if errors[0]["key"] == key else f"then {message}"
+            raise ApiError(422, f"{field}: {key}={raw}: {problem}", field, errors=errors)
+        resolved: Any = job_to_dict(parse_job(schema.job_data(normalised, ui.data), ui.data, check_paths=False))
+        for part in _setting_keys(key):
+            resolved = resolved[part]
+        vary = f"{key}={_vary_value(resolved)}"
+        if ";" in vary:  # --vary joins several overrides with ';'
+            raise ApiError(422, f"{field}: {raw!r} holds ';', which a comparison cannot pass on; rename it", field)
+        if vary in varies:
+            raise ApiError(422, f"{field}: {raw!r} gives the same {key} as value {varies.index(vary)}", field)
+        varies.append(vary)
+    return varies
+
+
+def comparison_detail(ui: Ui, row: dict[str, Any]) -> dict[str, Any]:
+    """The row and, once the process has written compare.json, what ``read_comparison`` reads of the folder, its
+    files as /files URLs."""
+    folder = ui.runner.cmp_dir(row["id"])
+    url = _url("files", "comparisons", row["id"])
+    out = {
+        "id": row["id"],
+        "job": row["job"],
+        "setting": row["setting"],
+        "values": row["vals"],
+        "varies": row["varies"],
+        "status": row["status"],
+        "device": ", ".join(filter(None, (row["device"] or "").split(","))),
+        "created": row["created"],
+        "started": row["started"],
+        "finished": row["finished"],
+        "error": row["error"],
+        "exit_code": row["exit_code"],
+    }
+    if not (folder / "compare.json").is_file():
+        return {**out, "progress": None}
+    from zimage_lora.training.compare import read_comparison
+
+    found = read_comparison(folder)
+
+    def file_url(relative: str | None) -> str | None:
+        if relative is None:
+            return None
+        try:  # a grid is redrawn in place: the version defeats the browser's cache
+            version = (folder / relative).stat().st_mtime_ns
+        except OSError:
+            return None
+        return f"{url}/{quote(relative)}?v={version}"
+
+    for variant in found["variants"]:
+        variant["samples"] = {step: [file_url(p) for p in paths] for step, paths in variant["samples"].items()}
+    grids = [{"step": int(name.split("_")[1].split(".")[0]), "url": file_url(name)} for name in found["grids"]]
+    return {**out, "progress": {**found, "grids": grids, "summary": file_url(found["summary"])}}
+
+
+def _comparison_routes(app: FastAPI, ui: Ui) -> None:
+    runner = ui.runner
+
+    @app.post("/api/jobs/{name}/compare", status_code=201)
+    def create_comparison(name: str, body: CompareBody) -> dict:
+        """Queue the job's comparison over the values of one setting, on a snapshot of its job file."""
+        config = ui.validated(ui.job(name)["config"])  # the data folder may have changed since it was saved
+        if not config["sample"]["prompts"]:
+            raise ApiError(
+                422,
+                "sample.prompts: a comparison puts previews side by side; give the job preview prompts first",
+                "sample.prompts",
+            )
+        varies = comparison_variants(ui, config, body.setting, body.values)
+        cmp_id = uuid.uuid4().hex[:12]
+        folder = runner.cmp_dir(cmp_id)
+        ui.write_job_yaml(name, config, folder)
+        try:
+            runner.add_comparison(cmp_id, name, body.setting.strip(), body.values, varies)
+        except ApiError:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return {"id": cmp_id, "status": ui.comparison(cmp_id)["status"]}
+
+    @app.get("/api/comparisons")
+    def list_comparisons(job: str | None = None) -> dict:
+        rows = ui.store.select("comparisons", "job = ?", job) if job else ui.store.select("comparisons")
+        out = []
+        for row in rows:
+            facts = runs.read_json(runner.cmp_dir(row["id"]) / "compare.json")
+            variant = facts.get("variant") if row["status"] in ACTIVE else None
+            out.append(
+                {
+                    "id": row["id"],
+                    "job": row["job"],
+                    "setting": row["setting"],
+                    "values": row["vals"],
+                    "status": row["status"],
+                    "variant": variant,
+                    "created": row["created"],
+                    "finished": row["finished"],
+                }
+            )
+        return {"comparisons": out}
+
+    @app.get("/api/comparisons/{cmp_id}")
+    def get_comparison(cmp_id: str) -> dict:
+        row = ui.comparison(cmp_id)
+        folder = runner.cmp_dir(cmp_id)
+        return {**comparison_detail(ui, row), "log_tail": runs.log_tail(folder / "ui-process.log", LOG_TAIL)}
+
+    @app.post("/api/comparisons/{cmp_id}/stop")
+    def stop_comparison(cmp_id: str, body: StopBody | None = None) -> dict:
+        ui.comparison(cmp_id)
+        runner.stop_comparison(cmp_id, force=body is not None and body.force)
+        return {"id": cmp_id, "status": ui.comparison(cmp_id)["status"]}
+
+    @app.post("/api/comparisons/{cmp_id}/resume")
+    def resume_comparison(cmp_id: str) -> dict:
+        ui.comparison(cmp_id)
+        runner.resume_comparison(cmp_id)
+        return {"id": cmp_id, "status": ui.comparison(cmp_id)["status"]}
+
+    @app.delete("/api/comparisons/{cmp_id}")
+    def delete_comparison(cmp_id: str, confirm: str = "") -> dict:
+        ui.comparison(cmp_id)
+        if confirm != cmp_id:
+            raise ApiError(
+                400, f"deleting comparison {cmp_id!r} removes its runs; repeat its id in ?confirm=", "confirm"
+            )
+        with runner.lock:
+            status = ui.comparison(cmp_id)["status"]
+            if status in ("queued", *ACTIVE):
+                raise ApiError(409, f"comparison {cmp_id!r} is {status}; stop it before deleting it")
+            shutil.rmtree(runner.cmp_dir(cmp_id), ignore_errors=True)
+            ui.store.delete("comparisons", cmp_id)
+        return {"deleted": cmp_id}
 
 
 # --- datasets ---------------------------------------------------------------------------------------------------------
@@ -661,6 +899,12 @@ def _playground_routes(app: FastAPI, ui: Ui) -> None:
     def list_models() -> dict:
         folders = sorted(p for p in (ui.data / "models").iterdir() if p.is_dir() and NAME_RE.match(p.name))
         return {"models": [{"name": p.name, "path": f"models/{p.name}"} for p in folders]}
+
+    @app.get("/api/models/files")
+    def list_model_files() -> dict:
+        """The .safetensors files in DATA/models (training adapters): what a comparison of adapters offers."""
+        files = sorted(p for p in (ui.data / "models").iterdir() if p.is_file() and p.suffix == ".safetensors")
+        return {"files": [{"name": p.name, "path": f"models/{p.name}"} for p in files if NAME_RE.match(p.name)]}
 
     @app.get("/api/loras")
     def list_loras() -> dict:

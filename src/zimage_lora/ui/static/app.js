@@ -1,13 +1,14 @@
 // zimage-lora web UI: a single-page app in plain JavaScript (no framework, no build step, nothing from outside).
 //
-// Each hash route (#/jobs, #/jobs/new, #/jobs/<name>, #/jobs/<name>/edit, #/datasets, #/datasets/<name>,
-// #/playground) renders one view into <main>. A view registers its timers and event streams on its ViewContext,
+// Each hash route (#/jobs, #/jobs/new, #/jobs/<name>, #/jobs/<name>/edit, #/comparisons/<id>, #/datasets,
+// #/datasets/<name>, #/playground) renders one view into <main>. A view registers its timers and event streams on its ViewContext,
 // so leaving the page stops them. The JSON API it talks to is described in docs/ui-api.md. login.html loads this
 // file too and gets only the sign-in behaviour.
 
 import { h, put, add, errorBox, ViewContext } from './lib.js';
 import { jobsView, jobView } from './jobs.js';
 import { jobEditorView } from './editor.js';
+import { comparisonView } from './compare.js';
 import { datasetsView, datasetView } from './datasets.js';
 import { playgroundView } from './playground.js';
 
@@ -16,6 +17,7 @@ const ROUTES = [
   [/^\/jobs\/new$/, 'jobs', (m, q) => (ctx, root) => jobEditorView(ctx, root, { mode: 'new', from: q.get('from') })],
   [/^\/jobs\/([^/]+)\/edit$/, 'jobs', (m) => (ctx, root) => jobEditorView(ctx, root, { mode: 'edit', name: m[1] })],
   [/^\/jobs\/([^/]+)$/, 'jobs', (m) => (ctx, root) => jobView(ctx, root, m[1])],
+  [/^\/comparisons\/([^/]+)$/, 'jobs', (m) => (ctx, root) => comparisonView(ctx, root, m[1])],
   [/^\/datasets\/?$/, 'datasets', () => datasetsView],
   [/^\/datasets\/([^/]+)$/, 'datasets', (m) => (ctx, root) => datasetView(ctx, root, m[1])],
   [/^\/playground\/?$/, 'playground', () => playgroundView],

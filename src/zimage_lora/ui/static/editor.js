@@ -1,5 +1,6 @@
 // New / edit job (#/jobs/new, #/jobs/<name>/edit): the guide's panels built from GET /api/schema, starting from a
-// preset or another job, validated as the user types, with a YAML tab that edits the same config.
+// preset, another job or an imported AI Toolkit job file (with what the import mapped, converted or left out),
+// validated as the user types, with a YAML tab that edits the same config.
 
 import { h, put, add, enc, clone, debounce, ApiError, api, post, toast, pageHeader } from './lib.js';
 
@@ -269,6 +270,7 @@ class JobEditor {
       'YAML',
     );
     const startFrom = this.mode === 'new' ? this.startFromPicker(from) : null;
+    const importer = this.mode === 'new' ? this.importPicker() : null;
     const submit = h(
       'button',
       { type: 'button', class: 'primary', 'data-testid': this.mode === 'edit' ? 'save-job' : 'create-job', onclick: () => this.submit(false) },
@@ -286,6 +288,7 @@ class JobEditor {
         this.mode === 'edit' ? h('a', { class: 'button', href: `#/jobs/${enc(this.name)}` }, 'Back to job') : null,
       ),
       startFrom,
+      importer,
       h('div', { class: 'tabs', role: 'tablist', 'aria-label': 'Editor view' }, this.formTab, this.yamlTab, this.status),
       this.summary,
       h('div', { id: 'tabpanel-form', role: 'tabpanel', 'aria-labelledby': 'tab-form' }, this.formBox),
@@ -319,6 +322,7 @@ class JobEditor {
         : null,
     );
     select.value = from || this.defaultPresetName();
+    this.startSelect = select;
     return h(
       'div',
       { class: 'start-from' },
@@ -331,7 +335,9 @@ class JobEditor {
   async loadSource(source) {
     const taken = new Set(this.jobs.map((j) => j.name));
     let config;
-    if (source && source.startsWith('job:')) {
+    if (source === 'import' && this.imported) {
+      config = clone(this.imported);
+    } else if (source && source.startsWith('job:')) {
       const job = await api(`/api/jobs/${enc(source.slice(4))}`);
       config = clone(job.config);
       config.job.name = uniqueName(`${config.job.name}-copy`, taken);
@@ -348,6 +354,98 @@ class JobEditor {
     }
     if (!this.ctx.alive) return;
     this.setConfig(config);
+  }
+
+  // --- importing an AI Toolkit job ------------------------------------------------------------------------------
+  importPicker() {
+    const input = h('input', {
+      id: 'import-file',
+      type: 'file',
+      accept: '.yaml,.yml,.json',
+      class: 'file-input',
+      'data-testid': 'import-file',
+      onchange: () => this.importFile(input),
+    });
+    this.findingsBox = h('section', {
+      class: 'card import-findings',
+      hidden: true,
+      'aria-labelledby': 'import-title',
+      'data-testid': 'import-findings',
+    });
+    return h(
+      'div',
+      {},
+      h(
+        'div',
+        { class: 'import-row' },
+        h('label', { for: 'import-file', class: 'button', 'data-testid': 'import-button' }, 'Import an AI Toolkit job'),
+        input,
+        h('span', { class: 'help' }, 'A job file (.yaml or .json) from AI Toolkit: it fills the form, and what it changed is listed here.'),
+      ),
+      this.findingsBox,
+    );
+  }
+
+  async importFile(input) {
+    const file = input.files && input.files[0];
+    if (!file) return;
+    input.value = ''; // choosing the same file again imports it again
+    try {
+      const text = await file.text();
+      const result = await post('/api/jobs/import', { text, filename: file.name });
+      if (!this.ctx.alive) return;
+      const config = result.config;
+      config.job = config.job || {};
+      config.job.name = uniqueName(config.job.name || 'imported', new Set(this.jobs.map((j) => j.name)));
+      this.imported = clone(config);
+      let option = this.startSelect.querySelector('option[value="import"]');
+      if (!option) {
+        option = h('option', { value: 'import' });
+        this.startSelect.prepend(option);
+      }
+      option.textContent = `Imported: ${file.name}`;
+      this.startSelect.value = 'import';
+      if (this.tab === 'yaml') await this.switchTab('form');
+      this.setConfig(config);
+      this.showFindings(file.name, result.findings || []);
+      toast(`Imported ${file.name}: read what changed, then check the form`);
+    } catch (error) {
+      this.showFindings(file.name, [], error.message);
+    }
+  }
+
+  /** The import's findings grouped by kind: what changed (converted, not mapped) first and open, what carried over
+   * unchanged (mapped) folded. */
+  showFindings(fileName, findings, error = null) {
+    const groups = [
+      ['converted', 'Converted', 'Mapped to a setting whose meaning differs, so a stated rule changed the value.', true],
+      ['not mapped', 'Not mapped', 'Left out, with the reason.', true],
+      ['mapped', 'Mapped', 'Carried over unchanged in meaning.', false],
+    ];
+    const close = h('button', { type: 'button', class: 'small ghost', 'aria-label': 'Close the import report', 'data-testid': 'import-close', onclick: () => { this.findingsBox.hidden = true; } }, '✕');
+    put(
+      this.findingsBox,
+      h('h2', { id: 'import-title', class: 'import-title' }, `Imported from ${fileName}`, close),
+      error ? h('p', { class: 'error-box', role: 'alert', 'data-testid': 'import-error' }, error) : null,
+      groups.map(([kind, title, help, open]) => {
+        const found = findings.filter((f) => f.kind === kind);
+        if (!found.length && !error) {
+          return h('p', { class: 'muted', 'data-testid': `import-group-${kind.replace(' ', '-')}` }, `${title}: none.`);
+        }
+        if (!found.length) return null;
+        return h(
+          'details',
+          { class: `import-group import-${kind.replace(' ', '-')}`, open, 'data-testid': `import-group-${kind.replace(' ', '-')}` },
+          h('summary', {}, `${title} (${found.length})`, h('span', { class: 'help' }, ` ${help}`)),
+          h(
+            'ul',
+            {},
+            found.map((f) => h('li', { 'data-testid': 'import-finding', 'data-kind': f.kind }, h('code', {}, f.path), ' ', f.detail)),
+          ),
+        );
+      }),
+    );
+    this.findingsBox.hidden = false;
   }
 
   setConfig(config) {

@@ -1,10 +1,13 @@
 // The jobs list (#/jobs) and one job (#/jobs/<name>): live status over server-sent events (polling when they are
-// not available), the loss curve, the log, samples grouped by step, checkpoints, and the job's actions.
+// not available), the loss curve, the log, samples grouped by step, checkpoints, the job's actions, and its
+// comparisons (compare.js).
 
 import {
-  h, put, add, svg, enc, fmtBytes, fmtDuration, fmtTime, fmtNumber, api, post, toast, statusBadge, progressBar,
+  h, put, add, enc, fmtBytes, fmtDuration, fmtTime, fmtNumber, api, post, toast, statusBadge, progressBar,
   setProgress, pageHeader, confirmByName, confirmAction, START_OVER_TEXT, askText,
 } from './lib.js';
+import { drawLossChart, drawScoresChart } from './charts.js';
+import { compareDialog, comparisonsTable } from './compare.js';
 
 // ---------------------------------------------------------------------------------------------------------------
 // Jobs list
@@ -37,6 +40,10 @@ export async function jobsView(ctx, root) {
     ),
     empty,
   );
+  const comparisons = h('section', { class: 'card', hidden: true, 'data-testid': 'comparisons' }, h('h2', {}, 'Comparisons'));
+  const comparisonsBox = h('div');
+  add(comparisons, comparisonsBox);
+  add(root, comparisons);
 
   const act = async (name, action, status) => {
     if (action === 'start' && status !== 'draft') {
@@ -79,11 +86,18 @@ export async function jobsView(ctx, root) {
     );
   };
 
+  let comparisonsKey = '';
   async function refresh() {
-    const { jobs } = await api('/api/jobs');
+    const [{ jobs }, found] = await Promise.all([api('/api/jobs'), api('/api/comparisons')]);
     if (!ctx.alive) return;
     put(body, ...jobs.map(row));
     empty.hidden = jobs.length > 0;
+    const key = JSON.stringify(found.comparisons);
+    if (key !== comparisonsKey) {
+      comparisonsKey = key;
+      put(comparisonsBox, comparisonsTable(found.comparisons, { showJob: true }));
+      comparisons.hidden = found.comparisons.length === 0;
+    }
   }
 
   await refresh();
@@ -118,6 +132,7 @@ export async function jobView(ctx, root, name) {
   const ckptBody = h('tbody');
   const ckptEmpty = h('p', { class: 'muted' }, 'No checkpoints yet.');
   const yamlBox = h('pre', { class: 'yaml-view', 'data-testid': 'job-config-yaml' });
+  const comparisonsBox = h('div', { 'data-testid': 'job-comparisons' });
 
   const buttons = {};
   const action = (key, label, handler, cls = '') => {
@@ -174,6 +189,10 @@ export async function jobView(ctx, root, name) {
     action('sample', 'Sample now', request('sample', 'Samples requested: previews are rendered after this step')),
     action('edit', 'Edit', () => {
       location.hash = `#/jobs/${enc(name)}/edit`;
+    }),
+    action('compare', 'Compare', async () => {
+      const created = await compareDialog(state.job);
+      if (created) location.hash = `#/comparisons/${enc(created)}`;
     }),
     action('clone', 'Clone', async () => {
       const target = await askText({ title: `Clone ${name}`, label: 'Name of the new job', value: `${name}-copy`, action: 'Clone' });
@@ -249,6 +268,13 @@ export async function jobView(ctx, root, name) {
       ),
       ckptEmpty,
     ),
+    h(
+      'section',
+      { class: 'card' },
+      h('h2', {}, 'Comparisons'),
+      h('p', { class: 'help' }, 'Compare trains this job once per value of one setting (an adapter, the rank, the learning rate) and puts the previews side by side.'),
+      comparisonsBox,
+    ),
     h('details', { class: 'card' }, h('summary', {}, 'Config (job.yaml)'), yamlBox),
   );
 
@@ -279,6 +305,7 @@ export async function jobView(ctx, root, name) {
       save: status === 'running',
       sample: status === 'running',
       edit: !['queued', 'running', 'stopping'].includes(status),
+      compare: true,
       clone: true,
       delete: !['queued', 'running', 'stopping'].includes(status),
     };
@@ -482,123 +509,17 @@ export async function jobView(ctx, root, name) {
     });
   }
 
+  let comparisonsKey = '';
+  async function refreshComparisons() {
+    const { comparisons } = await api(`/api/comparisons?job=${enc(name)}`);
+    const key = JSON.stringify(comparisons);
+    if (!ctx.alive || key === comparisonsKey) return;
+    comparisonsKey = key;
+    put(comparisonsBox, comparisons.length ? comparisonsTable(comparisons) : h('p', { class: 'muted' }, 'No comparisons of this job yet.'));
+  }
+
   await loadAll();
   connect();
-}
-
-// The preview scores of training/scores.py, on the loss chart's time axis: each in [0, 1] (Turbo drift can dip
-// below 0); a point's tooltip gives the step, the value and, for the change on prompts without the trigger, each
-// prompt's own value.
-const SCORES = [
-  ['leak', 'change on prompts without the trigger', 'score-leak'],
-  ['concept', 'concept (toy world)', 'score-concept'],
-  ['accuracy', 'attributes right without the trigger (toy world)', 'score-accuracy'],
-  ['turbo_drift', 'Turbo drift (toy world)', 'score-drift'],
-];
-
-function drawScoresChart(box, rows) {
-  const W = 640;
-  const H = 240;
-  const pad = { left: 52, right: 12, top: 12, bottom: 28 };
-  const scored = rows.filter((r) => SCORES.some(([key]) => Number.isFinite(r[key])));
-  if (!scored.length) {
-    const note = rows.find((r) => r.leak_note)?.leak_note;
-    put(box, h('p', { class: 'muted' }, note ? `Change on prompts without the trigger: n/a (${note}).` : 'The scores appear with the first preview round after step 0.'));
-    return;
-  }
-  const xMin = rows.length ? rows[0].step : scored[0].step;
-  const xMax = Math.max(rows.length ? rows[rows.length - 1].step : scored.at(-1).step, xMin + 1);
-  const yMin = Math.min(0, ...scored.map((r) => (Number.isFinite(r.turbo_drift) ? r.turbo_drift : 0)));
-  const x = (step) => pad.left + ((step - xMin) / (xMax - xMin)) * (W - pad.left - pad.right);
-  const y = (v) => pad.top + (1 - (v - yMin) / (1 - yMin)) * (H - pad.top - pad.bottom);
-  const grid = [yMin, 0.25, 0.5, 0.75, 1].filter((v, i, all) => all.indexOf(v) === i).map((v) =>
-    svg('g', {},
-      svg('line', { x1: pad.left, x2: W - pad.right, y1: y(v), y2: y(v), class: 'grid' }),
-      svg('text', { x: pad.left - 6, y: y(v) + 4, 'text-anchor': 'end', class: 'tick' }, fmtNumber(v, 2))),
-  );
-  const series = [];
-  for (const [key, label, cls] of SCORES) {
-    const pts = scored.filter((r) => Number.isFinite(r[key]));
-    if (!pts.length) continue;
-    const d = pts.map((r, i) => `${i ? 'L' : 'M'}${x(r.step).toFixed(1)},${y(r[key]).toFixed(1)}`).join('');
-    series.push(svg('path', { d, class: `score-line ${cls}` }));
-    for (const r of pts) {
-      const perPrompt = key === 'leak' && r.leak_prompts
-        ? ` (${Object.entries(r.leak_prompts).map(([i, v]) => `prompt ${i}: ${fmtNumber(v, 3)}`).join(', ')})`
-        : '';
-      series.push(svg('circle', { cx: x(r.step), cy: y(r[key]), r: 4, class: `score-dot ${cls}`, 'data-score': key, 'data-step': r.step },
-        svg('title', {}, `step ${r.step}: ${label} ${fmtNumber(r[key], 3)}${perPrompt}`)));
-    }
-  }
-  const chart = svg(
-    'svg',
-    { viewBox: `0 0 ${W} ${H}`, role: 'img', 'aria-label': `Preview scores at ${scored.length} rounds`, 'data-points': scored.length },
-    grid,
-    svg('text', { x: pad.left, y: H - 8, class: 'tick' }, `step ${xMin}`),
-    svg('text', { x: W - pad.right, y: H - 8, 'text-anchor': 'end', class: 'tick' }, `step ${xMax}`),
-    series,
-  );
-  const shown = SCORES.filter(([key]) => scored.some((r) => Number.isFinite(r[key])));
-  put(box, chart, h('p', { class: 'legend' }, shown.map(([, label, cls]) => h('span', { class: `key ${cls}` }, label))));
-}
-
-/** The loss curve: raw losses faint, an exponential moving average on top, validation loss as dots. */
-function drawLossChart(box, rows) {
-  const W = 640;
-  const H = 240;
-  const pad = { left: 52, right: 12, top: 12, bottom: 28 };
-  const points = rows.filter((r) => Number.isFinite(r.loss));
-  if (!points.length) {
-    put(box, h('p', { class: 'muted' }, 'The curve appears with the first steps.'));
-    return;
-  }
-  const vals = points.filter((r) => Number.isFinite(r.val_loss));
-  const ys = points.map((r) => r.loss).concat(vals.map((r) => r.val_loss));
-  let yMin = Math.min(...ys);
-  let yMax = Math.max(...ys);
-  if (yMax - yMin < 1e-9) {
-    yMax += 0.5;
-    yMin -= 0.5;
-  }
-  const xMin = points[0].step;
-  const xMax = Math.max(points[points.length - 1].step, xMin + 1);
-  const x = (step) => pad.left + ((step - xMin) / (xMax - xMin)) * (W - pad.left - pad.right);
-  const y = (v) => pad.top + (1 - (v - yMin) / (yMax - yMin)) * (H - pad.top - pad.bottom);
-  const path = (pts) => pts.map(([a, b], i) => `${i ? 'L' : 'M'}${a.toFixed(1)},${b.toFixed(1)}`).join('');
-  let ema = points[0].loss;
-  const alpha = Math.min(0.5, 10 / points.length + 0.02);
-  const smooth = points.map((r) => {
-    ema = alpha * r.loss + (1 - alpha) * ema;
-    return [x(r.step), y(ema)];
-  });
-  const ticks = [0, 0.25, 0.5, 0.75, 1].map((f) => yMin + f * (yMax - yMin));
-  const grid = ticks.map((v) =>
-    svg(
-      'g',
-      {},
-      svg('line', { x1: pad.left, x2: W - pad.right, y1: y(v), y2: y(v), class: 'grid' }),
-      svg('text', { x: pad.left - 6, y: y(v) + 4, 'text-anchor': 'end', class: 'tick' }, fmtNumber(v, 3)),
-    ),
-  );
-  const last = points[points.length - 1];
-  const chart = svg(
-    'svg',
-    { viewBox: `0 0 ${W} ${H}`, role: 'img', 'aria-label': `Loss over ${points.length} steps; last ${fmtNumber(last.loss)}`, 'data-points': points.length },
-    grid,
-    svg('text', { x: pad.left, y: H - 8, class: 'tick' }, `step ${xMin}`),
-    svg('text', { x: W - pad.right, y: H - 8, 'text-anchor': 'end', class: 'tick' }, `step ${xMax}`),
-    svg('path', { d: path(points.map((r) => [x(r.step), y(r.loss)])), class: 'raw' }),
-    svg('path', { d: path(smooth), class: 'smooth' }),
-    vals.map((r) => svg('circle', { cx: x(r.step), cy: y(r.val_loss), r: 3, class: 'val' })),
-  );
-  put(box, 
-    chart,
-    h(
-      'p',
-      { class: 'legend' },
-      h('span', { class: 'key raw' }, 'loss'),
-      h('span', { class: 'key smooth' }, 'smoothed'),
-      vals.length ? h('span', { class: 'key val' }, 'validation') : null,
-    ),
-  );
+  await refreshComparisons();
+  ctx.every(3000, refreshComparisons);
 }

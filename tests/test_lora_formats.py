@@ -280,3 +280,79 @@ def test_bad_files_are_one_sentence_and_nothing_is_written(files, tmp_path, tiny
         "lora", "convert", str(path), str(tmp_path / "out.safetensors"), "--to", "kohya", "--model", str(tiny_model_dir)
     )
     assert proc.returncode == 2 and "export-lora" in proc.stderr and not (tmp_path / "out.safetensors").exists()
+
+
+# --- merge and resize -------------------------------------------------------------------------------------------
+
+
+def random_lora(names, ranks: dict[str, int], seed: int) -> NetworkFile:
+    g = torch.Generator().manual_seed(seed)
+    modules = {}
+    for path, rank in ranks.items():
+        out, inp = names.linears[path]
+        modules[path] = {
+            "lora_A.weight": torch.randn(rank, inp, generator=g) / inp**0.5,
+            "lora_B.weight": torch.randn(out, rank, generator=g) * 0.1,
+            "alpha": torch.tensor(rank * 2.0),
+        }
+    return NetworkFile("lora", modules, {})
+
+
+Q0, W1 = "layers.0.attention.to_q", "layers.1.feed_forward.w1"
+
+
+def test_merge_is_exact_for_plain_loras_and_keeps_the_stated_energy_when_reduced(names, tmp_path):
+    from zimage_lora.lora.tools import merge_loras
+
+    a = write(tmp_path / "a.safetensors", format_tensors(random_lora(names, {Q0: 2, W1: 3}, 1), "kohya"))
+    b = write(tmp_path / "b.safetensors", format_tensors(random_lora(names, {Q0: 3}, 2), "comfyui"))
+    ua = module_updates(read_network_file(*read_safetensors(a), list(names.linears))[0])
+    ub = module_updates(read_network_file(*read_safetensors(b), list(names.linears))[0])
+    expected = {Q0: 0.7 * ua[Q0] + 0.5 * ub[Q0], W1: 0.7 * ua[W1]}
+
+    exact = merge_loras([(a, 0.7), (b, 0.5)], names)
+    assert exact.network.modules[Q0]["lora_A.weight"].shape[0] == 5  # ranks side by side
+    assert largest_difference(expected, module_updates(exact.network))[0] < 1e-6
+    assert merge_loras([(a, 0.7), (b, 0.5)], names, rank=5).overall == pytest.approx(1.0, abs=1e-9)
+
+    one = merge_loras([(a, 0.7), (b, 0.5)], names, rank=1)
+    for path, update in expected.items():
+        s2 = torch.linalg.svdvals(update).square()
+        assert one.energy[path] == pytest.approx(float(s2[0] / s2.sum()), rel=1e-6)
+        assert one.network.modules[path]["lora_A.weight"].shape[0] == 1
+    s2 = {p: torch.linalg.svdvals(u).square() for p, u in expected.items()}
+    overall = sum(float(v[0]) for v in s2.values()) / sum(float(v.sum()) for v in s2.values())
+    assert one.overall == pytest.approx(overall, rel=1e-6)
+
+    enough = merge_loras([(a, 0.7), (b, 0.5)], names, energy=0.9)
+    for path, squares in s2.items():
+        needed = int((torch.cumsum(squares, 0) / squares.sum() < 0.9).sum()) + 1  # the fewest reaching 90 %
+        assert enough.network.modules[path]["lora_A.weight"].shape[0] == needed
+        assert enough.energy[path] >= 0.9
+
+
+def test_merge_with_a_lokr_goes_through_the_dense_update_and_resize_keeps_the_stated_energy(names, tmp_path):
+    from zimage_lora.lora.tools import merge_loras, resize_lora
+
+    g = torch.Generator().manual_seed(4)
+    lokr = NetworkFile(
+        "lokr", {Q0: {"lokr_w1": torch.randn(8, 8, generator=g), "lokr_w2": torch.randn(8, 8, generator=g) * 0.01}}, {}
+    )
+    k = write(tmp_path / "k.safetensors", format_tensors(lokr, "zimage-lora"))
+    a = write(tmp_path / "a.safetensors", format_tensors(random_lora(names, {Q0: 2}, 1), "zimage-lora"))
+    merged = merge_loras([(k, 1.0), (a, -1.0)], names)
+    expected = module_updates(lokr)[Q0] - module_updates(random_lora(names, {Q0: 2}, 1))[Q0]
+    assert largest_difference({Q0: expected}, module_updates(merged.network))[0] < 1e-6
+
+    resized = resize_lora(a, names, rank=1, energy=None)
+    s2 = torch.linalg.svdvals(module_updates(random_lora(names, {Q0: 2}, 1))[Q0]).square()
+    assert resized.energy[Q0] == pytest.approx(float(s2[0] / s2.sum()), rel=1e-6)
+    full = resize_lora(a, names, rank=2, energy=None)
+    assert full.overall == pytest.approx(1.0, abs=1e-9)
+    with pytest.raises(UserError, match="--rank and --energy"):
+        resize_lora(a, names, rank=2, energy=0.5)
+
+    out = tmp_path / "merged.safetensors"
+    proc = run_cli("lora", "merge", f"{k}:1.0", f"{a}:-1", "-o", str(out), "--rank", "4", "--model", str(names.source))
+    assert proc.returncode == 0, proc.stderr
+    assert "energy kept" in proc.stdout and read_network_file(*read_safetensors(out), list(names.linears))[0].modules

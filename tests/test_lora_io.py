@@ -67,7 +67,7 @@ def test_save_then_read_round_trips(tmp_path, name, dtype):
     assert raw[f"diffusion_model.{Q}.alpha"].shape == ()
 
     lora = read_lora(path)
-    assert lora.layout == "diffusion_model"
+    assert lora.layout == "zimage-lora"
     assert set(lora.modules) == set(mods)
     for m, w in mods.items():
         got = lora.modules[m]

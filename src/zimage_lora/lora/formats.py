@@ -123,7 +123,7 @@ def detect_format(keys: Sequence[str]) -> str:
         return "ai-toolkit"
     if any(_COMFY_NATIVE.search(k) for k in keys):
         return "comfyui"
-    if any(k.startswith(("transformer.", "base_model.model.")) for k in keys):
+    if any(k.startswith(("transformer.", "base_model.model.", "model.diffusion_model.")) for k in keys):
         return "diffusers"
     if all(k.startswith(PREFIX) for k in keys):  # ours always stores alpha; AI Toolkit's LoRAs never do
         has_alpha = any(k.endswith(".alpha") for k in keys)
@@ -145,7 +145,7 @@ def _part(key: str) -> tuple[str, str] | None:
 
 
 def _module_path(name: str, fmt: str, flat: Mapping[str, str] | None, source: str) -> str:
-    for prefix in (PREFIX, "transformer.", "base_model.model.", "lora_unet_", "lycoris_"):
+    for prefix in ("model.diffusion_model.", PREFIX, "transformer.", "base_model.model.", "lora_unet_", "lycoris_"):
         if name.startswith(prefix):
             name = name[len(prefix) :]
             if prefix in ("lora_unet_", "lycoris_"):
@@ -181,7 +181,7 @@ def read_network_file(
     for key, value in tensors.items():
         found = _part(key)
         if found is None:
-            raise UserError(f"{source}: {key!r} is not a key of a LoRA, LoKr, LoHa or DoRA file")
+            raise UserError(f"{source}: unexpected key {key!r}, not one of a LoRA, LoKr, LoHa or DoRA file")
         name, part = found
         modules.setdefault(_module_path(name, fmt, flat, source), {})[part] = value
     kind = detect_kind(f".{p}" for parts in modules.values() for p in parts)

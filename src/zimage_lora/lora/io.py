@@ -2,9 +2,8 @@
 
 Our files use the key layout that loads unchanged in diffusers (`ZImagePipeline.load_lora_weights`) and in
 ComfyUI: ``diffusion_model.<diffusers module path>.lora_A.weight`` (rank x in), ``.lora_B.weight`` (out x rank)
-and a scalar ``.alpha`` (scale = alpha / rank). ``read_lora`` also accepts the other layouts people bring:
-diffusers/peft (``transformer.`` / ``base_model.model.`` prefixes, no alpha) and kohya (``lora_unet_...``
-with ``lora_down`` / ``lora_up``).
+and a scalar ``.alpha`` (scale = alpha / rank). ``read_lora`` accepts every layout of the format registry
+(``lora/formats.py``: AI Toolkit, diffusers/peft, kohya/musubi-tuner, ComfyUI's fused qkv, DiffSynth-Studio).
 
 Every write goes through ``atomic_write_bytes``: a ``.tmp`` file, fsync, rename, fsync of the folder. A crash
 or kill leaves either the old file or the new one, never half of one.
@@ -54,7 +53,7 @@ class LoraWeights:
 class LoraFile:
     modules: dict[str, LoraWeights]  # diffusers module path -> weights
     metadata: dict[str, str]
-    layout: str  # "diffusion_model" | "diffusers" | "kohya"
+    layout: str  # the format registry's name (lora/formats.py): "zimage-lora", "diffusers", "kohya", "comfyui", ...
 
 
 def lora_state_dict(modules: Mapping[str, LoraWeights], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -168,61 +167,25 @@ def read_lora(path: Path, module_names: Iterable[str] | None = None) -> LoraFile
     return LoraFile(modules=modules, metadata=meta, layout=layout)
 
 
-_SUFFIXES = {
-    ".lora_A.weight": "down",
-    ".lora_B.weight": "up",
-    ".lora_down.weight": "down",
-    ".lora_up.weight": "up",
-    ".alpha": "alpha",
-}
-
-
 def parse_lora_tensors(
     tensors: Mapping[str, torch.Tensor], module_names: Iterable[str] | None = None, source: str = "LoRA file"
 ) -> tuple[dict[str, LoraWeights], str]:
-    if not tensors:
-        raise UserError(f"{source} holds no tensors; it is not a LoRA")
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    layout = "diffusion_model"
-    kohya_map = None
-    for key, value in tensors.items():
-        key = re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", key)  # peft: lora_A.<adapter>.weight
-        suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
-        if suffix is None:
-            if key.endswith(".dora_scale") or ".lokr_" in key or ".hada_" in key:
-                raise UserError(f"{source} is a DoRA/LoKr/LoHa file ({key}); only plain LoRA files are read here")
-            raise UserError(f"{source}: unexpected key {key!r}; expected .lora_A/.lora_B/.alpha (or lora_down/lora_up)")
-        module = key[: -len(suffix)]
-        if module.startswith(PREFIX):
-            module = module[len(PREFIX) :]
-        elif module.startswith("lora_unet_"):
-            layout = "kohya"
-            if kohya_map is None:
-                if module_names is None:
-                    raise UserError(f"{source} is a kohya-style file: it can only be read with the model loaded")
-                kohya_map = {name.replace(".", "_"): name for name in module_names}
-            flat = module[len("lora_unet_") :]
-            if flat not in kohya_map:
-                raise UserError(f"{source}: kohya key {key!r} names no module of this transformer")
-            module = kohya_map[flat]
-        else:
-            for prefix in ("base_model.model.", "transformer.", "model.diffusion_model."):
-                if module.startswith(prefix):
-                    module = module[len(prefix) :]
-                    layout = "diffusers"
-                    break
-        parts.setdefault(module, {})[_SUFFIXES[suffix]] = value
-    modules: dict[str, LoraWeights] = {}
-    for module, p in sorted(parts.items()):
-        if "down" not in p or "up" not in p:
-            missing = "lora_A (down)" if "down" not in p else "lora_B (up)"
-            raise UserError(f"{source}: module {module} has no {missing} weight; the file is incomplete")
-        down, up = p["down"], p["up"]
-        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-            raise UserError(f"{source}: module {module} has mismatched shapes A{tuple(down.shape)} B{tuple(up.shape)}")
-        alpha = float(p["alpha"].float().item()) if "alpha" in p else float(down.shape[0])
-        modules[module] = LoraWeights(down=down, up=up, alpha=alpha)
-    return modules, layout
+    """A plain LoRA in any layout of the format registry (``lora/formats.py``) as our modules, and the format's
+    name; LoKr, LoHa and DoRA files are refused here (``variants.read_network`` reads them)."""
+    from zimage_lora.lora.formats import read_network_file
+
+    if any(k.endswith(".dora_scale") or ".lokr_" in k or ".hada_" in k for k in tensors):
+        key = next(k for k in tensors if k.endswith(".dora_scale") or ".lokr_" in k or ".hada_" in k)
+        raise UserError(f"{source} is a DoRA/LoKr/LoHa file ({key}); only plain LoRA files are read here")
+    names = list(module_names) if module_names is not None else None
+    network, fmt = read_network_file(tensors, {}, names, source)
+    if network.kind != "lora":
+        raise UserError(f"{source} is a DoRA/LoKr/LoHa file ({network.kind}); only plain LoRA files are read here")
+    modules = {
+        path: LoraWeights(down=parts["lora_A.weight"], up=parts["lora_B.weight"], alpha=float(parts["alpha"]))
+        for path, parts in network.modules.items()
+    }
+    return modules, fmt
 
 
 # --- ComfyUI compatibility -------------------------------------------------------------------------------------

@@ -1,17 +1,20 @@
-"""``zimage-lora lora inspect | convert``: what a LoRA file holds, what each tool loads of it, and the same weight
-updates in another tool's layout.
+"""``zimage-lora lora inspect | convert | merge | resize``: what a LoRA file holds, what each tool loads of it, the
+same weight updates in another tool's layout, several LoRAs as one, and a LoRA at a lower rank.
 
 Both read through the format registry (``lora/formats.py``) and check the file against the transformer's Linear
 layers (built on the meta device; ``--model`` for another configuration): a file whose modules are not Z-Image's
 (an SDXL or Flux LoRA) or whose shapes do not fit is refused in one sentence. ``convert`` writes nothing unless every
 module's weight update, read back from the new file in float32, equals the old one within ``TOLERANCE`` of its
-largest entry; the saved dtype's rounding comes on top.
+largest entry; the saved dtype's rounding comes on top. ``merge`` of plain LoRAs is exact (the ranks side by side);
+with LoKr/LoHa inputs or a ``--rank``/``--energy`` it sums the dense updates and keeps the best low-rank part of
+each by SVD, as ``resize`` does: the energy kept is the sum of the kept singular values squared over all of them.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -159,3 +162,120 @@ def convert_lora(source: Path, out: Path, fmt: str, dtype: str, names: Transform
     data = {k: v.to(SAVE_DTYPES[dtype]) for k, v in tensors.items()}
     atomic_write_bytes(Path(out), serialize_safetensors(data, metadata))
     return written, worst
+
+
+# --- merge and resize -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Reduced:
+    """A network made of SVD-truncated updates, with the energy each module kept (sum of kept squared singular
+    values over all of them; 1.0 = exact)."""
+
+    network: NetworkFile
+    energy: dict[str, float]
+
+    @property
+    def overall(self) -> float:
+        """The energy kept over all modules together (each module weighted by its update's squared norm)."""
+        total = sum(self.totals.values())
+        return sum(self.energy[m] * self.totals[m] for m in self.energy) / total if total else 1.0
+
+    totals: dict[str, float] = field(default_factory=dict)  # each module's sum of squared singular values
+
+
+def svd_factors(
+    update: torch.Tensor, rank: int | None, energy: float | None
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """(down, up, kept energy, total energy) of the best low-rank factors of ``update`` (float64 SVD): rank
+    ``rank``, or the fewest singular values whose squares reach ``energy`` of the total; neither: every non-zero
+    one (exact)."""
+    u, s, vh = torch.linalg.svd(update.double(), full_matrices=False)
+    squares = s.square()
+    total = float(squares.sum())
+    if rank is not None:
+        keep = min(rank, s.numel())
+    elif energy is not None:
+        reached = torch.cumsum(squares, 0) >= energy * total * (1 - 1e-12)
+        keep = int(reached.nonzero()[0]) + 1 if bool(reached.any()) else s.numel()
+    else:
+        keep = max(int((s > s[0] * 1e-10).sum()) if s.numel() and s[0] > 0 else 1, 1)
+    keep = max(keep, 1)
+    root = s[:keep].sqrt()
+    kept = float(squares[:keep].sum()) / total if total else 1.0
+    return (root[:, None] * vh[:keep]).float(), (u[:, :keep] * root).float(), kept, total
+
+
+def reduce_updates(updates: dict[str, torch.Tensor], rank: int | None, energy: float | None, metadata: dict) -> Reduced:
+    modules, kept, totals = {}, {}, {}
+    for path, update in updates.items():
+        down, up, kept[path], totals[path] = svd_factors(update, rank, energy)
+        modules[path] = {"lora_A.weight": down, "lora_B.weight": up, "alpha": torch.tensor(float(down.shape[0]))}
+    return Reduced(NetworkFile("lora", modules, metadata), kept, totals)
+
+
+def _check_reduction(rank: int | None, energy: float | None) -> None:
+    if rank is not None and energy is not None:
+        raise UserError("--rank and --energy exclude each other; give one")
+    if rank is not None and rank < 1:
+        raise UserError(f"--rank: {rank} is not a rank; give 1 or more")
+    if energy is not None and not 0 < energy <= 1:
+        raise UserError(f"--energy: {energy} is not a fraction of the energy; give a number in (0, 1], e.g. 0.99")
+
+
+def merge_loras(
+    inputs: list[tuple[Path, float]], names: TransformerNames, rank: int | None = None, energy: float | None = None
+) -> Reduced:
+    """Weighted LoRAs as one. Plain LoRAs without ``rank``/``energy``: exact, their ranks concatenated (each scale and
+    weight folded into its columns of B). Otherwise (LoKr, LoHa, or a rank asked for): the weighted sum of the dense
+    updates, then an SVD."""
+    _check_reduction(rank, energy)
+    if len(inputs) < 2:
+        raise UserError("merge: give two or more LoRA files, each optionally with :WEIGHT (a.safetensors:0.7)")
+    networks = [(read_checked(path, names)[0], weight, path) for path, weight in inputs]
+    for network, _, path in networks:
+        if network.kind == "dora":
+            raise UserError(f"{path} is a DoRA file, whose update depends on the base weights; export it first")
+        unmatched = [m for m in network.modules if m not in names.linears]
+        if unmatched:
+            raise UserError(f"{path}: {unmatched[0]} is not a layer of {names.source}; nothing was written")
+    metadata = {"zimage_lora.merged_from": ", ".join(f"{Path(p).name}:{w:g}" for _, w, p in networks)}
+    if rank is None and energy is None and all(n.kind == "lora" for n, _, _ in networks):
+        modules: dict[str, dict[str, torch.Tensor]] = {}
+        for network, weight, _ in networks:
+            for path, parts in network.modules.items():
+                up = parts["lora_B.weight"].float() * (float(parts["alpha"]) / parts["lora_A.weight"].shape[0]) * weight
+                held = modules.setdefault(path, {"lora_A.weight": torch.zeros(0, parts["lora_A.weight"].shape[1]),
+                                                 "lora_B.weight": torch.zeros(up.shape[0], 0)})  # fmt: skip
+                held["lora_A.weight"] = torch.cat([held["lora_A.weight"], parts["lora_A.weight"].float()])
+                held["lora_B.weight"] = torch.cat([held["lora_B.weight"], up], dim=1)
+        for parts in modules.values():
+            parts["alpha"] = torch.tensor(float(parts["lora_A.weight"].shape[0]))
+        return Reduced(NetworkFile("lora", dict(sorted(modules.items())), metadata), dict.fromkeys(modules, 1.0))
+    total: dict[str, torch.Tensor] = {}
+    for network, weight, _ in networks:
+        for path, update in module_updates(network).items():
+            total[path] = total.get(path, 0) + weight * update
+    return reduce_updates(dict(sorted(total.items())), rank, energy, metadata)
+
+
+def resize_lora(path: Path, names: TransformerNames, rank: int | None, energy: float | None) -> Reduced:
+    """The file's updates at a lower rank (or the fewest ranks keeping ``energy``), by SVD."""
+    _check_reduction(rank, energy)
+    if rank is None and energy is None:
+        raise UserError("resize: give --rank R or --energy E (the fraction of each update's energy to keep)")
+    network, _, _ = read_checked(path, names)
+    if network.kind == "dora":
+        raise UserError(f"{path} is a DoRA file, whose update depends on the base weights; export it first")
+    metadata = {**network.metadata, "zimage_lora.resized_from": Path(path).name}
+    return reduce_updates(module_updates(network), rank, energy, metadata)
+
+
+def write_network(network: NetworkFile, out: Path, fmt: str, dtype: str) -> None:
+    """``network`` in format ``fmt`` and ``dtype``, written atomically."""
+    if fmt not in FORMATS:
+        raise UserError(f"--to: {fmt!r} is not a format; choose one of {', '.join(FORMATS)}")
+    if dtype not in SAVE_DTYPES:
+        raise UserError(f"--dtype: {dtype!r} is not one of {', '.join(SAVE_DTYPES)}")
+    tensors = {k: v.to(SAVE_DTYPES[dtype]) for k, v in format_tensors(network, fmt).items()}
+    atomic_write_bytes(Path(out), serialize_safetensors(tensors, network.metadata))

@@ -146,18 +146,16 @@ def detect_kind(keys: Iterable[str]) -> str:
     return "lora"
 
 
-def read_network(path: Path) -> NetworkFile:
+def read_network(path: Path, module_names: Iterable[str] | None = None) -> NetworkFile:
+    """A LoRA, LoKr, LoHa or DoRA file in any layout of the format registry (``lora/formats.py``); kohya and
+    ``lycoris_`` names need ``module_names``."""
+    from zimage_lora.lora.formats import read_network_file
+
     tensors, meta = read_safetensors(path)
-    kind = detect_kind(tensors)
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    suffixes = (*_PARTS.get(kind, ()), "alpha")
-    for key, value in tensors.items():
-        part = next((s for s in suffixes if key.endswith("." + s)), None)
-        if part is None:
-            raise UserError(f"{path}: unexpected key {key!r} in a {kind} file")
-        module = key[: -len(part) - 1].removeprefix(PREFIX)
-        modules.setdefault(module, {})[part] = value.float()
-    return NetworkFile(kind, modules, meta)
+    names = list(module_names) if module_names is not None else None
+    network, _ = read_network_file(tensors, meta, names, source=str(path))
+    modules = {module: {k: v.float() for k, v in parts.items()} for module, parts in network.modules.items()}
+    return NetworkFile(network.kind, modules, meta)
 
 
 def _factor(parts: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:

@@ -111,7 +111,7 @@ class Generator:
                 if kind == "lora":
                     fuse_lora(module, _fitting_lora(module, lora.path, names), lora.weight)
                 else:
-                    merge_into(module, read_network(lora.path), lora.weight, f"LoRA {lora.path}")
+                    merge_into(module, read_network(lora.path, names), lora.weight, f"LoRA {lora.path}")
 
         self.comps = load_components(
             self.model,

@@ -382,6 +382,70 @@ def lora_convert(
     )
 
 
+def _weighted(spec: str) -> tuple[Path, float]:
+    """``file.safetensors[:WEIGHT]``."""
+    from zimage_lora.errors import UserError
+
+    path, sep, weight = spec.rpartition(":")
+    if not sep or "/" in weight:
+        return Path(spec), 1.0
+    try:
+        return Path(path), float(weight)
+    except ValueError:
+        raise UserError(f"{spec}: the weight after ':' must be a number, e.g. {path}:0.7") from None
+
+
+def _report_reduction(out: Path, reduced, fmt: str) -> None:
+    ranks = sorted({int(p["lora_A.weight"].shape[0]) for p in reduced.network.modules.values()})
+    worst = min(reduced.energy.items(), key=lambda item: item[1])
+    typer.echo(
+        f"{out}: {fmt}, {len(reduced.network.modules)} modules, rank {ranks[0]}-{ranks[-1]}; energy kept "
+        f"{reduced.overall:.6f} overall, lowest {worst[1]:.6f} ({worst[0]})"
+    )
+
+
+@lora_app.command("merge")
+def lora_merge(
+    loras: list[str] = typer.Argument(..., help="LoRA files, each optionally with :WEIGHT (a.safetensors:0.7)."),
+    out: Path = typer.Option(..., "-o", "--out", help="The merged file."),
+    rank: int = typer.Option(None, help="Reduce each module to this rank (SVD)."),
+    energy: float = typer.Option(None, help="Keep the fewest ranks holding this fraction of each update's energy."),
+    to: str = typer.Option("zimage-lora", help="The output format (see lora convert)."),
+    dtype: str = typer.Option("bf16", help="bf16, fp16 or fp32."),
+    model: Path = typer.Option(None, help=_MODEL_HELP),
+) -> None:
+    """Several LoRAs as one: exact for plain LoRAs (ranks side by side), else by SVD with the energy kept printed."""
+    from zimage_lora.lora.formats import transformer_names
+    from zimage_lora.lora.tools import merge_loras, write_network
+    from zimage_lora.quiet import quiet_libraries
+
+    quiet_libraries()
+    reduced = merge_loras([_weighted(spec) for spec in loras], transformer_names(model), rank, energy)
+    write_network(reduced.network, out, to, dtype)
+    _report_reduction(out, reduced, to)
+
+
+@lora_app.command("resize")
+def lora_resize(
+    file: Path = typer.Argument(..., help="The LoRA file to reduce."),
+    out: Path = typer.Option(..., "-o", "--out", help="The reduced file."),
+    rank: int = typer.Option(None, help="The rank to keep (SVD of each module's update)."),
+    energy: float = typer.Option(None, help="Keep the fewest ranks holding this fraction of each update's energy."),
+    to: str = typer.Option("zimage-lora", help="The output format (see lora convert)."),
+    dtype: str = typer.Option("bf16", help="bf16, fp16 or fp32."),
+    model: Path = typer.Option(None, help=_MODEL_HELP),
+) -> None:
+    """A LoRA at a lower rank: the best approximation of each module's update, with the energy kept printed."""
+    from zimage_lora.lora.formats import transformer_names
+    from zimage_lora.lora.tools import resize_lora, write_network
+    from zimage_lora.quiet import quiet_libraries
+
+    quiet_libraries()
+    reduced = resize_lora(file, transformer_names(model), rank, energy)
+    write_network(reduced.network, out, to, dtype)
+    _report_reduction(out, reduced, to)
+
+
 @app.command()
 def ui(
     host: str = typer.Option("127.0.0.1", help="Address to listen on; anything but loopback needs --token."),

@@ -10,7 +10,7 @@ from diffusers import ZImagePipeline
 from zimage_lora.config import DEFAULT_TARGET_REGEX, load_job
 from zimage_lora.lora import network
 from zimage_lora.lora.io import read_lora, save_lora
-from zimage_lora.lora.variants import export_plain_lora, merge_into, network_tensors, read_network, save_network
+from zimage_lora.lora.variants import export_plain_lora, merge_into, network_file, read_network, save_network
 from zimage_lora.models.loading import load_components
 from zimage_lora.training.recipe import train
 
@@ -53,7 +53,7 @@ def test_saved_file_reloads_with_the_same_output(kind, tiny_model_dir, tmp_path)
     batch = inputs()
     in_memory = forward(model, batch)
     path = tmp_path / f"{kind}.safetensors"
-    save_network(path, network_tensors(model, kind, network.USER), "fp32", {"zimage_lora.network": kind})
+    save_network(path, network_file(model, kind, network.USER), "fp32", {"zimage_lora.network": kind})
     base = load_components(str(tiny_model_dir), parts=("transformer",)).transformer
     assert (in_memory - forward(base, batch)).abs().max() > 1e-2  # the network matters
     # our loader, for every kind
@@ -71,7 +71,7 @@ def test_export_to_plain_lora_loads_in_diffusers(kind, tiny_model_dir, tmp_path)
     batch = inputs(1)
     in_memory = forward(model, batch)
     path = tmp_path / f"{kind}.safetensors"
-    save_network(path, network_tensors(model, kind, network.USER), "fp32", {})
+    save_network(path, network_file(model, kind, network.USER), "fp32", {})
     base = load_components(str(tiny_model_dir), parts=("transformer",)).transformer
     modules, error = export_plain_lora(read_network(path), base, rank=None)
     assert error < 1e-5  # exact: the full rank of each delta

@@ -57,14 +57,21 @@ class LoraFile:
 
 
 def lora_state_dict(modules: Mapping[str, LoraWeights], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """File tensors for ``modules`` in our layout; alpha is stored in the same dtype as the weights."""
-    out: dict[str, torch.Tensor] = {}
-    for path, w in modules.items():
-        key = PREFIX + path
-        out[f"{key}.lora_A.weight"] = w.down.detach().to("cpu", dtype).contiguous()
-        out[f"{key}.lora_B.weight"] = w.up.detach().to("cpu", dtype).contiguous()
-        out[f"{key}.alpha"] = torch.tensor(float(w.alpha), dtype=dtype)
-    return out
+    """File tensors for ``modules`` in our layout (the format registry's ``zimage-lora``); alpha is stored in the
+    same dtype as the weights."""
+    from zimage_lora.lora.formats import format_tensors
+    from zimage_lora.lora.variants import NetworkFile
+
+    parts = {
+        path: {
+            "lora_A.weight": w.down.detach().to("cpu", torch.float32),
+            "lora_B.weight": w.up.detach().to("cpu", torch.float32),
+            "alpha": torch.tensor(float(w.alpha)),
+        }
+        for path, w in modules.items()
+    }
+    tensors = format_tensors(NetworkFile("lora", parts, {}), "zimage-lora")
+    return {key: value.to(dtype).contiguous() for key, value in tensors.items()}
 
 
 def save_lora(

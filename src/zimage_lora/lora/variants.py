@@ -24,7 +24,6 @@ from torch import nn
 
 from zimage_lora.errors import UserError
 from zimage_lora.lora.io import (
-    PREFIX,
     SAVE_DTYPES,
     LoraWeights,
     atomic_write_bytes,
@@ -72,67 +71,62 @@ def peft_config(
     raise ValueError(f"unknown network type {kind!r}")
 
 
-def network_tensors(model: nn.Module, kind: str, adapter: str) -> dict[str, torch.Tensor]:
-    """The adapter's weights in the file layout of ``kind`` (fp32; the caller casts)."""
-    out: dict[str, torch.Tensor] = {}
+@dataclass
+class NetworkFile:
+    kind: str
+    modules: dict[str, dict[str, torch.Tensor]]  # module path -> part name -> tensor (alpha included)
+    metadata: dict[str, str]
+
+
+def network_file(model: nn.Module, kind: str, adapter: str) -> NetworkFile:
+    """The adapter's weights as a network of ``kind`` in our part names (fp32, on the CPU; the writer casts)."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
     for name, layer in model.named_modules():
         scaling = getattr(layer, "scaling", None)
         if not isinstance(scaling, dict) or adapter not in scaling:
             continue
-        key = PREFIX + name
         scale = float(scaling[adapter])
         if kind == "dora":
             a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-            out[f"{key}.lora_A.weight"] = a.detach().float()
-            out[f"{key}.lora_B.weight"] = b.detach().float()
-            out[f"{key}.alpha"] = torch.tensor(scale * a.shape[0])
-            out[f"{key}.dora_magnitude"] = layer.lora_magnitude_vector[adapter].weight.detach().float()
+            parts = {"lora_A.weight": a, "lora_B.weight": b, "alpha": torch.tensor(scale * a.shape[0])}
+            parts["dora_magnitude"] = layer.lora_magnitude_vector[adapter].weight
         elif kind == "lokr":
-            parts = {
-                p: getattr(layer, p)[adapter].detach().float()
-                for p in _PARTS["lokr"]
-                if adapter in getattr(layer, p, {})
-            }
+            parts = {p: getattr(layer, p)[adapter] for p in _PARTS["lokr"] if adapter in getattr(layer, p, {})}
             first = "lokr_w1" if "lokr_w1" in parts else "lokr_w1_a"
             parts[first] = parts[first] * scale  # baked: readers apply no further scale (alpha = rank below)
-            for part, value in parts.items():
-                out[f"{key}.{part}"] = value
             rank = (
                 parts["lokr_w2_b"].shape[0]
                 if "lokr_w2_b" in parts
                 else (parts["lokr_w1_b"].shape[0] if "lokr_w1_b" in parts else None)
             )
             if rank is not None:
-                out[f"{key}.alpha"] = torch.tensor(float(rank))
+                parts["alpha"] = torch.tensor(float(rank))
         elif kind == "loha":
-            parts = {p: getattr(layer, p)[adapter].detach().float() for p in _PARTS["loha"]}
+            parts = {p: getattr(layer, p)[adapter] for p in _PARTS["loha"]}
             parts["hada_w1_a"] = parts["hada_w1_a"] * scale
-            for part, value in parts.items():
-                out[f"{key}.{part}"] = value
-            out[f"{key}.alpha"] = torch.tensor(float(parts["hada_w1_b"].shape[0]))
-    return out
+            parts["alpha"] = torch.tensor(float(parts["hada_w1_b"].shape[0]))
+        else:
+            raise ValueError(f"no file of kind {kind!r} from peft's layers")
+        modules[name] = {part: value.detach().to("cpu", torch.float32) for part, value in parts.items()}
+    return NetworkFile(kind, modules, {})
 
 
 def save_network(
     path: Path,
-    tensors: Mapping[str, torch.Tensor],
+    network: NetworkFile,
     dtype: str,
     metadata: Mapping[str, str],
     fault: str | None = None,
     index: int | None = None,
 ) -> None:
-    """Write a LoKr/LoHa/DoRA file atomically (alpha and magnitudes in the file dtype too)."""
+    """Write a LoKr/LoHa/DoRA file atomically in our layout, through the format registry (alpha and magnitudes in
+    the file dtype too)."""
+    from zimage_lora.lora.formats import format_tensors
+
     torch_dtype = SAVE_DTYPES[dtype]
-    data = {k: v.detach().to("cpu", torch_dtype).contiguous() for k, v in tensors.items()}
+    data = {k: v.to(torch_dtype).contiguous() for k, v in format_tensors(network, "zimage-lora").items()}
     meta = {str(k): str(v) for k, v in sorted(metadata.items())}
     atomic_write_bytes(Path(path), serialize_safetensors(data, meta), fault, index)
-
-
-@dataclass
-class NetworkFile:
-    kind: str
-    modules: dict[str, dict[str, torch.Tensor]]  # module path -> part name -> tensor (alpha included)
-    metadata: dict[str, str]
 
 
 def detect_kind(keys: Iterable[str]) -> str:

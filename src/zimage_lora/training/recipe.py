@@ -50,7 +50,7 @@ from zimage_lora.data.text_cache import PromptEmbeddings
 from zimage_lora.errors import NonFiniteLoss, ProcessLost, UserError
 from zimage_lora.lora import network
 from zimage_lora.lora.io import atomic_write_bytes, read_lora, read_metadata, save_lora
-from zimage_lora.lora.variants import network_tensors, save_network
+from zimage_lora.lora.variants import network_file, save_network
 from zimage_lora.models.arch import ARCHS, inference_arch
 from zimage_lora.models.checkpointing import enable_checkpointing, main_blocks
 from zimage_lora.models.compile import compile_blocks
@@ -746,8 +746,8 @@ class LoraRecipe:
             weights = network.user_lora_weights(self.transformer)
             save_lora(path, weights, cfg.save.dtype, meta, fault=fault, index=index)
         else:
-            tensors = network_tensors(self.transformer, cfg.target.type, network.USER)
-            save_network(path, tensors, cfg.save.dtype, meta, fault=fault, index=index)
+            files = network_file(self.transformer, cfg.target.type, network.USER)
+            save_network(path, files, cfg.save.dtype, meta, fault=fault, index=index)
 
     def sample(self, step: int, shown: bool = True) -> list[Path]:
         """A round of previews as inference makes them: the adapter off, the LoRA (EMA weights, if on) at its scale.

@@ -457,7 +457,7 @@ def download_lora(page, tmp_path: Path) -> None:
     target = tmp_path / "downloaded.safetensors"
     download.save_as(str(target))
     lora = read_lora(target)
-    assert lora.layout == "diffusion_model" and lora.modules
+    assert lora.layout == "zimage-lora" and lora.modules
     assert {weights.rank for weights in lora.modules.values()} == {4}
 
 
@@ -806,4 +806,65 @@ def test_import_an_ai_toolkit_job_into_the_new_job_form(browser, compare_server,
     page.set_input_files(by("import-file"), {"name": "notes.txt.yaml", "mimeType": "text/yaml", "buffer": b"a: [b"})
     expect(page.locator(by("import-error"))).to_contain_text("notes.txt.yaml: not a YAML or JSON file")
     expect(page.locator(by("field-job.name"))).to_have_value("fox_lora")  # a refused file changes nothing
+    context.close()
+
+
+# --- issue 19: LoRAs from other trainers in the playground -----------------------------------------------------------
+
+
+def test_upload_an_outside_lora_in_the_playground_and_generate_with_it(browser, server, tmp_path):
+    """A LoRA another trainer wrote (musubi's kohya layout, bf16) uploaded from the playground: it is saved in the data
+    folder, chosen, described by inspect for the base model (with what ComfyUI would drop), and generates; a file
+    that is no LoRA is refused in one sentence."""
+    from playwright.sync_api import expect
+
+    from zimage_lora.lora.formats import transformer_names
+    from zimage_lora.lora.tools import convert_lora
+    from zimage_lora.models.tiny_adapter import write_random_adapter
+
+    model = server.data / "models" / "tiny"
+    ours = write_random_adapter(model, tmp_path / "ours.safetensors", rank=4, seed=5)
+    lora = tmp_path / "fox-style kohya.safetensors"
+    convert_lora(ours, lora, "kohya", "bf16", transformer_names(model))
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        page.goto(f"{server.url}/#/playground")
+        page.fill(by("pg-model"), "models/tiny")  # the upload is checked against the chosen base model
+        page.set_input_files(by("pg-lora-upload"), str(lora))
+        saved = page.locator(by("pg-upload-result"))
+        # the UI's first inspect imports torch and diffusers: seconds on a busy machine
+        expect(saved).to_contain_text("Saved loras/fox-style_kohya.safetensors", timeout=60_000)
+        expect(page.locator(by("pg-lora-0"))).to_have_value("loras/fox-style_kohya.safetensors")
+        summary = "kohya / musubi-tuner, 28 modules, rank 4, no trigger word recorded"
+        expect(page.locator(by("pg-lora-summary-0"))).to_have_text(summary)
+        expect(page.locator(by("pg-lora-warnings-0"))).to_contain_text("ComfyUI drops 48 of its keys")
+        expect(page.locator(f'{by("pg-lora-0")} optgroup[label="Uploaded"] option')).to_have_count(1)
+
+        junk = {"name": "notes.safetensors", "mimeType": "application/octet-stream", "buffer": b"not a LoRA"}
+        page.set_input_files(by("pg-lora-upload"), junk)
+        rejected = page.locator(by("pg-upload-rejected"))
+        expect(rejected).to_contain_text("notes.safetensors: notes.safetensors is not a readable .safetensors file")
+        expect(page.locator(by("pg-lora-1"))).to_have_count(0)  # nothing was added
+        assert not (server.data / "loras" / "notes.safetensors").exists()
+
+        page.select_option(by("pg-arch"), "zimage_turbo")
+        page.fill(by("pg-prompt"), "a fox in the style")
+        for key, value in (("width", "64"), ("height", "64"), ("steps", "1"), ("seed", "4")):
+            page.fill(by(f"pg-{key}"), value)
+        page.select_option(by("pg-device"), "cpu")
+        shot(page, "15-playground-outside-lora")
+        page.click(by("pg-generate"))
+        status = page.locator(by("gen-status")).first
+        expect(status).to_have_text("done", timeout=120_000)
+        image = page.locator(by("gen-image")).first
+        page.wait_for_function("img => img.complete && img.naturalWidth === 64", arg=image.element_handle())
+        expect(page.locator(by("pg-results"))).to_contain_text("fox-style_kohya.safetensors @ 0.8")
+    except BaseException:
+        shot(page, "failure-outside-lora")
+        raise
+    assert not errors, f"JavaScript errors on the pages: {errors}"
     context.close()

@@ -252,8 +252,8 @@ def export_lora(
     quiet_libraries()
     if dtype not in SAVE_DTYPES:
         raise UserError(f"--dtype: {dtype!r} is not one of {', '.join(SAVE_DTYPES)}")
-    network = read_network(source)
     transformer = load_components(model, parts=("transformer",)).transformer
+    network = read_network(source, [name for name, _ in transformer.named_modules()])  # kohya/lycoris_ names
     modules, error = export_plain_lora(network, transformer, rank)
     meta = {**network.metadata, "zimage_lora.network": "lora", "zimage_lora.exported_from": network.kind}
     save_lora(out, modules, dtype, meta)
@@ -382,6 +382,43 @@ def lora_convert(
     )
 
 
+@lora_app.command("extract")
+def lora_extract(
+    base: Path = typer.Option(..., help="The base model: a diffusers folder or a ComfyUI .safetensors file."),
+    tuned: Path = typer.Option(..., help="The fine-tuned model of the same size, in either form."),
+    out: Path = typer.Option(..., "-o", "--out", help="The LoRA file to write."),
+    rank: int = typer.Option(..., min=1, help="The rank of each module (fewer where the difference has fewer)."),
+    dtype: str = typer.Option("bf16", help="bf16, fp16 or fp32."),
+    to: str = typer.Option("zimage-lora", help="The output format (see lora convert)."),
+    device: str = typer.Option("cpu", help="Where the float64 SVDs run (cpu, cuda)."),
+) -> None:
+    """A LoRA from the difference of two transformers (SVD of each changed Linear weight), with the energy kept."""
+    from zimage_lora.lora.model_ops import extract_lora, extract_text
+    from zimage_lora.quiet import quiet_libraries
+
+    quiet_libraries()
+    result = extract_lora(base, tuned, out, rank, dtype, to, device, echo=typer.echo)
+    typer.echo("\n".join(extract_text(result, out, to, dtype)))
+
+
+@lora_app.command("bake")
+def lora_bake(
+    model: Path = typer.Argument(..., help="The model: a diffusers folder or a ComfyUI .safetensors file."),
+    loras: list[str] = typer.Argument(..., help="LoRA files in any layout, each optionally with :WEIGHT."),
+    out: Path = typer.Option(
+        ..., "-o", "--out", help="A new folder (diffusers transformer) or a .safetensors file (ComfyUI's names)."
+    ),
+    dtype: str = typer.Option("bf16", help="bf16, fp16 or fp32."),
+) -> None:
+    """The transformer with the LoRAs added into its weights, for tools that load no LoRA."""
+    from zimage_lora.lora.model_ops import bake_loras, bake_text
+    from zimage_lora.quiet import quiet_libraries
+
+    quiet_libraries()
+    result = bake_loras(model, [_weighted(spec) for spec in loras], out, dtype)
+    typer.echo("\n".join(bake_text(result, dtype)))
+
+
 def _weighted(spec: str) -> tuple[Path, float]:
     """``file.safetensors[:WEIGHT]``."""
     from zimage_lora.errors import UserError
@@ -454,11 +491,17 @@ def ui(
     token: str = typer.Option(
         None, envvar="ZIMAGE_LORA_UI_TOKEN", help="Require this token (Authorization header or the login page)."
     ),
+    lora_dir: list[Path] = typer.Option(
+        [],
+        "--lora-dir",
+        help="A folder of .safetensors LoRAs (e.g. ComfyUI's models/loras) the playground offers, read-only; "
+        "repeat for more.",
+    ),
 ) -> None:
     """Serve the web UI: datasets, jobs with live progress, the playground."""
     from zimage_lora.ui.server import serve
 
-    serve(data, host, port, token)
+    serve(data, host, port, token, lora_dir)
 
 
 @toy_app.command("build")

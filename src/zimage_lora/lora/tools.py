@@ -68,7 +68,7 @@ def read_checked(path: Path, names: TransformerNames) -> tuple[NetworkFile, str,
             if shape != (out, inp):
                 raise UserError(
                     f"{path}: {module} makes a {shape[0]}x{shape[1]} update but the layer is {out}x{inp} in "
-                    f"{names.source}; the file is for another model size (--model names the right one)"
+                    f"{names.source}; the file is for another model size"
                 )
     return network, fmt, tensors
 

@@ -9,17 +9,25 @@
   percent-encoded leftovers and symlinks that lead out.
 - ``check_name`` and ``upload_name`` keep job, dataset and file names to ``job.name``'s rule.
 - ``read_upload`` enforces the upload types (Pillow must open an image) and the size limit.
+- ``receive_files`` streams large uploads (LoRA files) straight into temporary files of their destination folder,
+  refusing a body over the limit before it is read (by its Content-Length) or while it arrives; a cut-off or refused
+  upload leaves no file behind.
 """
 
 from __future__ import annotations
 
 import hmac
 import io
+import os
 import re
+import uuid
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 from PIL import Image
+from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
@@ -59,11 +67,11 @@ def check_name(name: object, what: str, field: str | None = "name") -> str:
     return name
 
 
-def upload_name(raw: str) -> str:
+def upload_name(raw: str, exts: tuple[str, ...] = UPLOAD_EXTS) -> str:
     """A safe name for an uploaded file: the name's rule, the extension kept (lower case); raises ApiError."""
     suffix = PurePosixPath(raw).suffix.lower() if raw else ""
-    if suffix not in UPLOAD_EXTS:
-        raise ApiError(415, f"{raw!r}: only {', '.join(UPLOAD_EXTS)} files can be uploaded", "files")
+    if suffix not in exts:
+        raise ApiError(415, f"{raw!r}: only {', '.join(exts)} files can be uploaded", "files")
     if any(c in raw for c in "/\\\0"):
         raise ApiError(400, f"{raw!r}: a file name must not contain a folder; upload the file itself", "files")
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", raw[: -len(suffix)]).lstrip("._-")[: 64 - len(suffix)]
@@ -116,6 +124,165 @@ async def read_upload(upload: UploadFile, limit: int) -> tuple[str, bytes]:
 
 def _size(limit: int) -> str:
     return f"{limit / 1e6:g} MB" if limit >= 1e6 else f"{limit} bytes"
+
+
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers on top of the files themselves
+TEMP_PREFIX = ".upload-"  # a received file before it is checked and renamed (a server killed mid-upload leaves one)
+
+
+@dataclass
+class Received:
+    """One file part of a streamed upload: the name it was sent as, its safe name, and the temporary file holding it
+    (in the destination folder) or why it was refused (``temp`` is then None)."""
+
+    raw: str
+    name: str = ""
+    temp: Path | None = None
+    error: ApiError | None = None
+    size: int = 0
+    ended: bool = False
+
+
+class _Receiver:
+    """python-multipart's callbacks for ``receive_files``: each file part of ``field`` into its own temporary file."""
+
+    def __init__(self, folder: Path, limit: int, exts: tuple[str, ...], field: str):
+        self.folder, self.limit, self.exts, self.field = folder, limit, exts, field
+        self.parts: list[Received] = []
+        self.part: Received | None = None
+        self.handle = None
+        self.headers: dict[bytes, bytes] = {}
+        self.header = [b"", b""]
+        self.finished = False
+
+    def callbacks(self) -> dict:
+        return {
+            "on_part_begin": self.begin,
+            "on_header_field": lambda data, start, end: self._add_header(0, data[start:end]),
+            "on_header_value": lambda data, start, end: self._add_header(1, data[start:end]),
+            "on_header_end": self.header_end,
+            "on_headers_finished": self.headers_finished,
+            "on_part_data": self.data,
+            "on_part_end": self.end,
+            "on_end": self.all_done,
+        }
+
+    def begin(self) -> None:
+        self.part, self.headers, self.header = None, {}, [b"", b""]
+
+    def _add_header(self, index: int, data: bytes) -> None:
+        self.header[index] += data
+
+    def header_end(self) -> None:
+        self.headers[self.header[0].lower()] = self.header[1]
+        self.header = [b"", b""]
+
+    def headers_finished(self) -> None:
+        _, options = parse_options_header(self.headers.get(b"content-disposition", b""))
+        if options.get(b"name", b"").decode("utf-8", "replace") != self.field:
+            return  # another form field: ignored
+        if b"filename" not in options:
+            error = ApiError(400, f"a part of {self.field!r} has no file name; send files, not text", self.field)
+            self.parts.append(Received("", error=error, ended=True))
+            return
+        part = Received(options[b"filename"].decode("utf-8", "replace"))
+        self.parts.append(part)
+        try:
+            part.name = upload_name(part.raw, self.exts)
+        except ApiError as e:
+            part.error = e
+            return
+        part.temp = self.folder / f"{TEMP_PREFIX}{uuid.uuid4().hex}.tmp"
+        self.handle = open(part.temp, "wb")  # noqa: SIM115 - closed at the part's end, or by discard()
+        self.part = part
+
+    def data(self, data: bytes, start: int, end: int) -> None:
+        part = self.part
+        if part is None or self.handle is None:
+            return
+        part.size += end - start
+        if part.size > self.limit:
+            self._drop(part, ApiError(413, f"{part.raw!r} is larger than the upload limit of {_size(self.limit)}"))
+            return
+        self.handle.write(data[start:end])
+
+    def end(self) -> None:
+        if self.part is not None and self.handle is not None:
+            self.handle.close()
+            self.handle = None
+        for part in self.parts[-1:]:
+            part.ended = True
+        self.part = None
+
+    def all_done(self) -> None:
+        self.finished = True
+
+    def _drop(self, part: Received, error: ApiError) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+        if part.temp is not None:
+            part.temp.unlink(missing_ok=True)
+        part.temp, part.error = None, ApiError(error.status, error.message, self.field)
+        self.part = None
+
+    def sync(self) -> None:
+        """fsync each received file (before the caller renames it: a crash leaves the old file or the whole new one)."""
+        for part in self.parts:
+            if part.temp is not None:
+                fd = os.open(part.temp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+    def discard(self) -> None:
+        """Remove every temporary file (the upload failed as a whole)."""
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+        for part in self.parts:
+            if part.temp is not None:
+                part.temp.unlink(missing_ok=True)
+                part.temp = None
+
+
+async def receive_files(
+    request: Request, folder: Path, limit: int, exts: tuple[str, ...], field: str = "files"
+) -> list[Received]:
+    """The file parts of ``field`` in a multipart request, each streamed into a temporary file in ``folder`` (so the
+    caller can check it, then rename it: the same file system). A file over ``limit`` bytes, or of another type, is
+    a refused part; a body over ``limit`` (plus the multipart overhead) is refused whole with 413, before it is
+    read when its Content-Length says so; a cut-off body removes every temporary file and raises ApiError 400."""
+    kind, params = parse_options_header(request.headers.get("content-type", ""))
+    if kind != b"multipart/form-data" or not params.get(b"boundary"):
+        raise ApiError(422, f"{field}: send the files as multipart/form-data field {field!r}", field)
+    too_big = ApiError(413, f"the upload is larger than the limit of {_size(limit)}; send the files one by one", field)
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit + MULTIPART_OVERHEAD:
+        raise too_big
+    folder.mkdir(parents=True, exist_ok=True)
+    receiver = _Receiver(folder, limit, exts, field)
+    parser = MultipartParser(params[b"boundary"], receiver.callbacks())
+    total = 0
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit + MULTIPART_OVERHEAD:
+                raise too_big
+            parser.write(chunk)
+        parser.finalize()
+        if not receiver.finished or not all(part.ended for part in receiver.parts):
+            raise ApiError(400, "the upload was cut off before its end; send the files again", field)
+        await run_in_threadpool(receiver.sync)
+    except MultipartParseError:
+        receiver.discard()
+        message = f"the upload is not valid multipart/form-data; send the files as field {field!r}"
+        raise ApiError(400, message, field) from None
+    except BaseException:
+        receiver.discard()
+        raise
+    return receiver.parts
 
 
 # --- who may ask ----------------------------------------------------------------------------------------------------

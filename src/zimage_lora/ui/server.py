@@ -1,11 +1,13 @@
 """The web UI's HTTP server: ``create_app`` builds the FastAPI app of docs/ui-api.md; ``serve`` runs it.
 
-Routes, grouped as in the contract: pages, schema and config, jobs (with the event stream, the AI Toolkit import),
-comparisons, datasets, models, LoRAs and the playground, files. Handlers stay thin: the config goes through
-``schema`` (the CLI's validation), status changes through ``runner`` (the queue), run folders are read through
-``runs``, and every path from a URL through ``security.resolve_inside``. A user mistake answers 4xx
-``{"error": one sentence, "field": key or null}``; an unexpected failure answers 500 with a sentence, never a
-traceback.
+Routes, grouped as in the contract: pages, schema and config, jobs (with the event stream, the AI Toolkit import,
+checkpoints converted to another tool's layout), comparisons, datasets, models, LoRAs (uploaded into DATA/loras,
+listed read-only from the ``--lora-dir`` folders, inspected) and the playground, files. Handlers stay thin: the
+config goes through ``schema`` (the CLI's validation), status changes through ``runner`` (the queue), run folders
+are read through ``runs``, LoRA files through the format registry (``lora/formats.py``, ``lora/tools.py``), and
+every path from a URL through ``security.resolve_inside`` (a LoRA path through ``Ui.lora_file``). A user mistake
+answers 4xx ``{"error": one sentence, "field": key or null}``; an unexpected failure answers 500 with a sentence,
+never a traceback.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 from urllib.parse import quote
 
 import yaml
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -41,7 +43,7 @@ from starlette.exceptions import HTTPException
 
 from zimage_lora.config import ConfigError, apply_overrides, dump_yaml, job_to_dict, parse_job, parse_resolutions
 from zimage_lora.errors import UserError
-from zimage_lora.files import atomic_write_bytes
+from zimage_lora.files import atomic_write_bytes, fsync_dir
 from zimage_lora.models.arch import ARCHS, inference_arch
 from zimage_lora.sampling.request import GenerationRequest
 from zimage_lora.ui import runs, schema
@@ -51,18 +53,25 @@ from zimage_lora.ui.security import (
     COOKIE,
     IMAGE_EXTS,
     NAME_RE,
+    TEMP_PREFIX,
     UPLOAD_EXTS,
     ApiError,
     Guard,
+    Received,
     allowed_hosts,
     check_name,
     error_response,
     read_upload,
+    receive_files,
     resolve_inside,
 )
 
 STATIC = Path(__file__).parent / "static"
-FILE_ROOTS = ("datasets", "jobs", "models", "generations", "comparisons")  # what /files serves; never ui.db
+FILE_ROOTS = ("datasets", "jobs", "models", "generations", "comparisons", "loras")  # what /files serves; never ui.db
+LORA_DIRS = "lora-dirs"  # ``lora-dirs/<index>/<file>``: a file of the index-th --lora-dir folder (read-only)
+CONVERTED = ".converted"  # DATA/.converted/<job>/: checkpoints converted to another layout for a download
+MAX_FOLDER_LORAS = 5000  # a --lora-dir folder lists at most this many files
+INSPECT_CACHE = 256  # inspect reports kept (by file, mtime, size and model)
 LOG_TAIL = 40
 THUMB_SIZE = 256
 HEARTBEAT_S = 10.0
@@ -74,16 +83,32 @@ LOGIN_FORM = """<!doctype html><meta charset="utf-8"><title>zimage-lora: sign in
 
 
 class Ui:
-    """What every handler needs: the data folder, the store, the runner and the limits."""
+    """What every handler needs: the data folder, the store, the runner, the limits and the read-only LoRA folders."""
 
-    def __init__(self, data: Path, token: str | None, max_upload_bytes: int, poll_s: float):
+    def __init__(
+        self,
+        data: Path,
+        token: str | None,
+        max_upload_bytes: int,
+        poll_s: float,
+        lora_dirs: list[Path] | None = None,
+        max_lora_bytes: int = 2_000_000_000,
+    ):
         self.data = data
         self.token = token
         self.max_upload_bytes = max_upload_bytes
+        self.max_lora_bytes = max_lora_bytes
+        self.lora_dirs = lora_dirs or []
         self.store = Store(data)
         self.runner = Runner(data, self.store, poll_s)
         for folder in FILE_ROOTS:
             (data / folder).mkdir(exist_ok=True)
+        for stale in (data / "loras").glob(f"{TEMP_PREFIX}*.tmp"):  # an upload the last server was killed in
+            stale.unlink(missing_ok=True)
+        self.cache_lock = threading.Lock()
+        self.convert_lock = threading.Lock()  # conversions are rare; one at a time keeps their .tmp files apart
+        self.names: dict[tuple, Any] = {}
+        self.reports: dict[tuple, dict[str, Any]] = {}
 
     def job(self, name: str) -> dict[str, Any]:
         row = self.store.get("jobs", name) if NAME_RE.match(name) else None
@@ -114,6 +139,148 @@ class Ui:
         if row is None:
             raise ApiError(404, f"no comparison {cmp_id!r}; see GET /api/comparisons", "id")
         return row
+
+    # --- LoRA files -------------------------------------------------------------------------------------------------
+
+    def lora_file(self, path: str, field: str) -> Path:
+        """The file a LoRA path names: ``lora-dirs/<index>/<file>`` inside the index-th --lora-dir folder, anything
+        else a ``.safetensors`` file inside DATA (``jobs/<job>/<file>``, ``loras/<file>``); ApiError 422 naming
+        ``field`` otherwise. The client never sends an absolute path."""
+        head, _, rest = path.partition("/")
+        found = None
+        if head == LORA_DIRS:
+            index, _, relative = rest.partition("/")
+            listed = not any(part.startswith(".") for part in relative.split("/"))  # hidden: not listed, not served
+            if listed and re.fullmatch(r"[0-9]{1,4}", index) and int(index) < len(self.lora_dirs):
+                found = resolve_inside(self.lora_dirs[int(index)], relative)
+        else:
+            found = resolve_inside(self.data, path)
+        if found is None or found.suffix.lower() != ".safetensors":
+            raise ApiError(422, f"{field}: {path!r} is not a LoRA file the UI lists (GET /api/loras)", field)
+        return found
+
+    def transformer(self, model: str | None, field: str = "model") -> tuple[Any, str]:
+        """(the transformer's layer names, its label) that LoRA files are checked against: DATA/models/<name> for
+        ``models/<name>``, else (a hub id, nothing) the real Z-Image's. Cached: the meta-device build takes a second
+        or two."""
+        from zimage_lora.lora.formats import transformer_names
+
+        folder = None
+        if model and model.startswith("models/"):
+            folder = self.data / "models" / model.removeprefix("models/")
+            if not NAME_RE.match(folder.name) or folder.parent != self.data / "models" or not folder.is_dir():
+                raise ApiError(422, f"{field}: no folder {model!r} in the data folder; see GET /api/models", field)
+        config = None if folder is None else folder / "transformer" / "config.json"
+        key = (str(config), config.stat().st_mtime_ns if config is not None and config.is_file() else None)
+        with self.cache_lock:
+            found = self.names.get(key)
+        if found is None:
+            try:
+                names = transformer_names(folder)
+                found = (names, model if folder is not None else names.source)
+            except UserError:
+                message = f"{field}: {model} has no transformer/config.json; it is not a diffusers model folder"
+                raise ApiError(422, message, field) from None
+            with self.cache_lock:
+                self.names[key] = found
+        return found
+
+    def inspect(self, file: Path, listed: str, model: str | None, field: str = "path") -> dict[str, Any]:
+        """``lora inspect``'s report of ``file`` (shown as ``listed``) for ``model``, with its one-line ``summary``
+        and ``warnings``; cached by the file (its inode: an upload keeps its report when renamed into place), mtime,
+        size and model. ApiError 422 with inspect's sentence when the file is not a LoRA for that model."""
+        from zimage_lora.lora.tools import inspect_lora
+
+        names, label = self.transformer(model)
+        stat = file.stat()
+        key = (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size, id(names))  # names: kept in self.names
+        with self.cache_lock:
+            cached = self.reports.get(key)
+        if cached is not None:
+            return {**cached, "file": listed}
+        try:
+            report = inspect_lora(file, names)
+        except UserError as e:
+            raise ApiError(422, str(e).replace(str(file), listed), field) from None
+        report = {**report, "file": listed, "model": label}
+        report |= lora_notes(report)
+        with self.cache_lock:
+            while len(self.reports) >= INSPECT_CACHE:
+                self.reports.pop(next(iter(self.reports)))
+            self.reports[key] = report
+        return report
+
+    def converted(self, job: dict[str, Any], source: Path, fmt: str) -> Path:
+        """A checkpoint of ``job`` in format ``fmt``, in its saved dtype, converted once into DATA/.converted/<job>/
+        (keyed by the checkpoint's mtime and size: a new run's checkpoint of the same name is converted afresh)."""
+        from zimage_lora.lora.tools import convert_lora
+
+        stat = source.stat()
+        key = hashlib.sha256(f"{source}:{stat.st_mtime_ns}:{stat.st_size}".encode()).hexdigest()[:16]
+        folder = self.data / CONVERTED / job["name"]
+        out = folder / f"{source.stem}_{fmt}_{key}.safetensors"
+        with self.convert_lock:
+            if out.is_file():
+                return out
+            model = job["config"]["model"]["name_or_path"]
+            names, _ = self.transformer(model if model and model.startswith("models/") else None, "model.name_or_path")
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                convert_lora(source, out, fmt, _saved_dtype(source), names)
+            except UserError as e:
+                raise ApiError(422, f"format: {e}".replace(str(self.data) + "/", ""), "format") from None
+            for old in folder.glob(f"{source.stem}_{fmt}_*.safetensors"):  # earlier runs' conversions
+                if old != out:
+                    old.unlink(missing_ok=True)
+        return out
+
+
+def lora_notes(report: dict[str, Any]) -> dict[str, Any]:
+    """inspect's report as the playground shows it: one line (format, modules, ranks, trigger word) and what will
+    not apply (modules no layer of the model has; keys diffusers' or ComfyUI's loader drops or refuses)."""
+    ranks = "/".join(map(str, report["ranks"]))
+    trigger = report["metadata"].get("trigger word")
+    parts = [
+        report["format_label"],
+        report["kind"] if report["kind"] != "lora" else None,
+        f"{report['modules']} modules",
+        f"rank {ranks}" if ranks else None,
+        f"trigger word {trigger}" if trigger else "no trigger word recorded",
+    ]
+    warnings = []
+    if report["unmatched"]:
+        warnings.append(
+            f"{len(report['unmatched'])} of its modules match no layer of {report['model']} (e.g. "
+            f"{report['unmatched'][0]}); generating with it on this model fails"
+        )
+    for loader, label in (("diffusers", "diffusers"), ("comfyui", "ComfyUI")):
+        count = report["loaders"][loader]
+        if count["refused"]:
+            warnings.append(f"{label} refuses the file: {count['refused']}")
+            continue
+        if count["dropped"]:
+            warnings.append(f"{label} drops {count['dropped']} of its keys (e.g. {count['dropped_keys'][0]})")
+        missing = [w for w in count["warnings"] if w.startswith("NOT LOADED")]
+        if missing:
+            warnings.append(f"{label} does not load {len(missing)} patches: {missing[0]}")
+    return {"summary": ", ".join(p for p in parts if p), "warnings": warnings}
+
+
+def _saved_dtype(path: Path) -> str:
+    """The save dtype (fp32, bf16, fp16) of a LoRA file's weights, from its header."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        dtypes = {f.get_slice(key).get_dtype() for key in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    for name, dtype in (("F32", "fp32"), ("BF16", "bf16"), ("F16", "fp16")):
+        if name in dtypes:
+            return dtype
+    return "fp32"
+
+
+def _download(path: Path, filename: str) -> FileResponse:
+    headers = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"}
+    return FileResponse(path, media_type="application/octet-stream", filename=filename, headers=headers)
 
 
 _WRITES = threading.Lock()  # handlers run on a thread pool; two writes of one file must not share its .tmp
@@ -177,9 +344,22 @@ def create_app(
     port: int = 8675,
     max_upload_bytes: int = 50_000_000,
     poll_s: float = 0.5,
+    lora_dirs: list[str | os.PathLike[str]] | tuple = (),
+    max_lora_upload_bytes: int = 2_000_000_000,
 ) -> FastAPI:
-    """The UI for the data folder ``data_dir`` (created if missing), as served on ``host:port``."""
-    ui = Ui(Path(data_dir).expanduser().resolve(), token or None, max_upload_bytes, poll_s)
+    """The UI for the data folder ``data_dir`` (created if missing), as served on ``host:port``; the
+    ``.safetensors`` files of ``lora_dirs`` are offered read-only beside the data folder's LoRAs. Uploads are
+    limited to ``max_upload_bytes`` per file (dataset images and captions) and ``max_lora_upload_bytes`` (a LoRA
+    upload)."""
+    folders = []
+    for given in lora_dirs:
+        folder = Path(given).expanduser().resolve()
+        if not folder.is_dir():
+            raise UserError(f"--lora-dir {given}: no such folder; give a folder that holds .safetensors LoRA files")
+        folders.append(folder)
+    ui = Ui(
+        Path(data_dir).expanduser().resolve(), token or None, max_upload_bytes, poll_s, folders, max_lora_upload_bytes
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -458,6 +638,7 @@ def _job_routes(app: FastAPI, ui: Ui) -> None:
             if status in ("queued", *ACTIVE):
                 raise ApiError(409, f"job {name!r} is {status}; stop it before deleting it")
             shutil.rmtree(runner.job_dir(name), ignore_errors=True)
+            shutil.rmtree(ui.data / CONVERTED / name, ignore_errors=True)
             ui.store.delete("jobs", name)
         return {"deleted": name}
 
@@ -480,6 +661,23 @@ def _job_routes(app: FastAPI, ui: Ui) -> None:
     def get_checkpoints(name: str) -> dict:
         ui.job(name)
         return {"checkpoints": runs.checkpoints(runner.job_dir(name), name, _url("files", "jobs", name))}
+
+    @app.get("/api/jobs/{name}/checkpoints/{file}/download")
+    def download_checkpoint(name: str, file: str, fmt: str = Query("zimage-lora", alias="format")) -> Response:
+        """A checkpoint as a download in another tool's layout (``lora convert``), converted once into a cache."""
+        from zimage_lora.lora.formats import FORMATS
+
+        row = ui.job(name)
+        folder = runner.job_dir(name)
+        if file not in {c["file"] for c in runs.checkpoints(folder, name, "")}:
+            message = f"job {name!r} has no checkpoint {file!r}; see GET /api/jobs/{name}/checkpoints"
+            raise ApiError(404, message, "file")
+        if fmt not in FORMATS:
+            raise ApiError(422, f"format: {fmt!r} is not a LoRA format; choose one of {', '.join(FORMATS)}", "format")
+        source = folder / file
+        if fmt == "zimage-lora":  # what the trainer wrote
+            return _download(source, source.name)
+        return _download(ui.converted(row, source, fmt), f"{source.stem}_{fmt}.safetensors")
 
     @app.get("/api/jobs/{name}/events")
     def events(name: str, request: Request, once: bool = False, max_s: float = 0, lines: int = 200) -> Response:
@@ -925,9 +1123,47 @@ def _playground_routes(app: FastAPI, ui: Ui) -> None:
                         "arch": used_with,
                         "trained_arch": model["arch"],
                         "base_model": base_model,
+                        "source": "job",
                     }
                 )
+        uploads = (ui.data / "loras").iterdir()
+        for path in sorted(p for p in uploads if p.suffix == ".safetensors" and NAME_RE.match(p.name) and p.is_file()):
+            out.append(_outside_lora(path, path.name, f"loras/{path.name}", "upload", "loras"))
+        for index, root in enumerate(ui.lora_dirs):
+            for relative in _folder_loras(root):
+                listed = f"{LORA_DIRS}/{index}/{relative}"
+                out.append(_outside_lora(root / relative, relative, listed, "folder", str(root)))
         return {"loras": out}
+
+    @app.post("/api/loras/upload")
+    async def upload_loras(request: Request, model: str | None = None) -> Response:
+        """LoRA files into DATA/loras, streamed to disk; each is kept only when inspect reads it as a LoRA for
+        ``model`` (the playground's base model), else refused with inspect's sentence and removed."""
+        await run_in_threadpool(ui.transformer, model)  # a wrong model is refused before the body is read
+        received = await receive_files(request, ui.data / "loras", ui.max_lora_bytes, (".safetensors",))
+        if not received:
+            raise ApiError(422, "files: send the LoRA files as multipart/form-data field 'files'", "files")
+        saved, rejected, first_error = [], [], None
+        for item in received:
+            try:
+                if item.error is not None:
+                    raise item.error
+                saved.append(await run_in_threadpool(_keep_upload, ui, item, model))
+            except ApiError as e:
+                rejected.append({"file": item.raw, "error": e.message})
+                first_error = first_error or e
+            finally:
+                if item.temp is not None:
+                    item.temp.unlink(missing_ok=True)
+        result = {"saved": saved, "rejected": rejected}
+        if saved or first_error is None:
+            return JSONResponse(result)
+        return JSONResponse({"error": first_error.message, "field": "files", **result}, first_error.status)
+
+    @app.get("/api/loras/inspect")
+    def inspect_lora_file(path: str, model: str | None = None) -> dict:
+        """``zimage-lora lora inspect`` of a listed LoRA for the playground's base model, with its summary line."""
+        return ui.inspect(ui.lora_file(path, "path"), path, model)
 
     @app.post("/api/generate", status_code=202)
     def generate(request: GenerationRequest) -> dict:
@@ -940,12 +1176,7 @@ def _playground_routes(app: FastAPI, ui: Ui) -> None:
                 raise ApiError(422, message, "model")
         loras = []
         for index, lora in enumerate(request.loras):
-            path = resolve_inside(ui.data, lora.path)
-            if path is None or path.suffix != ".safetensors":
-                field = f"loras.{index}.path"
-                raise ApiError(
-                    422, f"{field}: {lora.path!r} is not a LoRA file in the data folder (GET /api/loras)", field
-                )
+            path = ui.lora_file(lora.path, f"loras.{index}.path")
             loras.append(lora.model_copy(update={"path": str(path)}))
         resolved = request.model_copy(update={"model": model, "loras": loras})
         gen_id = uuid.uuid4().hex[:12]
@@ -968,6 +1199,66 @@ def _playground_routes(app: FastAPI, ui: Ui) -> None:
         }
 
 
+def _outside_lora(path: Path, file: str, listed: str, source: str, folder: str) -> dict[str, Any]:
+    """An uploaded or --lora-dir LoRA as ``GET /api/loras`` lists it: what its metadata records, when it is ours."""
+    from zimage_lora.lora.io import read_metadata
+
+    try:
+        meta = read_metadata(path)
+    except UserError:  # not a safetensors file: listed all the same; inspect says what is wrong with it
+        meta = {}
+    trained = meta.get("zimage_lora.arch")
+    trained = trained if trained in ARCHS else None
+    step = meta.get("zimage_lora.step", "")
+    return {
+        "job": None,
+        "file": file,
+        "path": listed,
+        "step": int(step) if re.fullmatch(r"[0-9]{1,12}", step) else None,
+        "final": None,
+        "arch": inference_arch(trained).name if trained else None,
+        "trained_arch": trained,
+        "base_model": meta.get("zimage_lora.base_model") or None,
+        "source": source,
+        "folder": folder,
+        "bytes": path.stat().st_size,
+        "url": _url("files", *listed.split("/")) + "?download=1",
+    }
+
+
+def _folder_loras(root: Path) -> list[str]:
+    """The .safetensors files under a --lora-dir folder (subfolders too, hidden ones and links that lead out
+    skipped), as paths relative to it."""
+    found: list[str] = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for file in sorted(files):
+            if file.lower().endswith(".safetensors") and not file.startswith("."):
+                relative = Path(folder, file).relative_to(root).as_posix()
+                if resolve_inside(root, relative) is not None:
+                    found.append(relative)
+        if len(found) >= MAX_FOLDER_LORAS:
+            break
+    return found[:MAX_FOLDER_LORAS]
+
+
+def _keep_upload(ui: Ui, item: Received, model: str | None) -> dict[str, Any]:
+    """An uploaded LoRA, once inspect reads it for ``model``, renamed into DATA/loras (replacing a file of that
+    name): ``{"file", "path", "inspect"}``; ApiError 422 with inspect's sentence (the temporary file stays for the
+    caller to remove)."""
+    assert item.temp is not None
+    listed = f"loras/{item.name}"
+    try:
+        report = ui.inspect(item.temp, item.raw, model, "files")
+    except ApiError as e:
+        raise ApiError(e.status, e.message.replace(str(item.temp), repr(item.raw)), "files") from None
+    target = ui.data / "loras" / item.name
+    os.replace(item.temp, target)
+    item.temp = None
+    fsync_dir(target.parent)
+    return {"file": item.name, "path": listed, "inspect": {**report, "file": listed}}
+
+
 # --- files ------------------------------------------------------------------------------------------------------------
 
 INLINE_TYPES = re.compile(r"^(image/(png|jpeg|webp|bmp)|text/plain|application/json)$")
@@ -976,7 +1267,13 @@ INLINE_TYPES = re.compile(r"^(image/(png|jpeg|webp|bmp)|text/plain|application/j
 def _file_routes(app: FastAPI, ui: Ui) -> None:
     @app.get("/files/{path:path}")
     def get_file(path: str, download: bool = False) -> Response:
-        target = resolve_inside(ui.data, path) if path.split("/", 1)[0] in FILE_ROOTS else None
+        head = path.split("/", 1)[0]
+        target = resolve_inside(ui.data, path) if head in FILE_ROOTS else None
+        if head == LORA_DIRS:  # a --lora-dir file: only its LoRAs, as downloads
+            try:
+                target, download = ui.lora_file(path, "path"), True
+            except ApiError:
+                target = None
         if target is None:
             raise ApiError(404, f"no file {path!r} in the data folder", "path")
         media_type = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
@@ -990,7 +1287,7 @@ def _file_routes(app: FastAPI, ui: Ui) -> None:
 # --- running it -------------------------------------------------------------------------------------------------------
 
 
-def serve(data: Path, host: str, port: int, token: str | None) -> None:
+def serve(data: Path, host: str, port: int, token: str | None, lora_dirs: list[Path] | None = None) -> None:
     """``zimage-lora ui``: refuse to serve beyond this machine without a token, then run uvicorn."""
     import uvicorn
 
@@ -1001,7 +1298,7 @@ def serve(data: Path, host: str, port: int, token: str | None) -> None:
         raise UserError(
             f"--host {host}: serving beyond this machine needs a token; add --token T (or set ZIMAGE_LORA_UI_TOKEN)"
         )
-    app = create_app(data, token, host, port)
+    app = create_app(data, token, host, port, lora_dirs=lora_dirs or ())
     shown = f"[{host}]" if ":" in host else host
     print(f"zimage-lora ui: http://{shown}:{port}/ (data: {app.state.ui.data})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)

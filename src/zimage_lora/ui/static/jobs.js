@@ -109,6 +109,13 @@ export async function jobsView(ctx, root) {
 // ---------------------------------------------------------------------------------------------------------------
 
 const LOG_LIMIT = 400;
+// the layouts a checkpoint downloads in (GET /api/jobs/<name>/checkpoints/<file>/download?format=...)
+const CHECKPOINT_FORMATS = [
+  ['zimage-lora', 'zimage-lora (ours)'],
+  ['diffusers', 'diffusers / peft'],
+  ['comfyui', 'ComfyUI (fused qkv)'],
+  ['kohya', 'kohya / musubi'],
+];
 
 export async function jobView(ctx, root, name) {
   const state = { job: null, metrics: new Map(), log: [], samplesKey: '', checkpointsKey: '' };
@@ -410,10 +417,26 @@ export async function jobView(ctx, root, name) {
           h('td', { class: 'mono' }, c.file),
           h('td', {}, c.final ? 'final' : c.step ?? '–'),
           h('td', {}, fmtBytes(c.bytes)),
-          h('td', {}, h('a', { href: c.url, download: c.file, class: 'button small', 'data-testid': `download-${c.file}` }, 'Download')),
+          h('td', {}, downloadCell(c)),
         ),
       ),
     );
+  }
+
+  // A checkpoint as a download in the layout the user's tool reads (converted by the server, cached there).
+  function downloadCell(c) {
+    const link = h('a', { href: c.url, download: c.file, class: 'button small', 'data-testid': `download-${c.file}` }, 'Download');
+    const format = h(
+      'select',
+      { class: 'small', 'aria-label': `Format of ${c.file}`, 'data-testid': `download-format-${c.file}` },
+      CHECKPOINT_FORMATS.map(([value, label]) => h('option', { value }, label)),
+    );
+    format.addEventListener('change', () => {
+      const ours = format.value === 'zimage-lora';
+      link.href = ours ? c.url : url(`/checkpoints/${enc(c.file)}/download?format=${enc(format.value)}`);
+      link.download = ours ? c.file : `${c.file.replace(/\.safetensors$/, '')}_${format.value}.safetensors`;
+    });
+    return h('div', { class: 'download-cell' }, format, link);
   }
 
   // --- data: one full load, then live events (or polling when the stream is not available) ---

@@ -1,7 +1,9 @@
 // Playground (#/playground): generate with a base model and LoRAs (each with its weight); shows the queue state
-// (a generation waits while a job trains on the same device) and the images.
+// (a generation waits while a job trains on the same device) and the images. LoRAs come from the jobs, from uploads
+// (DATA/loras) and from the read-only --lora-dir folders; each chosen LoRA shows what `lora inspect` reads of it
+// for the chosen base model (format, modules, ranks, trigger word) and what will not apply.
 
-import { h, put, add, enc, api, post, pageHeader, errorBox } from './lib.js';
+import { h, put, add, enc, api, post, debounce, pageHeader, errorBox, ApiError } from './lib.js';
 
 // ---------------------------------------------------------------------------------------------------------------
 // Playground: generate with a base model and LoRAs
@@ -20,7 +22,7 @@ export async function playgroundView(ctx, root) {
   // the archs LoRAs are used with (a LoRA trained with the training adapter runs on plain Turbo)
   const archs = Object.fromEntries(Object.entries(schema.archs || {}).filter(([, a]) => a.inference));
   const models = modelData.models || [];
-  const loras = loraData.loras || [];
+  let loras = loraData.loras || [];
   let saved = {};
   try {
     saved = JSON.parse(localStorage.getItem(PLAYGROUND_KEY) || '{}');
@@ -80,10 +82,68 @@ export async function playgroundView(ctx, root) {
     archDefaults();
   });
 
-  // --- LoRAs, each with its weight ---
+  // --- LoRAs, each with its weight and what inspect reads of it ---
   const loraRows = h('div', { class: 'lora-rows', 'data-testid': 'pg-loras' });
   const chosen = []; // {path, weight}
-  const loraLabel = (l) => `${l.job} · ${l.final ? 'final' : `step ${l.step}`} · ${l.file}`;
+  const loraLabel = (l) => (l.job ? `${l.job} · ${l.final ? 'final' : `step ${l.step}`} · ${l.file}` : l.file);
+  const loraGroup = (l) => (l.source === 'upload' ? 'Uploaded' : l.source === 'folder' ? `Folder ${l.folder}` : 'Trained here');
+  function loraOptions() {
+    const groups = new Map();
+    for (const l of loras) {
+      const group = loraGroup(l);
+      if (!groups.has(group)) groups.set(group, []);
+      groups.get(group).push(h('option', { value: l.path }, loraLabel(l)));
+    }
+    return [...groups].map(([label, options]) => h('optgroup', { label }, options));
+  }
+  function useLora(entry, index) {
+    const lora = loras.find((l) => l.path === entry.path);
+    if (lora && !model.value && lora.base_model) model.value = lora.base_model;
+    if (lora && lora.arch && archs[lora.arch] && index === 0 && arch.value !== lora.arch) {
+      arch.value = lora.arch;
+      archDefaults();
+    }
+  }
+
+  // inspect's report per LoRA and base model (GET /api/loras/inspect): a promise of {report} or {error}
+  const reports = new Map();
+  const baseModel = () => model.value.trim();
+  function inspect(path) {
+    const key = `${path}|${baseModel()}`;
+    if (!reports.has(key)) {
+      const query = `path=${enc(path)}${baseModel() ? `&model=${enc(baseModel())}` : ''}`;
+      reports.set(
+        key,
+        api(`/api/loras/inspect?${query}`).then(
+          (report) => ({ report }),
+          (error) => ({ error: error.message }),
+        ),
+      );
+    }
+    return reports.get(key);
+  }
+  async function showInfo(box, entry, index) {
+    const path = entry.path;
+    if (!path) {
+      put(box);
+      return;
+    }
+    put(box, h('p', { class: 'help' }, 'Reading the file…'));
+    const { report, error } = await inspect(path);
+    if (entry.path !== path || !box.isConnected) return; // changed meanwhile
+    if (error) {
+      put(box, h('p', { class: 'field-error', 'data-testid': `pg-lora-error-${index}` }, error));
+      return;
+    }
+    put(
+      box,
+      h('p', { class: 'help', 'data-testid': `pg-lora-summary-${index}` }, report.summary),
+      report.warnings.length
+        ? h('ul', { class: 'lora-warnings', 'data-testid': `pg-lora-warnings-${index}` }, report.warnings.map((w) => h('li', {}, w)))
+        : null,
+    );
+  }
+
   function renderLoras() {
     put(loraRows, 
       ...chosen.map((entry, index) => {
@@ -91,21 +151,17 @@ export async function playgroundView(ctx, root) {
           'select',
           { id: `pg-lora-${index}`, 'data-testid': `pg-lora-${index}` },
           h('option', { value: '' }, '(choose a LoRA)'),
-          loras.map((l) => h('option', { value: l.path }, loraLabel(l))),
+          loraOptions(),
           entry.path && !loras.some((l) => l.path === entry.path) ? h('option', { value: entry.path }, entry.path) : null,
         );
         select.value = entry.path || '';
+        const info = h('div', { class: 'lora-info', 'aria-live': 'polite', 'data-testid': `pg-lora-info-${index}` });
         select.addEventListener('change', () => {
           entry.path = select.value;
-          const lora = loras.find((l) => l.path === select.value);
-          if (lora && !model.value && lora.base_model) model.value = lora.base_model;
-          if (lora && lora.arch && archs[lora.arch] && index === 0) {
-            if (arch.value !== lora.arch) {
-              arch.value = lora.arch;
-              archDefaults();
-            }
-          }
+          useLora(entry, index);
+          showInfo(info, entry, index);
         });
+        showInfo(info, entry, index);
         const weight = h('input', {
           id: `pg-lora-weight-${index}`,
           type: 'range',
@@ -122,26 +178,32 @@ export async function playgroundView(ctx, root) {
         });
         return h(
           'div',
-          { class: 'lora-row' },
-          h('div', { class: 'field' }, h('label', { for: select.id }, `LoRA ${index + 1}`), select),
-          h('div', { class: 'field weight' }, h('label', { for: weight.id }, 'Weight'), h('div', { class: 'range' }, weight, shown)),
+          { class: 'lora-entry' },
           h(
-            'button',
-            {
-              type: 'button',
-              class: 'small ghost',
-              'data-testid': `pg-remove-lora-${index}`,
-              onclick: () => {
-                chosen.splice(index, 1);
-                renderLoras();
+            'div',
+            { class: 'lora-row' },
+            h('div', { class: 'field' }, h('label', { for: select.id }, `LoRA ${index + 1}`), select),
+            h('div', { class: 'field weight' }, h('label', { for: weight.id }, 'Weight'), h('div', { class: 'range' }, weight, shown)),
+            h(
+              'button',
+              {
+                type: 'button',
+                class: 'small ghost',
+                'data-testid': `pg-remove-lora-${index}`,
+                onclick: () => {
+                  chosen.splice(index, 1);
+                  renderLoras();
+                },
               },
-            },
-            'Remove',
+              'Remove',
+            ),
           ),
+          info,
         );
       }),
     );
   }
+  model.addEventListener('input', debounce(renderLoras, 500)); // inspect again for the new base model
   const addLora = h(
     'button',
     {
@@ -154,6 +216,59 @@ export async function playgroundView(ctx, root) {
       },
     },
     'Add LoRA',
+  );
+
+  // --- uploading a LoRA from another trainer into DATA/loras (checked against the base model first) ---
+  const uploadInput = h('input', {
+    id: 'pg-lora-upload',
+    type: 'file',
+    accept: '.safetensors',
+    multiple: true,
+    class: 'file-input',
+    'data-testid': 'pg-lora-upload',
+  });
+  const uploadResult = h('div', { class: 'upload-result', 'aria-live': 'polite', 'data-testid': 'pg-upload-result' });
+  async function uploadLoras(files) {
+    if (!files.length) return;
+    const form = new FormData();
+    for (const file of files) form.append('files', file, file.name);
+    const base = baseModel();
+    put(uploadResult, h('p', { class: 'muted' }, `Uploading ${files.length === 1 ? files[0].name : `${files.length} files`}…`));
+    const rejectedList = (rejected) =>
+      rejected.length
+        ? h('ul', { class: 'error-list', 'data-testid': 'pg-upload-rejected' }, rejected.map((r) => h('li', {}, `${r.file}: ${r.error}`)))
+        : null;
+    try {
+      const result = await api(`/api/loras/upload${base ? `?model=${enc(base)}` : ''}`, { method: 'POST', form });
+      loras = (await api('/api/loras')).loras || [];
+      for (const saved of result.saved) {
+        reports.set(`${saved.path}|${base}`, Promise.resolve({ report: saved.inspect }));
+        const entry = chosen.find((c) => !c.path) || { path: '', weight: 0.8 };
+        if (!chosen.includes(entry)) chosen.push(entry);
+        entry.path = saved.path;
+        useLora(entry, chosen.indexOf(entry));
+      }
+      renderLoras();
+      put(
+        uploadResult,
+        h('p', { class: 'ok' }, `Saved ${result.saved.map((s) => s.path).join(', ')}.`),
+        rejectedList(result.rejected || []),
+      );
+    } catch (error) {
+      if (error instanceof ApiError && Array.isArray(error.data.rejected)) put(uploadResult, rejectedList(error.data.rejected));
+      else put(uploadResult, errorBox(error.message, 'pg-upload-error'));
+    } finally {
+      uploadInput.value = '';
+    }
+  }
+  uploadInput.addEventListener('change', () => uploadLoras([...uploadInput.files]));
+  const loraActions = h(
+    'div',
+    { class: 'lora-actions' },
+    addLora,
+    h('label', { for: 'pg-lora-upload', class: 'button small', 'data-testid': 'pg-upload-button' }, 'Upload a LoRA…'),
+    uploadInput,
+    h('span', { class: 'help' }, 'A .safetensors LoRA from any Z-Image trainer (AI Toolkit, kohya/musubi, diffusers, ComfyUI, DiffSynth): saved in the data folder, checked against the base model above.'),
   );
 
   // Restore the last settings (this browser only).
@@ -196,7 +311,8 @@ export async function playgroundView(ctx, root) {
     ),
     h('h2', {}, 'LoRAs'),
     loraRows,
-    addLora,
+    loraActions,
+    uploadResult,
     h(
       'div',
       { class: 'fields' },

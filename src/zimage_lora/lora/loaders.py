@@ -113,9 +113,8 @@ def _comfy_map(names: TransformerNames) -> dict[str, tuple[str, bool]]:
         diffusers_to_native[f"{b}.attention.to_out.0"] = f"{b}.attention.out"
         for w in ("w1", "w2", "w3"):
             diffusers_to_native[f"{b}.feed_forward.{w}"] = f"{b}.feed_forward.{w}"
-        diffusers_to_native[f"{b}.adaLN_modulation.0"] = (
-            f"{b}.adaLN_modulation.0"  # context_refiner's too (no such weight)
-        )
+        # mapped for the context refiner too, which has no such weight (ComfyUI's "NOT LOADED")
+        diffusers_to_native[f"{b}.adaLN_modulation.0"] = f"{b}.adaLN_modulation.0"
     diffusers_to_native |= {
         "all_x_embedder.2-1": "x_embedder",
         "all_final_layer.2-1.linear": "final_layer.linear",
@@ -124,9 +123,9 @@ def _comfy_map(names: TransformerNames) -> dict[str, tuple[str, bool]]:
         "t_embedder.mlp.0": "t_embedder.mlp.0",
         "t_embedder.mlp.2": "t_embedder.mlp.2",
     }
-    has = {d for d in names.linears}
-    exists = {native: (d in has) for d, native in diffusers_to_native.items()}
-    exists = {native: any(d in has for d, n in diffusers_to_native.items() if n == native) for native in exists}
+    exists: dict[str, bool] = {}  # a native weight exists when any diffusers layer it stands for does
+    for d, native in diffusers_to_native.items():
+        exists[native] = exists.get(native, False) or d in names.linears
     aliases: dict[str, tuple[str, bool]] = {}
     for native in exists:  # the generic forms, native names
         aliases[f"diffusion_model.{native}"] = (native, exists[native])

@@ -868,3 +868,59 @@ def test_upload_an_outside_lora_in_the_playground_and_generate_with_it(browser, 
         raise
     assert not errors, f"JavaScript errors on the pages: {errors}"
     context.close()
+
+
+# --- issue 20: captioning a dataset with a model ---------------------------------------------------------------------
+
+
+def test_caption_a_dataset_edit_a_proposal_reject_one_and_accept(browser, server):
+    """The dataset page's Caption card: a run of the tiny random captioner on the CPU, its three proposals beside
+    their thumbnails (the captioned image shows its caption and is not selected), one edited, one rejected, "Accept
+    selected": only the edited caption is written, and the page's caption of that image shows it."""
+    from conftest import demo_dataset
+    from playwright.sync_api import expect
+
+    from zimage_lora.models.tiny_captioner import build_tiny_qwen3_vl
+
+    build_tiny_qwen3_vl(server.data / "models" / "captioner")
+    pets = demo_dataset(server.data / "datasets" / "capfox", 3)
+    (pets / "fox_02.txt").unlink()
+    (pets / "fox_03.txt").unlink()
+    existing = (pets / "fox_01.txt").read_text()
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        page.goto(f"{server.url}/#/datasets/capfox")
+        page.fill(by("cap-model"), "models/captioner")
+        page.fill(by("cap-trigger"), "zfox")
+        page.fill(by("cap-max-words"), "8")  # a random model says as much as it may: fewer words, a shorter test
+        page.select_option(by("cap-device"), "cpu")  # the server offers GPUs this machine lacks
+        page.click(by("cap-submit"))
+        expect(page.locator(by("cap-status"))).to_have_text("done", timeout=120_000)
+        expect(page.locator(f"{by('cap-proposals')} figure")).to_have_count(3)
+        expect(page.locator(by("cap-existing-fox_01.png"))).to_have_text(f"Now: {existing}")
+        expect(page.locator(by("cap-select-fox_01.png"))).not_to_be_checked()
+        count = re.compile(r"^2 / 2 images · [0-9.]+ images/s$")  # fox_01 has a caption: not captioned
+        expect(page.locator(by("cap-count"))).to_have_text(count)
+        edited = "zfox, a fox edited in the browser"
+        page.fill(by("cap-text-fox_02.png"), edited)
+        expect(page.locator(by("cap-select-fox_02.png"))).to_be_checked()
+        page.fill(by("cap-text-fox_03.png"), "zfox, not wanted")
+        page.click(by("cap-reject-fox_03.png"))
+        expect(page.locator(by("cap-select-fox_03.png"))).not_to_be_checked()
+        shot(page, "16-caption-proposals")
+        page.click(by("cap-accept-selected"))
+        expect(page.locator(by("cap-state-fox_02.png"))).to_have_text("✓ written")
+        expect(page.locator(by("caption-fox_02.png"))).to_have_value(edited)  # the dataset's grid shows it
+        assert (pets / "fox_02.txt").read_text() == edited
+        assert not (pets / "fox_03.txt").exists()
+        assert (pets / "fox_01.txt").read_text() == existing
+        shot(page, "17-caption-accepted")
+    except BaseException:
+        shot(page, "failure-caption")
+        raise
+    assert not errors, f"JavaScript errors on the pages: {errors}"
+    context.close()

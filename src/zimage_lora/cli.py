@@ -585,6 +585,64 @@ def dataset_check(
         raise typer.Exit(2)
 
 
+@app.command()
+def caption(
+    folder: Path = typer.Argument(..., help="The dataset folder: writes image.txt beside each image."),
+    model: str = typer.Option(
+        None, "--model", help="Captioning model: a hub id, a local folder or a known name (default Qwen3-VL-8B)."
+    ),
+    mode: str = typer.Option("character", help="character, style, object or tags (comma-separated tags)."),
+    trigger: str = typer.Option(None, help="A trigger word to put first in each caption."),
+    trigger_style: str = typer.Option(
+        "placeholder", "--trigger-style", help="placeholder: write \\[trigger] (the job's word replaces it); word."
+    ),
+    prompt: str = typer.Option(None, help="Your own instruction in place of the mode's."),
+    max_words: int = typer.Option(None, "--max-words", min=1, help="Cap each caption at N words."),
+    skip_existing: bool = typer.Option(False, "--skip-existing", help="Keep captions that exist (the default)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace captions that exist."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Write nothing; print the proposals."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the proposals to this JSON file."),
+    quantize: str = typer.Option(None, "--quantize", help="nf4 or int8: less GPU memory (docs/captioning.md)."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Pictures per batch."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    recursive: bool = typer.Option(False, help="Also caption the images of sub-folders."),
+    zimage_model: str = typer.Option(
+        None, "--zimage-model", help="A Z-Image folder or hub id: count caption tokens with its tokenizer."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """Write a caption for each image of a dataset folder with a vision-language model (docs/captioning.md)."""
+    from zimage_lora.captioning.registry import DEFAULT_MODEL
+    from zimage_lora.captioning.run import CaptionOptions, format_report
+    from zimage_lora.captioning.run import caption as run_captioning
+    from zimage_lora.errors import UserError
+
+    if skip_existing and overwrite:
+        raise UserError("--skip-existing and --overwrite contradict each other: give one of them")
+    options = CaptionOptions(
+        mode=mode,
+        trigger=trigger,
+        trigger_style=trigger_style,
+        prompt=prompt,
+        max_words=max_words,
+        overwrite=overwrite,
+        dry_run=dry_run,
+        batch=batch,
+        recursive=recursive,
+    )
+    report = run_captioning(
+        folder,
+        model or DEFAULT_MODEL,
+        options,
+        device=device,
+        quantize=quantize,
+        zimage_model=zimage_model,
+        json_out=json_out,
+        progress=progress,
+    )
+    typer.echo(format_report(report, options))
+
+
 def _report(result) -> None:
     if result.complete:
         typer.echo(f"the run is complete: {result.steps} steps, nothing to resume; LoRA: {result.final_lora}")

@@ -9,6 +9,7 @@ run when a job is validated (image sizes from the file headers, remembered per f
 
 from __future__ import annotations
 
+import shlex
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,6 +58,8 @@ class DatasetReport:
     near_duplicates: list[tuple[Path, Path, int]] = field(default_factory=list)
     buckets: dict[int, Counter] = field(default_factory=dict)
     too_small: dict[int, list[Path]] = field(default_factory=dict)
+    caption_ext: str = "txt"
+    recursive: bool = False
 
     @property
     def trainable(self) -> int:
@@ -116,7 +119,7 @@ def check_dataset(
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"dataset folder not found: {folder}")
-    report = DatasetReport(folder)
+    report = DatasetReport(folder, caption_ext=caption_ext, recursive=recursive)
     report.images = list_images(folder, recursive)
     hashes: dict[Path, int] = {}
     for path in report.images:
@@ -185,6 +188,9 @@ def format_report(r: DatasetReport, trigger_word: str | None = None) -> str:
         lines.append(f"sizes: width {min(widths)}-{max(widths)}, height {min(heights)}-{max(heights)}")
         lines.append("smallest: " + ", ".join(f"{name(p)} ({w}x{h})" for p, (w, h) in by_area[:3]))
     lines += [p.message for p in problems if p.kind not in ("too_small", "cannot_train")]
+    hint = caption_hint(r, trigger_word)
+    if hint:
+        lines.append(hint)
     for res, counts in r.buckets.items():
         spread = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(counts.items()))
         lines.append(f"resolution {res}: {sum(counts.values())} images in buckets {spread or '(none)'}")
@@ -192,6 +198,21 @@ def format_report(r: DatasetReport, trigger_word: str | None = None) -> str:
     lines += advice(r.trainable)
     lines += [p.message for p in problems if p.kind == "cannot_train"]
     return "\n".join(lines)
+
+
+def caption_hint(r: DatasetReport, trigger_word: str | None = None) -> str | None:
+    """How many readable images have no caption (missing or empty), and the ``zimage-lora caption`` command that
+    writes theirs (it keeps the captions there are); None when every image has one."""
+    without = len(r.missing_captions) + len(r.empty_captions)
+    if not without:
+        return None
+    line = f"captions: {without} of {len(r.sizes)} readable images have none (missing or empty)"
+    if r.caption_ext != "txt":  # the captioner writes .txt files
+        return line
+    command = ["zimage-lora", "caption", str(r.folder)]
+    command += ["--trigger", trigger_word] if trigger_word else []
+    command += ["--recursive"] if r.recursive else []
+    return f"{line}; a captioning model can write them: {shlex.join(command)} (docs/captioning.md)"
 
 
 # the guide's numbers: 10-30 images for a character, 15-40 for a style, diminishing returns past ~50; under 10

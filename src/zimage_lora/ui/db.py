@@ -1,7 +1,9 @@
-"""The UI's own records in ``DATA/ui.db`` (SQLite, WAL): jobs, playground generations, comparisons, settings.
+"""The UI's own records in ``DATA/ui.db`` (SQLite, WAL): jobs, playground generations, comparisons, captioning runs,
+settings.
 
 The run folders stay the truth about training (steps, files, run.json, compare.json); the database holds what only
-the UI knows: each job's config as the form shows it, each comparison's setting and values, their queue state
+the UI knows: each job's config as the form shows it, each comparison's setting and values, each captioning run's
+options, their queue state
 (``device``: the devices it holds, comma-joined), and the process's pid and /proc start time so that a restarted UI
 finds its processes again. One connection serves every thread, behind a lock. The schema grows by appending to
 ``MIGRATIONS``; ``schema_version`` records how many have run.
@@ -42,9 +44,17 @@ MIGRATIONS = [
         status TEXT NOT NULL, prev_status TEXT, device TEXT, mode TEXT, pid INTEGER, pid_start INTEGER,
         exit_code INTEGER, created TEXT NOT NULL, queued REAL, started TEXT, finished TEXT, error TEXT);
     """,
+    # captioning runs (issue 20): ``zimage-lora caption --dry-run`` over a dataset; ``options`` are the request as the
+    # UI took it (model, mode, trigger, trigger_style, overwrite, device)
+    """
+    CREATE TABLE captions (
+        id TEXT PRIMARY KEY, dataset TEXT NOT NULL, options TEXT NOT NULL, status TEXT NOT NULL, prev_status TEXT,
+        device TEXT, mode TEXT, pid INTEGER, pid_start INTEGER, exit_code INTEGER, created TEXT NOT NULL,
+        queued REAL, started TEXT, finished TEXT, error TEXT);
+    """,
 ]
-JSON_COLUMNS = {"config", "request", "vals", "varies"}
-KEYS = {"jobs": "name", "generations": "id", "comparisons": "id"}
+JSON_COLUMNS = {"config", "request", "vals", "varies", "options"}
+KEYS = {"jobs": "name", "generations": "id", "comparisons": "id", "captions": "id"}
 
 
 def now() -> str:

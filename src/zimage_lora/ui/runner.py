@@ -1,18 +1,21 @@
-"""The queue and the runner: trainers, comparisons and playground generations, each holding a set of devices while it
-runs.
+"""The queue and the runner: trainers, comparisons, playground generations and captioning runs, each holding a set of
+devices while it runs.
 
-Jobs, comparisons and generations wait as ``queued`` rows in the database. Each row names the devices it will hold (its
-``device`` column: the sorted names joined by commas, e.g. ``cuda:0,cuda:1``; a row of an older UI holds the one
-name it has). A background thread (``Runner.run``) looks every half second (and at once when the API pokes it): it
-finishes the processes that have ended, then goes through the queued items oldest first and starts each one whose
-devices nothing holds. That is the device lock, the same rule for every kind of item: items whose sets do not
-overlap run at the same time; an item that shares a device with a running item waits. A waiting item keeps its
-place: the devices it waits for count as taken for every item queued after it, so a later item never overtakes an
-older one that shares a device with it (a two-GPU job is not starved by a stream of one-GPU generations), while a
-later item on other devices starts at once. Each item runs as its own ``python -m zimage_lora.cli
-train|compare|generate`` process in a new session, with stdout and stderr in a log file, so the UI can exit or crash
-without stopping it. A comparison (``zimage-lora compare``: its job trained once per value of one setting) holds
-its job's devices, and runs on a snapshot of the job file taken when it was created, in DATA/comparisons/<id>.
+Jobs, comparisons, generations and captioning runs wait as ``queued`` rows in the database. Each row names the
+devices it will hold (its ``device`` column: the sorted names joined by commas, e.g. ``cuda:0,cuda:1``; a row of an
+older UI holds the one name it has). A background thread (``Runner.run``) looks every half second (and at once when
+the API pokes it): it finishes the processes that have ended, then goes through the queued items oldest first and
+starts each one whose devices nothing holds. That is the device lock, the same rule for every kind of item: items
+whose sets do not overlap run at the same time; an item that shares a device with a running item waits. A waiting
+item keeps its place: the devices it waits for count as taken for every item queued after it, so a later item never
+overtakes an older one that shares a device with it (a two-GPU job is not starved by a stream of one-GPU
+generations), while a later item on other devices starts at once. Each item runs as its own ``python -m
+zimage_lora.cli train|compare|generate|caption`` process in a new session, with stdout and stderr in a log file, so
+the UI can exit or crash without stopping it. A comparison (``zimage-lora compare``: its job trained once per value
+of one setting) holds its job's devices, and runs on a snapshot of the job file taken when it was created, in
+DATA/comparisons/<id>. A captioning run (``zimage-lora caption --dry-run``: a captioning model's proposal per image
+of a dataset) holds the device it captions on and writes only its own folder, DATA/captions/<id> (proposals.json,
+ui-process.log): the dataset's captions change only when the user accepts proposals (the server writes those).
 
 The machine's devices are ``cpu`` and one ``cuda:N`` per GPU (``machine_devices``); an item that names a device
 the machine lacks is refused when it is queued, in one sentence that names the device and the machine's devices.
@@ -21,7 +24,8 @@ The database keeps each process's pid and its start time from /proc/<pid>/stat: 
 process only when both match (a reused pid is never mistaken for the trainer). A trainer that has ended is ``done``
 or ``stopped`` as its run.json says (when run.json was written by that very process and it did not exit with an
 error), ``stopped`` when the user asked it to stop, else ``failed`` with its last log lines as the error; a
-comparison the same way by its compare.json.
+comparison the same way by its compare.json; a captioning run is ``done`` when its process exited cleanly and left
+proposals.json (written atomically, last), else ``stopped`` or ``failed`` the same way.
 
 Every change of status goes through this module, under ``Runner.lock``, so an API call never races the thread.
 """
@@ -49,6 +53,8 @@ log = logging.getLogger(__name__)
 
 ACTIVE = ("running", "stopping")
 ERROR_LINES = 12
+PROPOSALS = "proposals.json"  # what a captioning run leaves in DATA/captions/<id>
+PREFIXES = {"jobs": "job", "comparisons": "cmp", "generations": "gen", "captions": "cap"}  # process keys: "cap:<id>"
 
 
 # --- processes ------------------------------------------------------------------------------------------------------
@@ -147,7 +153,7 @@ class Runner:
     def __init__(self, data: Path, store: Store, poll_s: float = 0.5):
         self.data, self.store, self.poll_s = data, store, poll_s
         self.lock = threading.RLock()
-        self.procs: dict[str, subprocess.Popen] = {}  # processes this UI started: "job:<name>", "gen:<id>", "cmp:<id>"
+        self.procs: dict[str, subprocess.Popen] = {}  # processes this UI started, by key: "job:<name>", "cmp:<id>", ...
         self.forced: set[str] = set()  # the same keys, of items killed by a force stop until their end is recorded
         self.wake = threading.Event()
         self.closing = threading.Event()
@@ -161,6 +167,9 @@ class Runner:
 
     def cmp_dir(self, cmp_id: str) -> Path:
         return self.data / "comparisons" / cmp_id
+
+    def cap_dir(self, cap_id: str) -> Path:
+        return self.data / "captions" / cap_id
 
     # --- the thread ---------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -200,6 +209,10 @@ class Runner:
                 ended, code = self._ended(f"gen:{row['id']}", row)
                 if ended:
                     self._finish_generation(row, code)
+            for row in self.store.select("captions", "status IN ('running', 'stopping')"):
+                ended, code = self._ended(f"cap:{row['id']}", row)
+                if ended:
+                    self._finish_caption(row, code)
             self._launch_queued()
 
     def _ended(self, key: str, row: dict[str, Any]) -> tuple[bool, int | None]:
@@ -217,11 +230,13 @@ class Runner:
         running = self.store.select("jobs", "status IN ('running', 'stopping')")
         running += self.store.select("comparisons", "status IN ('running', 'stopping')")
         running += self.store.select("generations", "status = 'running'")
+        running += self.store.select("captions", "status IN ('running', 'stopping')")
         taken = set().union(*map(holds, running))
         launch = {
             "jobs": self._launch_job,
             "comparisons": self._launch_comparison,
             "generations": self._launch_generation,
+            "captions": self._launch_caption,
         }
         waiting = [(table, row) for table in launch for row in self.store.select(table, "status = 'queued'")]
         for table, row in sorted(waiting, key=lambda item: item[1]["queued"]):
@@ -290,17 +305,21 @@ class Runner:
             if row["status"] in ("queued", *ACTIVE):
                 raise ApiError(409, f"job {name!r} is already {row['status']}; stop it first", "name")
             devices = device_set(row["config"]["job"]["device"], "job.device")
-            self.store.update(
-                "jobs",
-                name,
-                status="queued",
-                prev_status=row["status"],
-                mode="resume" if resume else "start",
-                device=",".join(devices),
-                queued=time.time(),
-                error=None,
-            )
+            self._enqueue("jobs", name, row, devices, "resume" if resume else "start")
         self.poke()
+
+    def _enqueue(self, table: str, key: str, row: dict[str, Any], devices: list[str], mode: str) -> None:
+        """Queue a job or a comparison again (under ``self.lock``), remembering its status to go back to."""
+        self.store.update(
+            table,
+            key,
+            status="queued",
+            prev_status=row["status"],
+            mode=mode,
+            device=",".join(devices),
+            queued=time.time(),
+            error=None,
+        )
 
     def stop_job(self, name: str, force: bool = False) -> None:
         """Stop a job: a queued one leaves the queue, a running one saves and ends after its step (SIGTERM).
@@ -313,12 +332,12 @@ class Runner:
         self.poke()
 
     def _stop(self, table: str, row: dict[str, Any], force: bool, what: str, unqueued: str) -> None:
-        """Stop a job or a comparison (under ``self.lock``); a queued one goes back to its status before it was
-        queued (``unqueued`` when it had none)."""
+        """Stop a job, a comparison or a captioning run (under ``self.lock``); a queued one goes back to its status
+        before it was queued (``unqueued`` when it had none)."""
         key = row["name"] if table == "jobs" else row["id"]
         if force and row["status"] in ACTIVE:
             if alive(row["pid"], row["pid_start"]):
-                self.forced.add(f"{'job' if table == 'jobs' else 'cmp'}:{key}")
+                self.forced.add(f"{PREFIXES[table]}:{key}")
                 from zimage_lora.training.launch import kill_tree
 
                 # a job on several GPUs: the launcher and its processes run in sessions of their own
@@ -331,6 +350,7 @@ class Runner:
             if alive(row["pid"], row["pid_start"]):
                 # Training: the trainer finishes its step, saves and exits 0 (SIGTERM acts as Ctrl-C does).
                 # Still loading: the default action ends it at once, quietly; there is nothing to save yet.
+                # Captioning: it ends at once; a dry run has written nothing anywhere but its own folder.
                 os.kill(row["pid"], signal.SIGTERM)
             self.store.update(table, key, status="stopping")
         elif row["status"] != "stopping":
@@ -394,16 +414,7 @@ class Runner:
                 raise ApiError(409, f"comparison {cmp_id!r} is already {row['status']}; stop it first")
             devices = device_set(sorted(holds(row), key=_device_order), "job.device")  # the machine may have changed
             began = (self.cmp_dir(cmp_id) / "compare.json").is_file()
-            self.store.update(
-                "comparisons",
-                cmp_id,
-                status="queued",
-                prev_status=row["status"],
-                mode="resume" if began else "start",
-                device=",".join(devices),
-                queued=time.time(),
-                error=None,
-            )
+            self._enqueue("comparisons", cmp_id, row, devices, "resume" if began else "start")
         self.poke()
 
     def stop_comparison(self, cmp_id: str, force: bool = False) -> None:
@@ -471,3 +482,65 @@ class Runner:
         self.store.update(
             "generations", row["id"], status="done" if ok else "failed", exit_code=code, error=error, finished=now()
         )
+
+    # --- captioning runs ----------------------------------------------------------------------------------------
+    def queue_caption(self, cap_id: str, dataset: str, options: dict[str, Any], args: list[str]) -> None:
+        """Queue a captioning run of ``dataset``: ``args`` are its ``caption`` options (model, mode, trigger, ...),
+        ``options`` the request as the UI shows it; it holds ``options["device"]`` (ApiError 422 on ``device`` for
+        one the machine lacks)."""
+        devices = device_set(options["device"], "device")
+        with self.lock:
+            self.store.insert(
+                "captions",
+                id=cap_id,
+                dataset=dataset,
+                options={**options, "args": args},
+                status="queued",
+                mode="start",
+                device=",".join(devices),
+                created=now(),
+                queued=time.time(),
+            )
+        self.poke()
+
+    def stop_caption(self, cap_id: str) -> None:
+        """A queued run leaves the queue (``stopped``); a running one gets SIGTERM and ends at once."""
+        with self.lock:
+            self._stop("captions", self._caption(cap_id), False, f"captioning run {cap_id!r}", unqueued="stopped")
+        self.poke()
+
+    def _launch_caption(self, row: dict[str, Any]) -> None:
+        folder = self.cap_dir(row["id"])
+        dataset = self.data / "datasets" / row["dataset"]
+        (folder / PROPOSALS).unlink(missing_ok=True)
+        args = ["caption", str(dataset), "--dry-run", "--json", str(folder / PROPOSALS), *row["options"]["args"]]
+        proc, pid_start = _spawn([*args, "--device", row["device"]], folder / "ui-process.log", append=False)
+        self.procs[f"cap:{row['id']}"] = proc
+        self.store.update(
+            "captions",
+            row["id"],
+            status="running",
+            pid=proc.pid,
+            pid_start=pid_start,
+            exit_code=None,
+            error=None,
+            started=now(),
+            finished=None,
+        )
+
+    def _finish_caption(self, row: dict[str, Any], code: int | None) -> None:
+        folder = self.cap_dir(row["id"])
+        status, error = "done", None
+        if code not in (None, 0) or not (folder / PROPOSALS).is_file():
+            status = "stopped" if row["status"] == "stopping" else "failed"
+        if status == "failed":
+            how = f"exit code {code}" if code is not None else "it was gone when the UI looked"
+            log_tail = _last_lines(folder / "ui-process.log")
+            error = f"the captioner ended before finishing ({how}); its last log lines:\n{log_tail}"
+        self.store.update("captions", row["id"], status=status, exit_code=code, error=error, finished=now())
+
+    def _caption(self, cap_id: str) -> dict[str, Any]:
+        row = self.store.get("captions", cap_id)
+        if row is None:
+            raise ApiError(404, f"no captioning run {cap_id!r}; see GET /api/datasets/<name>/captions", "id")
+        return row

@@ -1,4 +1,5 @@
-"""Reading a run folder for the UI: metrics, samples, checkpoints, logs, run.json (see training/run_folder.py).
+"""Reading a run folder for the UI: metrics, samples, checkpoints, logs, run.json (see training/run_folder.py), and a
+progress bar's last state in a log (a captioning run's).
 
 Read-only and torch-free (the layout itself is ``RunFolder``'s), so the server answers these without loading the
 training stack. Files that a trainer is writing at the same moment are read defensively: a half-written last line
@@ -8,6 +9,7 @@ of metrics.jsonl is skipped until it is complete.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,29 @@ def checkpoints(folder: Path, name: str, url: str) -> list[dict[str, Any]]:
         }
         for step, path in found
     ]
+
+
+BAR = re.compile(r"(\d+)/(\d+) \[([^\]]*)\]")  # tqdm's "| 3/12 [00:04<00:09,  1.62img/s]"
+
+
+def bar_progress(path: Path, unit: str) -> dict[str, Any] | None:
+    """``{"done", "total", "per_s"}`` of the last update of the progress bar counting ``unit`` in the log (tqdm
+    writes each on a ``\\r`` line; other bars, e.g. a model's loading, count other units; ``per_s`` is its rate in
+    ``unit`` per second, null before it has one); None before its first update."""
+    rate = re.compile(rf"([0-9.]+){re.escape(unit)}/s|([0-9.]+)s/{re.escape(unit)}|\?{re.escape(unit)}/s")
+    for line in reversed(log_tail(path, 200)):
+        for found in reversed(list(BAR.finditer(line))):
+            done, total, inside = found.groups()
+            speed = rate.search(inside)
+            if speed is None:
+                continue
+            per_s = None
+            if speed.group(1):
+                per_s = float(speed.group(1))
+            elif speed.group(2) and float(speed.group(2)) > 0:
+                per_s = 1 / float(speed.group(2))
+            return {"done": int(done), "total": int(total), "per_s": per_s}
+    return None
 
 
 def log_path(folder: Path) -> Path:

@@ -1,13 +1,13 @@
 """The web UI's HTTP server: ``create_app`` builds the FastAPI app of docs/ui-api.md; ``serve`` runs it.
 
 Routes, grouped as in the contract: pages, schema and config, jobs (with the event stream, the AI Toolkit import,
-checkpoints converted to another tool's layout), comparisons, datasets, models, LoRAs (uploaded into DATA/loras,
-listed read-only from the ``--lora-dir`` folders, inspected) and the playground, files. Handlers stay thin: the
-config goes through ``schema`` (the CLI's validation), status changes through ``runner`` (the queue), run folders
-are read through ``runs``, LoRA files through the format registry (``lora/formats.py``, ``lora/tools.py``), and
-every path from a URL through ``security.resolve_inside`` (a LoRA path through ``Ui.lora_file``). A user mistake
-answers 4xx ``{"error": one sentence, "field": key or null}``; an unexpected failure answers 500 with a sentence,
-never a traceback.
+checkpoints converted to another tool's layout), comparisons, datasets, captioning runs (a captioning model's
+proposals for a dataset, accepted image by image), models, LoRAs (uploaded into DATA/loras, listed read-only from
+the ``--lora-dir`` folders, inspected) and the playground, files. Handlers stay thin: the config goes through
+``schema`` (the CLI's validation), status changes through ``runner`` (the queue), run folders are read through
+``runs``, LoRA files through the format registry (``lora/formats.py``, ``lora/tools.py``), and every path from a URL
+through ``security.resolve_inside`` (a LoRA path through ``Ui.lora_file``). A user mistake answers 4xx ``{"error":
+one sentence, "field": key or null}``; an unexpected failure answers 500 with a sentence, never a traceback.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -48,7 +48,7 @@ from zimage_lora.models.arch import ARCHS, inference_arch
 from zimage_lora.sampling.request import GenerationRequest
 from zimage_lora.ui import runs, schema
 from zimage_lora.ui.db import Store, now
-from zimage_lora.ui.runner import ACTIVE, Runner, machine_devices
+from zimage_lora.ui.runner import ACTIVE, PROPOSALS, Runner, machine_devices
 from zimage_lora.ui.security import (
     COOKIE,
     IMAGE_EXTS,
@@ -138,6 +138,12 @@ class Ui:
         row = self.store.get("comparisons", cmp_id) if NAME_RE.match(cmp_id) else None
         if row is None:
             raise ApiError(404, f"no comparison {cmp_id!r}; see GET /api/comparisons", "id")
+        return row
+
+    def caption_run(self, cap_id: str) -> dict[str, Any]:
+        row = self.store.get("captions", cap_id) if NAME_RE.match(cap_id) else None
+        if row is None:
+            raise ApiError(404, f"no captioning run {cap_id!r}; see GET /api/datasets/<name>/captions", "id")
         return row
 
     # --- LoRA files -------------------------------------------------------------------------------------------------
@@ -334,6 +340,28 @@ class CompareBody(_Body):
     values: list[Any]
 
 
+class CaptionRunBody(_Body):
+    """A captioning run's options, as ``zimage-lora caption`` takes them; null: the captioner's default."""
+
+    model: str | None = None
+    mode: str | None = None
+    trigger: str | None = None
+    trigger_style: str | None = None
+    max_words: int | None = Field(None, ge=1)
+    overwrite: bool = False
+    device: str = "auto"
+
+
+class AcceptItem(_Body):
+    file: str
+    caption: str
+    overwrite: bool = False
+
+
+class AcceptBody(_Body):
+    items: list[AcceptItem]
+
+
 # --- the app ----------------------------------------------------------------------------------------------------------
 
 
@@ -379,6 +407,7 @@ def create_app(
     _job_routes(app, ui)
     _comparison_routes(app, ui)
     _dataset_routes(app, ui)
+    _caption_routes(app, ui)
     _playground_routes(app, ui)
     _file_routes(app, ui)
     return app
@@ -964,6 +993,11 @@ def _dataset_file(folder: Path, file: str) -> Path:
     return path
 
 
+def _write_caption(image: Path, caption: str) -> None:
+    """An image's caption: its ``<stem>.txt`` beside it, written atomically (an edit, or an accepted proposal)."""
+    _atomic_write(image.with_suffix(".txt"), caption.encode("utf-8"))
+
+
 def _dataset_routes(app: FastAPI, ui: Ui) -> None:
     @app.get("/api/datasets")
     def list_datasets() -> dict:
@@ -993,6 +1027,8 @@ def _dataset_routes(app: FastAPI, ui: Ui) -> None:
         for row in ui.store.select("jobs", "status IN ('queued', 'running', 'stopping')"):
             if any(d["path"] == f"datasets/{name}" for d in row["config"]["datasets"]):
                 raise ApiError(409, f"job {row['name']!r} ({row['status']}) trains on dataset {name!r}; stop it first")
+        for row in ui.store.select("captions", "dataset = ? AND status IN ('queued', 'running', 'stopping')", name):
+            raise ApiError(409, f"captioning run {row['id']!r} ({row['status']}) reads dataset {name!r}; stop it first")
         shutil.rmtree(folder)
         return {"deleted": name}
 
@@ -1045,7 +1081,7 @@ def _dataset_routes(app: FastAPI, ui: Ui) -> None:
     @app.put("/api/datasets/{name}/captions/{file:path}")
     def put_caption(name: str, file: str, body: CaptionBody) -> dict:
         image = _dataset_file(ui.dataset(name), file)
-        _atomic_write(image.with_suffix(".txt"), body.caption.encode("utf-8"))
+        _write_caption(image, body.caption)
         return {"file": image.name, "caption": body.caption}
 
     @app.delete("/api/datasets/{name}/images/{file:path}")
@@ -1087,6 +1123,218 @@ def _dataset_routes(app: FastAPI, ui: Ui) -> None:
         report = check_dataset(folder, sizes, trigger or None)
         problems = [problem.as_dict() for problem in report.problems(trigger or None)]
         return {"report": format_report(report, trigger or None), "problems": problems, "trainable": report.trainable}
+
+
+# --- captioning runs --------------------------------------------------------------------------------------------------
+
+
+def _captioner() -> dict[str, Any]:
+    """What the caption form offers, from the captioner itself (``zimage_lora.captioning``): its default model, the
+    models it documents, its modes and trigger styles with their defaults."""
+    from zimage_lora.captioning import DEFAULT_MODEL, MODELS, MODES, TRIGGER_STYLES
+    from zimage_lora.captioning.run import CaptionOptions
+
+    defaults = CaptionOptions()
+    return {
+        "default_model": DEFAULT_MODEL,
+        "models": [{"name": m.name, "hub_id": m.hub_id, "about": m.about} for m in MODELS.values()],
+        "modes": list(MODES),
+        "default_mode": defaults.mode,
+        "trigger_styles": list(TRIGGER_STYLES),
+        "default_trigger_style": defaults.trigger_style,
+    }
+
+
+def caption_args(ui: Ui, body: CaptionRunBody) -> tuple[dict[str, Any], list[str]]:
+    """(the options as the UI keeps and shows them, the ``zimage-lora caption`` options they make); ApiError 422
+    naming the field for a mistake, in the captioner's words. ``model`` is ``models/<name>`` (a folder of
+    DATA/models, passed on absolute), a hub id or a name of the captioner's registry (never a path elsewhere); null
+    options are the captioner's defaults. Without ``overwrite`` the captioner skips images that have a caption
+    (their proposal is null; accepting never replaces one unless told)."""
+    from zimage_lora.captioning.registry import known
+    from zimage_lora.models.refs import is_hub_id
+
+    facts = _captioner()
+    model = (body.model or "").strip() or None
+    args: list[str] = []
+    if model is not None:
+        if model.startswith("models/"):
+            folder = ui.data / "models" / model.removeprefix("models/")
+            if not NAME_RE.match(folder.name) or folder.parent != ui.data / "models" or not folder.is_dir():
+                raise ApiError(422, f"model: no folder {model!r} in the data folder; see GET /api/models", "model")
+            args += ["--model", str(folder)]
+        elif is_hub_id(model) or known(model) is not None:
+            args += ["--model", model]
+        else:
+            names = ", ".join(m["name"] for m in facts["models"])
+            message = (
+                f"model: {model!r} is neither models/<name> (a folder of the data folder), a hub id such as "
+                f"{facts['default_model']} nor one of {names}"
+            )
+            raise ApiError(422, message, "model")
+    for field, flag, allowed in (
+        ("mode", "--mode", facts["modes"]),
+        ("trigger_style", "--trigger-style", facts["trigger_styles"]),
+    ):
+        value = getattr(body, field)
+        if value is not None and value not in allowed:
+            raise ApiError(422, f"{field}: {value!r} is not one of {', '.join(allowed)}", field)
+        if value is not None:
+            args += [flag, value]
+    trigger = (body.trigger or "").strip() or None
+    if trigger is not None:
+        if any(c.isspace() for c in trigger):
+            raise ApiError(422, f"trigger: {trigger!r} is not one word; give the trigger word alone", "trigger")
+        args += ["--trigger", trigger]
+    if body.max_words is not None:
+        args += ["--max-words", str(body.max_words)]
+    args.append("--overwrite" if body.overwrite else "--skip-existing")
+    options = {
+        "model": model,
+        "mode": body.mode,
+        "trigger": trigger,
+        "trigger_style": body.trigger_style,
+        "max_words": body.max_words,
+        "overwrite": body.overwrite,
+        "device": body.device,
+    }
+    return options, args
+
+
+def caption_summary(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "dataset": row["dataset"],
+        "options": {key: value for key, value in row["options"].items() if key != "args"},
+        "status": row["status"],
+        "device": ", ".join(filter(None, (row["device"] or "").split(","))),
+        "created": row["created"],
+        "started": row["started"],
+        "finished": row["finished"],
+        "error": row["error"],
+        "exit_code": row["exit_code"],
+    }
+
+
+def _read_proposals(path: Path) -> list[dict[str, Any]]:
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(found, list):
+        return []
+    return [p for p in found if isinstance(p, dict) and isinstance(p.get("file"), str)]
+
+
+def _to_caption(dataset: Path, overwrite: bool) -> int:
+    """How many images of the dataset a run would caption: all with ``overwrite``, else those without a caption."""
+    images = _images(dataset) if dataset.is_dir() else []
+    return sum(1 for image in images if overwrite or not _caption(image))
+
+
+def caption_detail(ui: Ui, row: dict[str, Any]) -> dict[str, Any]:
+    """The run, its ``progress`` (images captioned of those it captions, images per second: from its progress bar
+    while it runs, from its proposals once done) and, once done, its ``proposals``, each beside the image's
+    thumbnail and the caption the image has now."""
+    folder = ui.runner.cap_dir(row["id"])
+    dataset = ui.data / "datasets" / row["dataset"]
+    out = caption_summary(row)
+    bar = runs.bar_progress(folder / "ui-process.log", "img") if row["status"] != "queued" else None
+    progress = bar or {"done": 0, "total": _to_caption(dataset, row["options"]["overwrite"]), "per_s": None}
+    proposals = None
+    if row["status"] == "done":
+        proposals = []
+        for proposal in _read_proposals(folder / PROPOSALS):
+            file = proposal["file"]
+            image = resolve_inside(dataset, file)
+            there = image is not None and image.suffix.lower() in IMAGE_EXTS
+            existing = _caption(image) if there else ""
+            proposals.append(
+                {
+                    "file": file,
+                    "caption": proposal.get("caption"),
+                    "existing": existing or None,
+                    "problem": proposal.get("problem") if there else "the image is no longer in the dataset",
+                    "url": _url("files", "datasets", row["dataset"], *file.split("/")) if there else None,
+                    "thumb": _url("api", "datasets", row["dataset"], "thumb", *file.split("/")) if there else None,
+                }
+            )
+        worked = sum(1 for p in proposals if p["caption"] is not None or p["problem"] is not None)  # not skipped
+        progress = {**progress, "done": worked, "total": worked}
+    return {
+        **out,
+        "progress": progress,
+        "proposals": proposals,
+        "log_tail": runs.log_tail(folder / "ui-process.log", LOG_TAIL),
+    }
+
+
+def _caption_routes(app: FastAPI, ui: Ui) -> None:
+    runner = ui.runner
+
+    @app.get("/api/captioning")
+    def captioning_options() -> dict:
+        """The caption form's choices: the captioner's default model, its modes and trigger styles."""
+        return _captioner()
+
+    @app.post("/api/datasets/{name}/caption", status_code=201)
+    def caption_dataset(name: str, body: CaptionRunBody) -> dict:
+        """Queue ``zimage-lora caption --dry-run`` over the dataset: proposals only, nothing written to it."""
+        folder = ui.dataset(name)
+        if not _images(folder):
+            raise ApiError(422, f"dataset {name!r} has no images to caption; upload some first", "name")
+        options, args = caption_args(ui, body)
+        cap_id = uuid.uuid4().hex[:12]
+        runner.queue_caption(cap_id, name, options, args)
+        return {"id": cap_id, "status": ui.caption_run(cap_id)["status"]}
+
+    @app.get("/api/datasets/{name}/captions")
+    def list_caption_runs(name: str) -> dict:
+        ui.dataset(name)
+        return {"captions": [caption_summary(row) for row in ui.store.select("captions", "dataset = ?", name)]}
+
+    @app.get("/api/captions/{cap_id}")
+    def get_caption_run(cap_id: str) -> dict:
+        return caption_detail(ui, ui.caption_run(cap_id))
+
+    @app.post("/api/captions/{cap_id}/stop")
+    def stop_caption_run(cap_id: str) -> dict:
+        ui.caption_run(cap_id)
+        runner.stop_caption(cap_id)
+        return {"id": cap_id, "status": ui.caption_run(cap_id)["status"]}
+
+    @app.post("/api/captions/{cap_id}/accept")
+    def accept_captions(cap_id: str, body: AcceptBody) -> dict:
+        """Write the accepted (perhaps edited) captions into the dataset, each as ``PUT .../captions/<file>``
+        does; an image's caption that is there already is kept unless its item says ``overwrite``. Every item is
+        checked before anything is written."""
+        row = ui.caption_run(cap_id)
+        if row["status"] != "done":
+            raise ApiError(409, f"captioning run {cap_id!r} is {row['status']}; accept its proposals once it is done")
+        folder = ui.dataset(row["dataset"])
+        if not body.items:
+            raise ApiError(422, "items: give the proposals to accept, each as {file, caption}", "items")
+        accepted = []
+        for index, item in enumerate(body.items):
+            try:
+                image = _dataset_file(folder, item.file)
+            except ApiError as e:
+                raise ApiError(422, f"items.{index}.file: {e.message}", f"items.{index}.file") from None
+            text = item.caption.strip()
+            if not text:
+                field = f"items.{index}.caption"
+                raise ApiError(422, f"{field}: the caption of {item.file!r} is empty; reject it instead", field)
+            accepted.append((image, text, item.overwrite))
+        written, kept = [], []
+        for image, text, overwrite in accepted:
+            file = image.relative_to(folder.resolve()).as_posix()
+            existing = _caption(image)
+            if existing.strip() and not overwrite:
+                kept.append({"file": file, "caption": existing})
+            else:
+                _write_caption(image, text)
+                written.append({"file": file, "caption": text})
+        return {"written": written, "kept": kept}
 
 
 # --- models, LoRAs, playground ----------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 // Datasets (#/datasets) and one dataset (#/datasets/<name>): upload (picker or drag and drop), thumbnails,
-// captions edited in place, deleting images, and the `dataset check` report.
+// captions edited in place, deleting images, captioning by a model (captions.js), and the `dataset check` report.
 
 import {
   h, put, add, enc, fmtBytes, ApiError, api, post, toast, pageHeader, errorBox, confirmByName,
 } from './lib.js';
+import { captionSection } from './captions.js';
 
 // ---------------------------------------------------------------------------------------------------------------
 // Datasets
@@ -195,6 +196,11 @@ export async function datasetView(ctx, root, name) {
     'Delete dataset',
   );
 
+  const captioning = h('div', { 'data-testid': 'cap-slot' });
+  captionSection(ctx, name, { onAccepted: () => refresh() })
+    .then((section) => ctx.alive && captioning.replaceWith(section))
+    .catch((error) => put(captioning, errorBox(`Captioning is not available: ${error.message}`, 'cap-unavailable')));
+
   add(root, 
     h(
       'div',
@@ -204,6 +210,7 @@ export async function datasetView(ctx, root, name) {
     ),
     h('section', { class: 'card' }, h('h2', {}, 'Upload'), drop, uploadResult),
     h('section', { class: 'card' }, h('h2', {}, 'Images and captions'), grid),
+    captioning,
     h('section', { class: 'card' }, h('h2', {}, 'Check'), h('p', { class: 'help' }, 'Runs `zimage-lora dataset check`: sizes, captions, duplicates, buckets.'), checkForm, report),
   );
 

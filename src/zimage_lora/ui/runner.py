@@ -251,6 +251,21 @@ class Runner:
                 key = row["name"] if table == "jobs" else row["id"]
                 self.store.update(table, key, status="failed", error=f"could not start the process: {e}")
 
+    def _running(self, table: str, key: str, proc: subprocess.Popen, pid_start: int | None) -> None:
+        """Record a job, comparison or captioning process as running (its key in ``procs``: ``job:<name>``...)."""
+        self.procs[f"{PREFIXES[table]}:{key}"] = proc
+        self.store.update(
+            table,
+            key,
+            status="running",
+            pid=proc.pid,
+            pid_start=pid_start,
+            exit_code=None,
+            error=None,
+            started=now(),
+            finished=None,
+        )
+
     def _verdict(
         self, key: str, row: dict[str, Any], code: int | None, facts: dict[str, Any], log_file: Path
     ) -> tuple[str, str | None]:
@@ -280,18 +295,7 @@ class Runner:
         folder = self.job_dir(name)
         args = ["train", str(folder / "job.yaml"), "--no-progress", "--resume" if resume else "--overwrite"]
         proc, pid_start = _spawn(args, folder / "ui-process.log", append=resume)
-        self.procs[f"job:{name}"] = proc
-        self.store.update(
-            "jobs",
-            name,
-            status="running",
-            pid=proc.pid,
-            pid_start=pid_start,
-            exit_code=None,
-            error=None,
-            started=now(),
-            finished=None,
-        )
+        self._running("jobs", name, proc, pid_start)
 
     def _finish_job(self, row: dict[str, Any], code: int | None) -> None:
         folder = self.job_dir(row["name"])
@@ -428,18 +432,7 @@ class Runner:
         varies = [arg for vary in row["varies"] for arg in ("--vary", vary)]
         args = ["compare", str(folder / "job.yaml"), *varies, "--folder", str(folder), "--no-progress"]
         proc, pid_start = _spawn([*args, "--resume" if resume else "--overwrite"], folder / "ui-process.log", resume)
-        self.procs[f"cmp:{row['id']}"] = proc
-        self.store.update(
-            "comparisons",
-            row["id"],
-            status="running",
-            pid=proc.pid,
-            pid_start=pid_start,
-            exit_code=None,
-            error=None,
-            started=now(),
-            finished=None,
-        )
+        self._running("comparisons", row["id"], proc, pid_start)
 
     def _finish_comparison(self, row: dict[str, Any], code: int | None) -> None:
         folder = self.cmp_dir(row["id"])
@@ -515,18 +508,7 @@ class Runner:
         (folder / PROPOSALS).unlink(missing_ok=True)
         args = ["caption", str(dataset), "--dry-run", "--json", str(folder / PROPOSALS), *row["options"]["args"]]
         proc, pid_start = _spawn([*args, "--device", row["device"]], folder / "ui-process.log", append=False)
-        self.procs[f"cap:{row['id']}"] = proc
-        self.store.update(
-            "captions",
-            row["id"],
-            status="running",
-            pid=proc.pid,
-            pid_start=pid_start,
-            exit_code=None,
-            error=None,
-            started=now(),
-            finished=None,
-        )
+        self._running("captions", row["id"], proc, pid_start)
 
     def _finish_caption(self, row: dict[str, Any], code: int | None) -> None:
         folder = self.cap_dir(row["id"])

@@ -130,7 +130,9 @@ def train(
     """Run a job. Out of memory and a full disk end in one sentence saying what to change; nothing saved is lost.
     With several processes only the main one returns the result (the others None)."""
     try:
-        return LoraRecipe(cfg, resume=resume, overwrite=overwrite, progress=progress).train()
+        result = LoraRecipe(cfg, resume=resume, overwrite=overwrite, progress=progress).train()
+        _leave_together()
+        return result
     except torch.OutOfMemoryError as e:
         raise UserError(out_of_memory_advice(cfg, str(e).splitlines()[0])) from None
     except RuntimeError as e:
@@ -147,6 +149,17 @@ def train(
             f"disk full while writing in {run_dir(cfg)} ({e.strerror}); the files saved before are intact: free "
             "some space (or lower save.keep), then continue with --resume"
         ) from None
+
+
+def _leave_together() -> None:
+    """With several processes: meet once more, then take the process groups down on every process, so that none
+    tears its communication down while a peer still uses it (a process left to do it at exit, after its peer and
+    the store had gone, could abort there: "terminate called without an active exception", SIGABRT)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def out_of_memory_advice(cfg: JobConfig, what: str) -> str:

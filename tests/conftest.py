@@ -233,3 +233,23 @@ def toy_lora_short_runs(tmp_path_factory):
 
 
 TOY_SHORT_STEPS = 500  # the demo job saves a checkpoint every 500 steps
+
+
+# --- the browser tests (tests/uibrowser.py) ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium for one test module (skips without Playwright or /usr/bin/chromium, except in CI)."""
+    from uibrowser import launch_browser
+
+    yield from launch_browser()
+
+
+@pytest.fixture(scope="session")
+def trained_ui(tmp_path_factory, tiny_model_dir, tiny_adapter):
+    """The UI server on a data folder where one job (``uibrowser.TRAINED_JOB``) has trained to the end, with samples at
+    steps 0, 2, 4, 6 and 8: shared by the browser tests that only look."""
+    from uibrowser import start_trained_ui
+
+    yield from start_trained_ui(tmp_path_factory.mktemp("ui-trained"), tiny_model_dir, tiny_adapter)

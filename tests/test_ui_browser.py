@@ -13,133 +13,20 @@ ZIMAGE_LORA_REQUIRE_BROWSER=1 (CI), where they fail.
 from __future__ import annotations
 
 import base64
-import json
-import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from importlib import resources
 from pathlib import Path
 
 import pytest
-from conftest import cli_env, run_cli, wait_for
+from conftest import run_cli, wait_for
+from uibrowser import DEMO, TIMEOUT_MS, UiServer, by, shot
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking"]
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "ui"
-DEMO = resources.files("zimage_lora") / "demo" / "dataset"
 UPLOADS = ["fox_01.png", "fox_01.txt", "fox_02.png", "fox_02.txt", "fox_03.png", "fox_03.txt", "fox_04.JPG"]
 STEPS = 30
-TIMEOUT_MS = 20_000
 DEVICES = "cpu,cuda:0,cuda:1"
 
 
-def _browser_missing() -> str | None:
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "the playwright package is not installed (pip install -r requirements-dev.txt)"
-    if not CHROMIUM.is_file():
-        return f"{CHROMIUM} is missing (apt-get install chromium)"
-    return None
-
-
-@pytest.fixture(scope="module")
-def browser():
-    problem = _browser_missing()
-    if problem:
-        if os.environ.get("ZIMAGE_LORA_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"browser tests are required here (ZIMAGE_LORA_REQUIRE_BROWSER=1), but {problem}")
-        pytest.skip(problem)
-    from playwright.sync_api import sync_playwright
-
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
-# --- the server, as a user starts it ----------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class UiServer:
-    """``zimage-lora ui`` in its own process on a free port; ``stop`` also stops jobs it left running. ``devices``
-    replaces the machine's devices the UI offers (``ZIMAGE_LORA_UI_DEVICES``)."""
-
-    def __init__(self, data: Path, token: str | None = None, fault: str | None = None, devices: str | None = None):
-        self.data = data
-        self.token = token
-        self.holds = data.parent / f"{data.name}-holds"  # where trainers held by a ``wait`` fault say so (faults.py)
-        self.holds.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = data.parent / f"{data.name}-server.log"
-        args = [sys.executable, "-m", "zimage_lora.cli", "ui", "--data", str(data), "--port", str(self.port)]
-        if token:
-            args += ["--host", "127.0.0.1", "--token", token]
-        with open(self.log, "wb") as out:
-            env = {**cli_env(fault), "ZIMAGE_LORA_FAULT_DIR": str(self.holds)}
-            if devices:
-                env["ZIMAGE_LORA_UI_DEVICES"] = devices
-            self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
-
-    def wait_ready(self) -> UiServer:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                self.api("/api/jobs")
-                return self
-            except (urllib.error.URLError, ConnectionError):
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise AssertionError(f"the UI server did not start:\n{self.log.read_text()}") from None
-                time.sleep(0.2)
-
-    def api(self, path: str, method: str = "GET", body: dict | None = None) -> dict:
-        request = urllib.request.Request(self.url + path, method=method)
-        if self.token:
-            request.add_header("Authorization", f"Bearer {self.token}")
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            request.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(request, data=data, timeout=10) as response:
-            return json.loads(response.read() or b"null")
-
-    def wait_for_hold(self, name: str, timeout: float = 120) -> None:
-        """Until a trainer of this server is held at the fault point ``name`` (``held-<name>``)."""
-        wait_for(lambda: (self.holds / f"held-{name}").exists(), timeout, f"a trainer held at {name}")
-
-    def release(self, name: str) -> None:
-        (self.holds / f"release-{name}").touch()
-
-    def stop(self) -> None:
-        for held in self.holds.glob("held-*"):  # a trainer still held goes on, so it can stop
-            self.release(held.name.removeprefix("held-"))
-        try:
-            for job in self.api("/api/jobs")["jobs"]:
-                if job["status"] in ("queued", "running"):
-                    self.api(f"/api/jobs/{job['name']}/stop", "POST")
-        except Exception:  # noqa: BLE001 - best effort: the server may be gone already
-            pass
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+# --- the server, as a user starts it ------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -161,14 +48,6 @@ def server(tmp_path_factory):
         yield ui
     finally:
         ui.stop()
-
-
-def shot(page, name: str) -> None:
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-
-
-def by(testid: str) -> str:
-    return f'[data-testid="{testid}"]'
 
 
 # --- the whole story ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ $(VENV)/.installed: pyproject.toml requirements-dev.txt
 	$(PY) -m pip install -q -e .
 	touch $@
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint screenshots
 setup: $(VENV)/.installed
 
 demo: setup
@@ -20,3 +20,14 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
+
+# The web UI's screenshots in docs/images: the browser tests take them (into the ignored test-artifacts/ui/), this
+# copies the ones the docs show. Tests never write tracked files; run this when the pages change.
+SHOTS := 30-job-page:job-page 20-dataset-page:dataset-page 31-sample-viewer:sample-viewer 32-loss-chart:loss-chart
+screenshots: setup
+	ZIMAGE_LORA_REQUIRE_BROWSER=1 $(PY) -m pytest -q -p no:cacheprovider \
+		tests/test_ui_browser_viewer.py tests/test_ui_browser_chart.py tests/test_ui_browser_datasets.py
+	mkdir -p docs/images
+	@for shot in $(SHOTS); do \
+		cp test-artifacts/ui/$${shot%%:*}.png docs/images/ui-$${shot##*:}.png && echo "docs/images/ui-$${shot##*:}.png"; \
+	done

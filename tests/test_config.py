@@ -757,3 +757,20 @@ def test_the_adapter_presets_are_the_registrys_adapters():
     assert "safe baseline" in v1 and "unstable" in v1  # the guide: go back to v1 when v2 training is unstable
     description = c.ModelSection.model_fields["training_adapter"].description
     assert "separate frozen branch" in description and "merged" not in description.replace("never merged", "")
+
+
+def test_intervals_longer_than_the_run_warn_and_never_refuse(tmp_path):
+    """A warmup, save.every or sample.every longer than the run: the job is valid, each says why it is unwise."""
+    path = write_job(tmp_path, minimal(train={"steps": 100}, sample={"prompts": ["a fox"], "every": 50}))
+
+    def warnings_of(*overrides):
+        found: list[str] = []
+        c.load_job(path, list(overrides), warnings=found)
+        return found
+
+    assert warnings_of("save.every=100", "train.warmup_steps=100") == []  # exactly the run: fine
+    warmup, save, sample = warnings_of("train.warmup_steps=150", "save.every=500", "sample.every=101")
+    assert warmup.startswith("train.warmup_steps: 150 is longer than the run (100 steps)") and "never reaches" in warmup
+    assert save.startswith("save.every: 500 is longer than the run (100 steps)") and "only the final LoRA" in save
+    assert sample.startswith("sample.every: 101 is longer than the run (100 steps)")
+    assert warnings_of("save.every=50", "sample.every=500", "sample.enabled=false") == []  # no previews: no word

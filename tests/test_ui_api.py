@@ -410,6 +410,7 @@ def test_save_sample_stop_resume_and_the_device_lock(client, data_dir, tiny_adap
     stopped_at = stopped["step"]
     assert stopped_at == 6
     assert (data_dir / "jobs" / "long" / "state" / f"{stopped_at:09d}.pt").is_file()
+    assert stopped["resumable"] is True  # the page offers Resume
     assert client.post("/api/jobs/long/save").status_code == 409  # not running
 
     assert client.post("/api/jobs/long/resume").json()["status"] == "queued"
@@ -502,7 +503,7 @@ def test_datasets_create_list_upload_caption_thumb_check_delete(client, data_dir
         ("files", ("two.jpg", _jpeg(), "image/jpeg")),
     ]
     result = client.post("/api/datasets/cats/upload", files=files).json()
-    assert result == {"saved": ["Cat_One.png", "Cat_One.txt", "two.jpg"], "rejected": []}
+    assert result == {"saved": ["Cat_One.png", "Cat_One.txt", "two.jpg"], "rejected": [], "orphan_captions": []}
     listed = {d["name"]: d for d in client.get("/api/datasets").json()["datasets"]}
     assert listed["cats"] == {"name": "cats", "images": 2, "captioned": 1}
     assert listed["fox"]["images"] == 3
@@ -660,13 +661,19 @@ def test_a_token_is_required_by_header_or_cookie(data_dir, tiny_adapter):
         assert client.get(events).status_code == 401
         client.cookies.set("zl_token", "wrong")
         assert client.get(events).status_code == 401
+        client.cookies.set("zl_token", "s3cret")  # the cookie holds a sign-in's session, never the token itself
+        assert client.get(events).status_code == 401
         client.cookies.clear()
+        assert client.get("/api/session").status_code == 401
 
         assert client.post("/api/login", json={"token": "nope"}).status_code == 401
         login = client.post("/api/login", json={"token": "s3cret"})
         assert login.status_code == 200
         cookie = login.headers["set-cookie"].lower()
-        assert "zl_token=s3cret" in cookie and "httponly" in cookie and "samesite=strict" in cookie
+        assert "zl_token=" in cookie and "s3cret" not in cookie and "httponly" in cookie and "samesite=strict" in cookie
+        assert client.get("/api/session").json() == {"token_required": True, "signed_in": True}
+        header_only = {"authorization": "Bearer s3cret", "cookie": ""}
+        assert client.get("/api/session", headers=header_only).json() == {"token_required": True, "signed_in": False}
         with client.stream("GET", events) as stream:  # EventSource sends the cookie, not a header
             assert stream.status_code == 200 and "event: job" in "".join(stream.iter_text())
         assert client.get("/", follow_redirects=False).status_code == 200
@@ -677,9 +684,17 @@ def test_a_token_is_required_by_header_or_cookie(data_dir, tiny_adapter):
         form = client.post("/api/login", data={"token": "s3cret"}, follow_redirects=False)
         assert form.status_code == 303 and form.headers["location"] == "/"
         assert client.get("/api/jobs").status_code == 200  # the cookie from the form login
-        client.post("/api/logout")
+        old = client.cookies.get("zl_token")
+        assert client.post("/api/logout").status_code == 200
+        client.cookies.set("zl_token", old)  # the cookie signed out, kept by hand: refused
+        assert client.get("/api/jobs").status_code == 401
+        assert client.post("/api/logout").status_code == 401
         client.cookies.clear()
         assert client.get("/api/jobs").status_code == 401
+
+
+def test_an_open_server_has_no_sign_in(client):
+    assert client.get("/api/session").json() == {"token_required": False, "signed_in": False}
 
 
 def test_errors_are_one_sentence_json(client):

@@ -15,6 +15,8 @@ from __future__ import annotations
 import base64
 import re
 import shutil
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -209,7 +211,7 @@ def fill_new_job(page, server: UiServer, data: Path, dataset: str) -> None:
 
     # Validation as the user types: an error appears beside the field it names, and goes away when fixed.
     field("train.lr").fill("0")
-    expect(page.locator(by("error-train.lr"))).to_contain_text("must be > 0")
+    expect(page.locator(by("error-train.lr"))).to_have_text("Must be more than 0 (you entered 0).")
     expect(page.locator(by("validation-status"))).to_have_text("1 problem")
     field("train.lr").fill("0.001")
     expect(page.locator(by("error-train.lr"))).to_be_hidden()
@@ -343,15 +345,20 @@ def download_lora(page, tmp_path: Path) -> None:
 def clone_edit_and_delete(page, server: UiServer) -> None:
     from playwright.sync_api import expect
 
+    # The copy opens in the new-job form and exists only once created: leaving the form leaves no stray job.
     page.click(by("btn-clone"))
-    page.fill(by("ask-text"), "fox-copy")
-    page.click(by("ask-ok"))
-    expect(page).to_have_url(re.compile(r"#/jobs/fox-copy/edit$"))
+    expect(page).to_have_url(re.compile(r"#/jobs/new\?from=job%3Afox$"))
+    expect(page.locator(by("field-job.name"))).to_have_value("fox-copy")
     expect(page.locator(by("field-target.rank"))).to_have_value("4")
-    expect(page.locator(by("field-job.name"))).to_be_disabled()
+    page.click(by("nav-jobs"))
+    expect(page.locator(by("job-row-fox"))).to_be_visible()
+    assert [j["name"] for j in server.api("/api/jobs")["jobs"]] == ["fox"]
+    page.goto(f"{server.url}/#/jobs/fox")
+    page.click(by("btn-clone"))
+    expect(page.locator(by("field-job.name"))).to_have_value("fox-copy")
     page.fill(by("field-target.rank"), "8")
     expect(page.locator(by("validation-status"))).to_have_text("✓ Valid")
-    page.click(by("save-job"))
+    page.click(by("create-job"))
     expect(page).to_have_url(re.compile(r"#/jobs/fox-copy$"))
     expect(page.locator(by("job-status"))).to_have_text("draft")
     assert server.api("/api/jobs/fox-copy")["config"]["target"]["rank"] == 8
@@ -441,6 +448,8 @@ def test_the_device_picker_offers_the_machines_devices(browser, server):
     expect(page.locator(by("device-cuda:7"))).to_be_checked()
     missing = "cuda:7 is not on this machine (it has cpu, cuda:0, cuda:1)"
     expect(page.locator(by("device-missing"))).to_have_text(missing)
+    expect(page.locator(by("error-job.device"))).to_have_text(f"{missing}; choose one of those")  # as it opens
+    expect(page.locator(by("validation-status"))).not_to_have_text("✓ Valid")
     page.click(by("save-start-job"))
     expect(page.locator(by("error-job.device"))).to_have_text(f"{missing}; choose one of those")
     assert server.api("/api/jobs/gpus")["status"] == "draft"
@@ -521,6 +530,30 @@ def test_token_login(browser, tmp_path):
         expect(page.locator(by("job-status"))).to_have_text("failed", timeout=90_000)
         expect(page.locator(by("job-error"))).to_be_visible()
         assert page.evaluate("window.__same_page") is True
+
+        # The failure: the trainer's own error sentence first and on its own; how it ended and the log folded below.
+        job = ui.api("/api/jobs/guarded")
+        headline = job["error"].split("\n")[0]
+        assert f"error: {headline}" in job["log_tail"] and "ended before finishing" not in headline
+        expect(page.locator(by("job-error-headline"))).to_have_text(headline)
+        expect(page.locator(by("job-error-log"))).to_be_hidden()
+        page.locator(f"{by('job-error')} summary").click()
+        expect(page.locator(by("job-error-log"))).to_contain_text("the trainer ended before finishing (exit code 2)")
+        # Nothing was saved: Start over is offered, Resume is not.
+        assert job["resumable"] is False
+        expect(page.locator(by("btn-resume"))).to_be_hidden()
+        expect(page.locator(by("btn-start"))).to_have_text("Start over")
+        shot(page, "09b-failed-job")
+
+        # Sign out: back to the sign-in page, and the session the cookie named is gone for good.
+        old = next(c["value"] for c in context.cookies() if c["name"] == "zl_token")
+        page.click(by("sign-out"))
+        expect(page).to_have_url(re.compile(r"/login$"))
+        assert not [c for c in context.cookies() if c["name"] == "zl_token"]
+        request = urllib.request.Request(f"{ui.url}/api/jobs", headers={"Cookie": f"zl_token={old}"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 401
         context.close()
     finally:
         ui.stop()

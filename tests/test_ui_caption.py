@@ -215,7 +215,8 @@ def test_a_captioning_run_that_fails_shows_the_captioners_sentence(client):
     cap_id = client.post("/api/datasets/pets/caption", json=body).json()["id"]
     run = wait_run(client, cap_id, "failed", "done", "stopped")
     assert run["status"] == "failed" and run["exit_code"] not in (0, None) and run["proposals"] is None
-    assert run["error"].startswith("the captioner ended before finishing (exit code")
-    assert "nobody/no-such-captioner" in run["error"].split("\n", 1)[1]  # its last log lines name the model
+    headline, rest = run["error"].split("\n", 1)
+    assert "nobody/no-such-captioner" in headline  # the captioner's own sentence comes first, on its own line
+    assert rest.startswith("the captioner ended before finishing (exit code") and "nobody/no-such-captioner" in rest
     refused = client.post(f"/api/captions/{cap_id}/accept", json={"items": [{"file": "fox_02.png", "caption": "x"}]})
     assert refused.status_code == 409

@@ -46,6 +46,11 @@ def test_the_device_endpoint_and_a_device_the_machine_lacks(client, tiny_adapter
         refused.json()["error"] == f"job.device: cuda:7 is not on this machine (it has {MACHINE}); choose one of those"
     )
     assert status(client, "far") == "draft"
+    checked = client.post("/api/config/validate", json={"config": config}).json()  # the form's live check says so
+    missing = f"job.device: cuda:7 is not on this machine (it has {MACHINE}); choose one of those"
+    assert not checked["ok"] and checked["errors"] == [{"key": "job.device", "message": missing}]
+    here = {**config, "job": {**config["job"], "device": ["cuda:1", "cuda:2"]}}
+    assert client.post("/api/config/validate", json={"config": here}).json()["ok"]
     refused = client.post("/api/generate", json=generation("cuda:3"))
     assert refused.status_code == 422 and refused.json()["field"] == "device"
     assert refused.json()["error"] == f"device: cuda:3 is not on this machine (it has {MACHINE}); choose one of those"

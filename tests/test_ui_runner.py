@@ -155,7 +155,12 @@ def test_a_killed_trainer_is_failed_with_its_last_log_lines(data_dir, tiny_adapt
         assert job["status"] == "failed" and job["exit_code"] == -signal.SIGKILL
         assert "last log lines" in job["error"] and "latents: " in job["error"]
         assert job["finished"] is not None
-        assert client.post("/api/jobs/victim/resume").json()["status"] == "queued"  # it can go on from a save
+        assert job["resumable"] is False  # killed before its first save: the page offers Start over, not Resume
+        refused = client.post("/api/jobs/victim/resume")
+        assert refused.status_code == 409 and refused.json()["error"] == (
+            "job 'victim' has no saved state to resume from (it ended before its first save); start it over"
+        )
+        assert client.post("/api/jobs/victim/start").json()["status"] == "queued"
         client.post("/api/jobs/victim/stop")
         wait_status(client, "victim", "stopped", "failed", timeout=120)
 

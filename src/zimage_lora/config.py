@@ -1067,6 +1067,7 @@ def check_job(cfg: JobConfig, *, check_paths: bool = True) -> list[str]:
     for index, prompt in enumerate(cfg.sample.prompts):
         if "[trigger]" in prompt.prompt and not cfg.job.trigger_word:
             errors.append(f"sample.prompts[{index}]: uses [trigger] but job.trigger_word is not set; set it")
+    warnings += _longer_than_the_run(cfg)
     toy = is_toy_world(cfg.model.name_or_path)  # the toy world learns at larger rates (docs/toyworld.md)
     if not OPTIMIZERS[cfg.train.optimizer].lr_is_multiplier and cfg.train.lr >= HIGH_LR and not toy:
         warnings.append(
@@ -1100,6 +1101,29 @@ def check_job(cfg: JobConfig, *, check_paths: bool = True) -> list[str]:
             )
     _raise_first(errors)
     return warnings
+
+
+def _longer_than_the_run(cfg: JobConfig) -> list[str]:
+    """Intervals longer than the run: allowed (the run still trains, saves at its end and renders its final
+    previews), but seldom meant, so each is a warning."""
+    steps = cfg.train.steps
+    out = []
+    if cfg.train.warmup_steps > steps:
+        out.append(
+            f"train.warmup_steps: {cfg.train.warmup_steps} is longer than the run ({steps} steps), so the learning "
+            "rate never reaches train.lr; lower it (e.g. 5-10% of the steps)"
+        )
+    if cfg.save.every > steps:
+        out.append(
+            f"save.every: {cfg.save.every} is longer than the run ({steps} steps), so only the final LoRA is saved "
+            "and a crash loses everything; lower it to save on the way"
+        )
+    if cfg.sample.active and cfg.sample.every > steps:
+        out.append(
+            f"sample.every: {cfg.sample.every} is longer than the run ({steps} steps), so previews appear only at "
+            "the start and the end; lower it to watch the LoRA learn"
+        )
+    return out
 
 
 def _shard_conflicts(cfg: JobConfig) -> list[str]:

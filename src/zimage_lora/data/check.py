@@ -1,7 +1,8 @@
 """``zimage-lora dataset check``: what a dataset folder holds and what will go wrong with it, before training.
 
 Every problem names its file and comes as data (``DatasetReport.problems``: kind, file, message, fatal), which the
-printed report and the web UI both show. The report ends with the guide's advice on dataset size (and, for a small
+printed report shows line by line and the web UI by kind (``DatasetReport.groups``). Captions are checked for the
+trigger only when a trigger word is given. The report ends with the guide's advice on dataset size (and, for a small
 set, on steps and learning rate). Only a folder with no trainable image is a failure (exit code 2): everything else
 is a warning that training would also print. ``untrainable`` is the same trainability rule for a job's datasets,
 run when a job is validated (image sizes from the file headers, remembered per file).
@@ -39,9 +40,37 @@ class Problem:
     file: str | None = None  # relative to the dataset folder
     resolution: int | None = None  # for too_small
     fatal: bool = False
+    other: str | None = None  # for near_duplicate: the second file of the pair
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ProblemGroup:
+    """The problems of one kind, each file once: what the web UI lists (a heading, a count, the files)."""
+
+    key: str  # unique in a report: the kind, or for too_small the resolutions too ("too_small-768-1024")
+    kind: str
+    title: str  # "Too small for 768 and 1024 px"
+    hint: str  # what it means for training, or what to do
+    items: list[dict]  # {"label": "a.png" (a near-duplicate pair: "a.png and b.png"), "detail": the report's line}
+    fatal: bool = False
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "count": len(self.items)}
+
+
+_GROUP_TEXT = {  # kind: (title, hint); too_small, without_trigger and cannot_train say more (DatasetReport.groups)
+    "unreadable": ("Unreadable images", "Training skips them; replace or remove them."),
+    "missing_caption": (
+        "Images without a caption",
+        "The default caption is used; write a .txt for each, or let a captioning model write them.",
+    ),
+    "empty_caption": ("Empty captions", "The default caption is used; write a caption in each."),
+    "not_utf8": ("Captions not in UTF-8", "They are read as Latin-1; save them as UTF-8."),
+    "near_duplicate": ("Near-duplicates", "Pairs that look alike; keep one of each, or the LoRA sees it twice."),
+}
 
 
 @dataclass
@@ -90,7 +119,12 @@ class DatasetReport:
             for p in self.without_trigger
         ]
         out += [
-            Problem("near_duplicate", f"near-duplicates: {name(a)} and {name(b)} (hash distance {d} of 64)", name(a))
+            Problem(
+                "near_duplicate",
+                f"near-duplicates: {name(a)} and {name(b)} (hash distance {d} of 64)",
+                name(a),
+                other=name(b),
+            )
             for a, b, d in self.near_duplicates
         ]
         for res, small in self.too_small.items():
@@ -107,6 +141,48 @@ class DatasetReport:
             message = "cannot train: no readable image fills any of the resolutions"
             out.append(Problem("cannot_train", message, fatal=True))
         return out
+
+    def groups(self, trigger_word: str | None = None) -> list[ProblemGroup]:
+        """``problems`` by kind, the fatal ones first, then the warnings in the report's order. A too-small image
+        is listed once, in the group of all the resolutions it misses."""
+        by_key: dict[str, list[Problem]] = {}
+        misses: dict[str, list[int]] = {}  # too-small file: the resolutions it misses
+        for problem in self.problems(trigger_word):
+            if problem.kind == "too_small":
+                misses.setdefault(problem.file, []).append(problem.resolution)
+            else:
+                by_key.setdefault(problem.kind, []).append(problem)
+        small: dict[tuple[int, ...], list[str]] = {}
+        for file, resolutions in misses.items():
+            small.setdefault(tuple(resolutions), []).append(file)
+        out = []
+        for kind, problems in by_key.items():
+            items = [
+                {"label": f"{p.file} and {p.other}" if p.other else p.file, "detail": p.message}
+                for p in problems
+                if p.file
+            ]
+            if kind == "cannot_train":
+                why = untrainable(self.folder, list(self.buckets), self.recursive) or "no image fills a resolution"
+                if why == "no readable image":
+                    why = "there is no readable image; add images"
+                hint = why[0].upper() + why[1:] + "."
+                out.append(ProblemGroup(kind, kind, "Cannot train", hint, items, fatal=True))
+            elif kind == "without_trigger":
+                what = f"'{trigger_word}' or [trigger]" if trigger_word else "[trigger]"
+                hint = "The LoRA learns the trigger word from the captions; put it (or [trigger]) in each."
+                out.append(ProblemGroup(kind, kind, f"Captions without the trigger ({what})", hint, items))
+            else:
+                out.append(ProblemGroup(kind, kind, *_GROUP_TEXT[kind], items))
+        for resolutions, files in small.items():
+            shown = " and ".join([", ".join(map(str, resolutions[:-1])), str(resolutions[-1])]).removeprefix(" and ")
+            title = f"Too small for {shown} px"
+            those = "that resolution" if len(resolutions) == 1 else "those resolutions"
+            hint = f"Skipped at {those}: they would need more than {MAX_UPSCALE - 1:.0%} upscaling."
+            items = [{"label": f, "detail": "{}x{}".format(*self.sizes[self.folder / f])} for f in files]
+            key = "-".join(["too_small", *map(str, resolutions)])
+            out.append(ProblemGroup(key, "too_small", title, hint, items))
+        return sorted(out, key=lambda group: not group.fatal)  # stable: the report's order otherwise
 
 
 def check_dataset(
@@ -161,8 +237,8 @@ def _check_caption(path: Path, caption_ext: str, trigger_word: str | None, repor
         report.not_utf8.append(sidecar)
     if not text:
         report.empty_captions.append(sidecar)
-    elif "[trigger]" not in text and not (trigger_word and trigger_word.lower() in text.lower()):
-        report.without_trigger.append(sidecar)
+    elif trigger_word and "[trigger]" not in text and trigger_word.lower() not in text.lower():
+        report.without_trigger.append(sidecar)  # only with a trigger word: without one there is nothing to miss
 
 
 def difference_hash(image: Image.Image) -> int:

@@ -66,7 +66,7 @@ def resolve_model_dir(
             revision=revision,
             token=os.environ.get("HF_TOKEN"),
             allow_patterns=patterns,
-            local_files_only=_offline(),
+            local_files_only=offline(),
             endpoint=os.environ.get("HF_ENDPOINT") or None,
         )
     return Path(folder)
@@ -90,7 +90,7 @@ def resolve_file(ref: str, *, key: str = "file") -> Path:
             filename,
             revision=revision,
             token=os.environ.get("HF_TOKEN"),
-            local_files_only=_offline(),
+            local_files_only=offline(),
             endpoint=os.environ.get("HF_ENDPOINT") or None,
         )
     return Path(downloaded)
@@ -102,7 +102,7 @@ def _cli_args(repo_id: str, revision: str | None, filename: str | None = None) -
     return " ".join([*args, "--local-dir", repo_id.split("/")[1]])
 
 
-def _offline() -> bool:
+def offline() -> bool:
     """``HF_HUB_OFFLINE`` as set now (huggingface_hub reads it once at import)."""
     flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
     return hub_constants.HF_HUB_OFFLINE or flag in {"1", "ON", "YES", "TRUE"}
@@ -156,7 +156,7 @@ def _hub_message(exc: BaseException, ref: str, *, key: str, cli_args: str, filen
     if (
         isinstance(exc, hub_errors.OfflineModeIsEnabled)
         or isinstance(cause, hub_errors.OfflineModeIsEnabled)
-        or (isinstance(exc, hub_errors.LocalEntryNotFoundError) and _offline())
+        or (isinstance(exc, hub_errors.LocalEntryNotFoundError) and offline())
     ):
         return (
             f"could not download {ref} from the Hugging Face hub (HF_HUB_OFFLINE is set and it is not in the local "

@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -144,6 +145,30 @@ def _spawn(args: list[str], log_file: Path, append: bool) -> tuple[subprocess.Po
 
 def _last_lines(path: Path) -> str:
     return "\n".join(line for line in runs.log_tail(path, ERROR_LINES * 3) if line.strip())[-4000:]
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b: .+")
+
+
+def error_headline(lines: list[str]) -> str | None:
+    """The line of a process's output that says what went wrong: the last ``error: ...`` line the CLI printed (a
+    user mistake, in one sentence), else the last ``SomethingError: ...`` line of a traceback."""
+    for pattern in (re.compile(r"^error: (.+)"), _EXCEPTION_LINE):
+        for line in reversed(lines):
+            found = pattern.match(line.strip())
+            if found:
+                return found.group(1) if found.re is not _EXCEPTION_LINE else found.group(0)
+    return None
+
+
+def failure(what: str, code: int | None, log_file: Path) -> str:
+    """The error of a process that ended before finishing: the line that says why first, on its own line, then
+    how it ended and its last log lines (the UI shows the first line as the headline and the rest below it)."""
+    how = f"exit code {code}" if code is not None else "it was gone when the UI looked"
+    tail = _last_lines(log_file)
+    ended = f"{what} ended before finishing ({how}); its last log lines:\n{tail}"
+    headline = error_headline(tail.splitlines())
+    return f"{headline}\n{ended}" if headline else ended
 
 
 # --- the runner -----------------------------------------------------------------------------------------------------
@@ -285,9 +310,7 @@ class Runner:
             )
         if row["status"] == "stopping":
             return "stopped", None  # stopped before training began: there is nothing to resume, start it again
-        how = f"exit code {code}" if code is not None else "it was gone when the UI looked"
-        what = "the trainer" if key.startswith("job:") else "the comparison"
-        return "failed", f"{what} ended before finishing ({how}); its last log lines:\n{_last_lines(log_file)}"
+        return "failed", failure("the trainer" if key.startswith("job:") else "the comparison", code, log_file)
 
     # --- jobs ---------------------------------------------------------------------------------------------------
     def _launch_job(self, row: dict[str, Any]) -> None:
@@ -311,6 +334,11 @@ class Runner:
             devices = device_set(row["config"]["job"]["device"], "job.device")
             self._enqueue("jobs", name, row, devices, "resume" if resume else "start")
         self.poke()
+
+    def _insert_queued(self, table: str, devices: list[str], **fields: Any) -> None:
+        """A new comparison, generation or captioning run at the back of the queue (under ``self.lock``), holding
+        ``devices``."""
+        self.store.insert(table, status="queued", device=",".join(devices), created=now(), queued=time.time(), **fields)
 
     def _enqueue(self, table: str, key: str, row: dict[str, Any], devices: list[str], mode: str) -> None:
         """Queue a job or a comparison again (under ``self.lock``), remembering its status to go back to."""
@@ -394,18 +422,8 @@ class Runner:
         devices (ApiError 422 on ``job.device`` for one the machine lacks)."""
         with self.lock:
             devices = device_set(self._job(job)["config"]["job"]["device"], "job.device")
-            self.store.insert(
-                "comparisons",
-                id=cmp_id,
-                job=job,
-                setting=setting,
-                vals=values,
-                varies=varies,
-                status="queued",
-                mode="start",
-                device=",".join(devices),
-                created=now(),
-                queued=time.time(),
+            self._insert_queued(
+                "comparisons", devices, id=cmp_id, job=job, setting=setting, vals=values, varies=varies, mode="start"
             )
         self.poke()
 
@@ -447,19 +465,17 @@ class Runner:
         return row
 
     # --- generations --------------------------------------------------------------------------------------------
-    def queue_generation(self, gen_id: str, request: dict[str, Any], args: list[str]) -> None:
+    def queue_generation(self, gen_id: str, request: dict[str, Any], args: list[str]) -> str:
+        """Queue ``request`` as generation ``gen_id`` and answer that id; when an identical request (the same
+        fields) is still queued or running, answer its id instead and queue nothing: a double click makes one."""
         devices = device_set(request["device"], "device")
         with self.lock:
-            self.store.insert(
-                "generations",
-                id=gen_id,
-                request={**request, "args": args},
-                status="queued",
-                device=",".join(devices),
-                created=now(),
-                queued=time.time(),
-            )
+            for row in self.store.select("generations", "status IN ('queued', 'running')"):
+                if {key: value for key, value in row["request"].items() if key != "args"} == request:
+                    return row["id"]
+            self._insert_queued("generations", devices, id=gen_id, request={**request, "args": args})
         self.poke()
+        return gen_id
 
     def _launch_generation(self, row: dict[str, Any]) -> None:
         folder = self.gen_dir(row["id"])
@@ -471,7 +487,7 @@ class Runner:
         folder = self.gen_dir(row["id"])
         made = any(folder.glob("*.png"))
         ok = made and code in (None, 0)
-        error = None if ok else f"generation failed; its last log lines:\n{_last_lines(folder / 'gen.log')}"
+        error = None if ok else failure("the generation", code, folder / "gen.log")
         self.store.update(
             "generations", row["id"], status="done" if ok else "failed", exit_code=code, error=error, finished=now()
         )
@@ -483,17 +499,8 @@ class Runner:
         one the machine lacks)."""
         devices = device_set(options["device"], "device")
         with self.lock:
-            self.store.insert(
-                "captions",
-                id=cap_id,
-                dataset=dataset,
-                options={**options, "args": args},
-                status="queued",
-                mode="start",
-                device=",".join(devices),
-                created=now(),
-                queued=time.time(),
-            )
+            options = {**options, "args": args}
+            self._insert_queued("captions", devices, id=cap_id, dataset=dataset, options=options, mode="start")
         self.poke()
 
     def stop_caption(self, cap_id: str) -> None:
@@ -516,9 +523,7 @@ class Runner:
         if code not in (None, 0) or not (folder / PROPOSALS).is_file():
             status = "stopped" if row["status"] == "stopping" else "failed"
         if status == "failed":
-            how = f"exit code {code}" if code is not None else "it was gone when the UI looked"
-            log_tail = _last_lines(folder / "ui-process.log")
-            error = f"the captioner ended before finishing ({how}); its last log lines:\n{log_tail}"
+            error = failure("the captioner", code, folder / "ui-process.log")
         self.store.update("captions", row["id"], status=status, exit_code=code, error=error, finished=now())
 
     def _caption(self, cap_id: str) -> dict[str, Any]:

@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from PIL import Image, UnidentifiedImageError
+
 from zimage_lora.training.run_folder import RunFolder, metric_rows, read_metrics
 
 SPEED_WINDOW = 20  # s/it is the mean of the last this many steps
@@ -45,15 +47,85 @@ def progress(folder: Path, steps: int, running: bool) -> dict[str, Any]:
 
 
 def samples(folder: Path, url: str) -> dict[str, Any]:
-    """Preview images by step and index; ``url`` is the run folder's /files URL."""
+    """Preview images by step and index, each with the settings its PNG holds (``meta``, see ``sample_meta``);
+    ``url`` is the run folder's /files URL."""
     run = RunFolder(folder, folder.name)
-    found = [{"step": step, "index": index, "url": f"{url}/samples/{p.name}"} for step, index, p in run.samples()]
+    found = [
+        {"step": step, "index": index, "url": f"{url}/samples/{p.name}", "meta": sample_meta(p)}
+        for step, index, p in run.samples()
+    ]
     sheet = run.samples_dir / "contact_sheet.png"
     try:  # rebuilt in place: the version defeats the browser's cache
         version = sheet.stat().st_mtime_ns
     except OSError:
         return {"samples": found, "contact_sheet": None}
     return {"samples": found, "contact_sheet": f"{url}/samples/{sheet.name}?v={version}"}
+
+
+# What the sample viewer shows of a preview's PNG text (sampling/previews.py png_info), with each value's type.
+SAMPLE_META: dict[str, type] = {
+    "prompt": str,
+    "negative_prompt": str,
+    "seed": int,
+    "steps": int,
+    "guidance": float,
+    "lora_scale": float,
+    "width": int,
+    "height": int,
+    "shift": float,
+    "arch": str,
+    "training_step": int,
+}
+_META_CACHE: dict[Path, tuple[tuple[int, int], dict[str, Any] | None]] = {}
+_META_CACHE_MAX = 4096
+
+
+def sample_meta(path: Path) -> dict[str, Any] | None:
+    """The settings a preview PNG carries in its text chunks (the JSON ``parameters`` chunk first, the single keys
+    for what it lacks), typed as ``SAMPLE_META`` says; None for a file that is not a readable PNG (yet).
+
+    Only the chunks before the pixels are read, never the pixels, and the result is kept per (path, mtime, size):
+    the job page and its event stream ask for the list every few hundred milliseconds."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    key = (stat.st_mtime_ns, stat.st_size)
+    cached = _META_CACHE.get(path)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    meta = _read_sample_meta(path)
+    if len(_META_CACHE) >= _META_CACHE_MAX:
+        _META_CACHE.clear()  # a crude bound: refilling costs one header read per file
+    _META_CACHE[path] = (key, meta)
+    return meta
+
+
+def _read_sample_meta(path: Path) -> dict[str, Any] | None:
+    try:
+        with Image.open(path) as image:  # parses the chunks up to the first IDAT; decodes nothing
+            text = {k: v for k, v in image.info.items() if isinstance(v, str)}
+            size = image.size
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
+    try:
+        parameters = json.loads(text.get("parameters", "{}"))
+    except ValueError:
+        parameters = {}
+    if not isinstance(parameters, dict):
+        parameters = {}
+    meta: dict[str, Any] = {}
+    for key, kind in SAMPLE_META.items():
+        value = parameters.get(key, text.get(key))
+        if value is None:
+            continue
+        try:
+            meta[key] = kind(value)
+        except (TypeError, ValueError):
+            continue  # a value of another shape (written by something else): left out, not guessed
+    meta.setdefault("width", size[0])
+    meta.setdefault("height", size[1])
+    return meta
 
 
 def checkpoints(folder: Path, name: str, url: str) -> list[dict[str, Any]]:

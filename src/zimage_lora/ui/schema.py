@@ -239,14 +239,34 @@ def validate(
     ``warnings`` collects what is allowed but unwise (as ``validate`` prints it), each ``{"key", "message"}``."""
     if not isinstance(config, dict):
         return None, [{"key": None, "message": "config: expected a mapping of sections (job, model, ...)"}]
+    unchosen = _unchosen_datasets(config, data) if check_paths else {}
     found: list[str] = []
     try:
         cfg = parse_job(job_data(config, data), data, check_paths=check_paths, warnings=found)
     except ConfigError as e:
-        return None, [split_error(problem) for problem in e.problems]
+        errors = [split_error(problem) for problem in e.problems if split_error(problem)["key"] not in unchosen]
+        return None, errors + [{"key": key, "message": message} for key, message in unchosen.items()]
+    if unchosen:
+        return None, [{"key": key, "message": message} for key, message in unchosen.items()]
     if warnings is not None:
         warnings.extend(split_error(w) for w in found)
     return ui_config(cfg, data), []
+
+
+def _unchosen_datasets(config: dict[str, Any], data: Path) -> dict[str, str]:
+    """``{"datasets[i].path": message}`` for each dataset whose folder is not chosen yet: an empty path would
+    otherwise be read as the data folder itself ("no images in DATA"), which is not what the form shows."""
+    entries = config.get("datasets")
+    if not isinstance(entries, list):
+        return {}
+    folder = data / "datasets"
+    have = folder.is_dir() and any(p.is_dir() for p in folder.iterdir())
+    fix = "pick one of the data folder's datasets" if have else "there is none yet: create one on the Datasets page"
+    return {
+        f"datasets[{index}].path": f"datasets[{index}].path: no dataset chosen; {fix}"
+        for index, entry in enumerate(entries)
+        if isinstance(entry, dict) and not str(entry.get("path") or "").strip()
+    }
 
 
 def parse_yaml(text: str) -> tuple[Any, list[dict]]:

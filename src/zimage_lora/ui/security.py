@@ -3,8 +3,10 @@
 - ``Guard`` (ASGI middleware) checks every HTTP request in this order: the ``Host`` header must be a name the server
   is bound as (400; a server bound to every interface takes any Host, its token protects it), an ``Origin`` header
   must name that same host (403: another site's page may not drive this one), and with a token the request must
-  carry it as ``Authorization: Bearer`` or in the ``zl_token`` cookie (401 JSON for ``/api`` and ``/files``, a
-  redirect to ``/login`` for pages). ``/login``, ``POST /api/login`` and ``/static/*`` are open.
+  carry it as ``Authorization: Bearer``, or carry the ``zl_token`` cookie of a sign-in (401 JSON for ``/api`` and
+  ``/files``, a redirect to ``/login`` for pages). ``/login``, ``POST /api/login`` and ``/static/*`` are open.
+- ``Sessions``: signing in with the token gives the browser a random session id as its cookie, never the token;
+  signing out forgets that id, so the old cookie gets 401 from then on (a server restart signs everyone out).
 - ``resolve_inside`` turns a URL path into a regular file inside a folder, refusing ``..``, absolute paths,
   percent-encoded leftovers and symlinks that lead out.
 - ``check_name`` and ``upload_name`` keep job, dataset and file names to ``job.name``'s rule.
@@ -20,6 +22,9 @@ import hmac
 import io
 import os
 import re
+import secrets
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -301,11 +306,42 @@ def is_loopback(host: str) -> bool:
     return host in LOOPBACK
 
 
-def token_matches(request: Request, token: str) -> bool:
+class Sessions:
+    """The signed-in browsers: a random id per sign-in (the cookie), kept in memory for ``max_age_s`` and forgotten
+    at sign-out. The oldest go first beyond ``limit``, so repeated sign-ins cannot grow the set without bound."""
+
+    def __init__(self, max_age_s: float = 30 * 24 * 3600, limit: int = 1000):
+        self.max_age_s, self.limit = max_age_s, limit
+        self._ids: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def open(self) -> str:
+        session = secrets.token_urlsafe(32)
+        with self._lock:
+            self._ids[session] = time.monotonic() + self.max_age_s
+            while len(self._ids) > self.limit:
+                self._ids.pop(next(iter(self._ids)))
+        return session
+
+    def valid(self, session: str) -> bool:
+        with self._lock:
+            expires = self._ids.get(session)
+            if expires is not None and expires < time.monotonic():
+                self._ids.pop(session, None)
+                expires = None
+        return expires is not None
+
+    def close(self, session: str) -> None:
+        with self._lock:
+            self._ids.pop(session, None)
+
+
+def token_matches(request: Request, token: str, sessions: Sessions) -> bool:
+    """The request carries the token (``Authorization: Bearer``) or the cookie of a sign-in not signed out."""
     auth = request.headers.get("authorization", "")
-    given = [auth[7:].strip()] if auth[:7].lower() == "bearer " else []
-    given.append(request.cookies.get(COOKIE, ""))
-    return any(hmac.compare_digest(g.encode(), token.encode()) for g in given if g)
+    if auth[:7].lower() == "bearer " and hmac.compare_digest(auth[7:].strip().encode(), token.encode()):
+        return True
+    return sessions.valid(request.cookies.get(COOKIE, ""))
 
 
 def _is_open(request: Request) -> bool:
@@ -313,7 +349,7 @@ def _is_open(request: Request) -> bool:
     return path == "/login" or path.startswith("/static/") or (path == "/api/login" and request.method == "POST")
 
 
-def refusal(request: Request, hosts: set[str] | None, token: str | None) -> Response | None:
+def refusal(request: Request, hosts: set[str] | None, token: str | None, sessions: Sessions) -> Response | None:
     """The answer to a request that may not go on, or None."""
     host = request.headers.get("host", "").lower()
     if hosts is not None and host not in hosts:
@@ -321,7 +357,7 @@ def refusal(request: Request, hosts: set[str] | None, token: str | None) -> Resp
     origin = request.headers.get("origin")
     if origin is not None and (origin == "null" or urlsplit(origin).netloc.lower() != host):
         return error_response(403, f"requests from {origin} are refused; use the UI's own pages")
-    if token is None or _is_open(request) or token_matches(request, token):
+    if token is None or _is_open(request) or token_matches(request, token, sessions):
         return None
     path = request.url.path
     if path.startswith(("/api/", "/files/")):
@@ -332,12 +368,12 @@ def refusal(request: Request, hosts: set[str] | None, token: str | None) -> Resp
 class Guard:
     """ASGI middleware applying ``refusal`` to every HTTP request."""
 
-    def __init__(self, app, hosts: set[str] | None, token: str | None):
-        self.app, self.hosts, self.token = app, hosts, token
+    def __init__(self, app, hosts: set[str] | None, token: str | None, sessions: Sessions):
+        self.app, self.hosts, self.token, self.sessions = app, hosts, token, sessions
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
-            response = refusal(Request(scope), self.hosts, self.token)
+            response = refusal(Request(scope), self.hosts, self.token, self.sessions)
             if response is not None:
                 await response(scope, receive, send)
                 return

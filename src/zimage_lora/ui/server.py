@@ -44,11 +44,12 @@ from starlette.exceptions import HTTPException
 from zimage_lora.config import ConfigError, apply_overrides, dump_yaml, job_to_dict, parse_job, parse_resolutions
 from zimage_lora.errors import UserError
 from zimage_lora.files import atomic_write_bytes, fsync_dir
-from zimage_lora.models.arch import ARCHS, inference_arch
+from zimage_lora.models.arch import ARCHS, DEFAULT_INFERENCE_ARCH, inference_arch
 from zimage_lora.sampling.request import GenerationRequest
+from zimage_lora.training.run_folder import RunFolder
 from zimage_lora.ui import runs, schema
 from zimage_lora.ui.db import Store, now
-from zimage_lora.ui.runner import ACTIVE, PROPOSALS, Runner, machine_devices
+from zimage_lora.ui.runner import ACTIVE, PROPOSALS, Runner, device_set, error_headline, machine_devices
 from zimage_lora.ui.security import (
     COOKIE,
     IMAGE_EXTS,
@@ -58,6 +59,7 @@ from zimage_lora.ui.security import (
     ApiError,
     Guard,
     Received,
+    Sessions,
     allowed_hosts,
     check_name,
     error_response,
@@ -96,6 +98,7 @@ class Ui:
     ):
         self.data = data
         self.token = token
+        self.sessions = Sessions()
         self.max_upload_bytes = max_upload_bytes
         self.max_lora_bytes = max_lora_bytes
         self.lora_dirs = lora_dirs or []
@@ -392,6 +395,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ui.runner.start()
+        # Counting the GPUs imports torch (seconds): done now, so the first job form does not wait for it.
+        threading.Thread(target=machine_devices, name="count-gpus", daemon=True).start()
         try:
             yield
         finally:
@@ -400,7 +405,7 @@ def create_app(
 
     app = FastAPI(title="zimage-lora", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ui = ui
-    app.add_middleware(Guard, hosts=allowed_hosts(host, port), token=ui.token)
+    app.add_middleware(Guard, hosts=allowed_hosts(host, port), token=ui.token, sessions=ui.sessions)
     _error_handlers(app)
     _page_routes(app, ui)
     _config_routes(app, ui)
@@ -467,14 +472,23 @@ def _page_routes(app: FastAPI, ui: Ui) -> None:
             return error_response(401, "wrong token; use the one the server was started with (--token)", "token")
         response = RedirectResponse("/", status_code=303) if from_form else JSONResponse({"ok": True})
         if ui.token is not None:
-            response.set_cookie(COOKIE, ui.token, httponly=True, samesite="strict", path="/")
+            response.set_cookie(COOKIE, ui.sessions.open(), httponly=True, samesite="strict", path="/")
         return response
 
     @app.post("/api/logout")
-    def logout() -> Response:
+    def logout(request: Request) -> Response:
+        """Sign out: this browser's session is forgotten (its cookie gets 401 from now on) and the cookie deleted."""
+        ui.sessions.close(request.cookies.get(COOKIE, ""))
         response = JSONResponse({"ok": True})
         response.delete_cookie(COOKIE, path="/")
         return response
+
+    @app.get("/api/session")
+    def session(request: Request) -> dict:
+        """Whether this server asks for a token, and whether this request came in with a sign-in's cookie (the
+        pages then offer Sign out)."""
+        signed_in = ui.token is not None and ui.sessions.valid(request.cookies.get(COOKIE, ""))
+        return {"token_required": ui.token is not None, "signed_in": signed_in}
 
 
 # --- schema and config ------------------------------------------------------------------------------------------------
@@ -502,6 +516,11 @@ def _config_routes(app: FastAPI, ui: Ui) -> None:
         config, warnings = None, []
         if not errors:
             config, errors = schema.validate(raw, ui.data, warnings=warnings)
+        if not errors:  # the job trains here: a device this machine lacks is a problem now, not when it starts
+            try:
+                device_set(config["job"]["device"], "job.device")
+            except ApiError as e:
+                errors = [{"key": "job.device", "message": e.message}]
         if errors:  # the text as it stands, so either view can show it while the user fixes the problem
             text = body.yaml if body.yaml is not None else yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
             return {
@@ -552,7 +571,13 @@ def job_detail(ui: Ui, row: dict[str, Any]) -> dict[str, Any]:
         "error": row["error"],
         "exit_code": row["exit_code"],
         "log_tail": runs.log_tail(runs.log_path(folder), LOG_TAIL),
+        "resumable": _resumable(folder),
     }
+
+
+def _resumable(folder: Path) -> bool:
+    """Whether the run folder holds a saved training state that Resume continues from."""
+    return bool(RunFolder(folder, folder.name).states())
 
 
 def _job_routes(app: FastAPI, ui: Ui) -> None:
@@ -635,6 +660,9 @@ def _job_routes(app: FastAPI, ui: Ui) -> None:
 
     @app.post("/api/jobs/{name}/resume")
     def resume_job(name: str) -> dict:
+        if not _resumable(runner.job_dir(name)) and ui.job(name)["status"] not in ("queued", *ACTIVE):
+            message = f"job {name!r} has no saved state to resume from (it ended before its first save); start it over"
+            raise ApiError(409, message)
         return queue(name, resume=True)
 
     @app.post("/api/jobs/{name}/stop")
@@ -998,6 +1026,21 @@ def _write_caption(image: Path, caption: str) -> None:
     _atomic_write(image.with_suffix(".txt"), caption.encode("utf-8"))
 
 
+def _orphan_captions(folder: Path) -> list[Path]:
+    """The dataset's .txt files with no image of the same stem: training never reads them, so the page lists them
+    to be paired (upload the image) or deleted."""
+    paired = {image.with_suffix(".txt").name for image in _images(folder)}
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() == ".txt" and p.name not in paired and not p.name.startswith(".") and p.is_file()
+    )
+
+
+def _orphan_message(caption: Path) -> str:
+    return f"{caption.name} has no image {caption.stem}.*; upload the image too or delete the caption"
+
+
 def _dataset_routes(app: FastAPI, ui: Ui) -> None:
     @app.get("/api/datasets")
     def list_datasets() -> dict:
@@ -1053,7 +1096,11 @@ def _dataset_routes(app: FastAPI, ui: Ui) -> None:
                     "thumb": _url("api", "datasets", name, "thumb", path.name),
                 }
             )
-        return {"name": name, "images": images, "upload_exts": list(UPLOAD_EXTS)}
+        orphans = [
+            {"file": p.name, "caption": _caption(p), "bytes": p.stat().st_size, "message": _orphan_message(p)}
+            for p in _orphan_captions(folder)
+        ]
+        return {"name": name, "images": images, "orphan_captions": orphans, "upload_exts": list(UPLOAD_EXTS)}
 
     @app.post("/api/datasets/{name}/upload")
     async def upload(name: str, request: Request) -> Response:
@@ -1073,7 +1120,14 @@ def _dataset_routes(app: FastAPI, ui: Ui) -> None:
                 continue
             await run_in_threadpool(_atomic_write, folder / file, content)
             saved.append(file)
-        result = {"saved": saved, "rejected": rejected}
+        orphans = {p.name: p for p in _orphan_captions(folder)}  # after the whole upload: its images pair too
+        result = {
+            "saved": saved,
+            "rejected": rejected,
+            "orphan_captions": [
+                {"file": file, "message": _orphan_message(orphans[file])} for file in saved if file in orphans
+            ],
+        }
         if saved or first_error is None:
             return JSONResponse(result)
         return JSONResponse({"error": first_error.message, "field": "files", **result}, first_error.status)
@@ -1090,6 +1144,18 @@ def _dataset_routes(app: FastAPI, ui: Ui) -> None:
         image.unlink()
         image.with_suffix(".txt").unlink(missing_ok=True)
         return {"deleted": image.name}
+
+    @app.delete("/api/datasets/{name}/captions/{file:path}")
+    def delete_caption(name: str, file: str) -> dict:
+        """A caption file: ``<file>`` is the .txt itself (an orphan caption, say) or an image whose caption goes."""
+        folder = ui.dataset(name)
+        path = resolve_inside(folder, file)
+        if path is not None and path.suffix.lower() in IMAGE_EXTS:
+            path = path.with_suffix(".txt") if path.with_suffix(".txt").is_file() else None
+        if path is None or path.suffix.lower() != ".txt":
+            raise ApiError(404, f"no caption file {file!r} in dataset {name!r}; see GET /api/datasets/{name}", "file")
+        path.unlink()
+        return {"deleted": path.name}
 
     @app.get("/api/datasets/{name}/thumb/{file:path}")
     def thumb(name: str, file: str) -> Response:
@@ -1120,9 +1186,15 @@ def _dataset_routes(app: FastAPI, ui: Ui) -> None:
             sizes = parse_resolutions(resolutions)
         except ConfigError as e:
             raise ApiError(400, str(e), "resolutions") from None
-        report = check_dataset(folder, sizes, trigger or None)
-        problems = [problem.as_dict() for problem in report.problems(trigger or None)]
-        return {"report": format_report(report, trigger or None), "problems": problems, "trainable": report.trainable}
+        trigger = (trigger or "").strip() or None  # none entered: no caption is checked for a trigger
+        report = check_dataset(folder, sizes, trigger)
+        return {
+            "report": format_report(report, trigger),
+            "problems": [problem.as_dict() for problem in report.problems(trigger)],
+            "groups": [group.as_dict() for group in report.groups(trigger)],
+            "images": len(report.images),
+            "trainable": report.trainable,
+        }
 
 
 # --- captioning runs --------------------------------------------------------------------------------------------------
@@ -1415,36 +1487,101 @@ def _playground_routes(app: FastAPI, ui: Ui) -> None:
 
     @app.post("/api/generate", status_code=202)
     def generate(request: GenerationRequest) -> dict:
-        """The playground's request, its paths made the data folder's, run as ``zimage-lora generate`` would."""
+        """The playground's request, its paths made the data folder's, run as ``zimage-lora generate`` would. An
+        empty model is the arch's default (the registry's, as the playground's placeholder shows it); a model that
+        cannot load is refused now rather than by the process seconds later; the same request while an identical
+        one is queued or running answers that one (a double click generates once)."""
+        arch = request.arch or (None if request.loras else DEFAULT_INFERENCE_ARCH)  # else the LoRA's, in generate
+        if not request.model and arch:
+            request = request.model_copy(update={"model": inference_arch(arch).default_model})
         model = request.model
         if model and model.startswith(schema.DATA_PREFIXES):
             model = str(ui.data / model)
             if not Path(model).is_dir():
                 message = f"model: no folder {request.model!r} in the data folder; see GET /api/models"
                 raise ApiError(422, message, "model")
+        if model:
+            _check_model(model)
         loras = []
         for index, lora in enumerate(request.loras):
             path = ui.lora_file(lora.path, f"loras.{index}.path")
             loras.append(lora.model_copy(update={"path": str(path)}))
         resolved = request.model_copy(update={"model": model, "loras": loras})
-        gen_id = uuid.uuid4().hex[:12]
         args = ["generate", *resolved.cli_args(), "--no-progress"]
-        ui.runner.queue_generation(gen_id, request.model_dump(), args)
-        return {"id": gen_id}
+        gen_id = ui.runner.queue_generation(uuid.uuid4().hex[:12], request.model_dump(), args)
+        return generation_summary(ui, ui.store.get("generations", gen_id))
 
     @app.get("/api/generate/{gen_id}")
     def get_generation(gen_id: str) -> dict:
         row = ui.store.get("generations", gen_id) if NAME_RE.match(gen_id) else None
         if row is None:
             raise ApiError(404, f"no generation {gen_id!r}", "id")
-        folder = ui.runner.gen_dir(gen_id)
-        images = sorted(p.name for p in folder.glob("*.png")) if row["status"] == "done" else []
-        return {
-            "id": gen_id,
-            "status": row["status"],
-            "images": [_url("files", "generations", gen_id, image) for image in images],
-            "error": row["error"],
-        }
+        return generation_summary(ui, row)
+
+    @app.get("/api/generations")
+    def list_generations(limit: int = Query(20, ge=1, le=200), offset: int = Query(0, ge=0)) -> dict:
+        """The playground's past generations, newest first: its history survives a reload and a restart."""
+        rows = ui.store.select("generations", order="queued DESC, created DESC")
+        shown = [generation_summary(ui, row) for row in rows[offset : offset + limit]]
+        return {"generations": shown, "total": len(rows)}
+
+
+OFFLINE_HUB = re.compile(r"could not download (\S+) from the Hugging Face hub \((?:HF_HUB_OFFLINE is set|offline\?)")
+
+
+def playground_error(message: str) -> tuple[str, str | None]:
+    """(a model loader's sentence in the request's terms, the request field it is about): the loaders name the job
+    file's key ``model.name_or_path``, the request calls it ``model``; a hub model that the offline machine has
+    not downloaded says just that."""
+    offline = OFFLINE_HUB.search(message)
+    if offline:
+        return (
+            f"model: {offline[1]} is not downloaded and this machine is offline; download it or choose a local "
+            "folder under models/",
+            "model",
+        )
+    if "model.name_or_path" in message:
+        return message.replace("model.name_or_path", "model"), "model"
+    return message, None
+
+
+def _check_model(model: str) -> None:
+    """Refuse a base model that ``generate`` would fail to load: a folder that is missing or no model, a hub id an
+    offline machine (HF_HUB_OFFLINE) has not downloaded. Nothing is downloaded here: online, the process does."""
+    from zimage_lora.models import hub
+    from zimage_lora.models.refs import is_hub_id
+
+    if is_hub_id(model) and not Path(model).expanduser().exists() and not hub.offline():
+        return
+    try:
+        hub.resolve_model_dir(model, key="model.name_or_path")
+    except UserError as e:
+        message, _ = playground_error(str(e))
+        raise ApiError(422, message, "model") from None
+
+
+def generation_summary(ui: Ui, row: dict[str, Any]) -> dict[str, Any]:
+    """A generation as the API shows it: the request it was queued with, its state, images and error (the loader's
+    sentence in the request's terms, with ``field``; the whole log at ``log``)."""
+    gen_id = row["id"]
+    folder = ui.runner.gen_dir(gen_id)
+    images = sorted(p.name for p in folder.glob("*.png")) if row["status"] == "done" else []
+    error, field = row["error"], None
+    headline = error_headline(error.splitlines()) if error else None
+    if headline:
+        error, field = playground_error(headline)
+    return {
+        "id": gen_id,
+        "status": row["status"],
+        "request": {key: value for key, value in row["request"].items() if key != "args"},
+        "created": row["created"],
+        "started": row["started"],
+        "finished": row["finished"],
+        "images": [_url("files", "generations", gen_id, image) for image in images],
+        "error": error,
+        "field": field,
+        "log": _url("files", "generations", gen_id, "gen.log") if (folder / "gen.log").is_file() else None,
+    }
 
 
 def _outside_lora(path: Path, file: str, listed: str, source: str, folder: str) -> dict[str, Any]:

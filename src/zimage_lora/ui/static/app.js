@@ -5,7 +5,7 @@
 // so leaving the page stops them. The JSON API it talks to is described in docs/ui-api.md. login.html loads this
 // file too and gets only the sign-in behaviour.
 
-import { h, put, add, errorBox, ViewContext } from './lib.js';
+import { h, put, add, api, post, toast, errorBox, ViewContext } from './lib.js';
 import { jobsView, jobView } from './jobs.js';
 import { jobEditorView } from './editor.js';
 import { comparisonView } from './compare.js';
@@ -102,9 +102,33 @@ function initLogin() {
   });
 }
 
+// Sign out, offered when this browser signed in with the server's token: the server forgets the session, so the
+// cookie is no use to anyone after.
+async function initSignOut() {
+  const button = document.querySelector('[data-testid="sign-out"]');
+  if (!button) return;
+  try {
+    const session = await api('/api/session');
+    button.hidden = !session.signed_in;
+  } catch {
+    return; // an older server, or none: nothing to offer
+  }
+  button.addEventListener('click', async () => {
+    button.disabled = true;
+    try {
+      await post('/api/logout');
+      location.href = '/login';
+    } catch (error) {
+      button.disabled = false;
+      toast(`Sign out failed: ${error.message}`, 'error');
+    }
+  });
+}
+
 if (document.body.dataset.page === 'login') {
   initLogin();
 } else {
   window.addEventListener('hashchange', route);
   route();
+  initSignOut();
 }

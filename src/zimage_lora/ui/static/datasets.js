@@ -1,5 +1,6 @@
 // Datasets (#/datasets) and one dataset (#/datasets/<name>): upload (picker or drag and drop), thumbnails,
-// captions edited in place, deleting images, captioning by a model (captions.js), and the `dataset check` report.
+// captions edited in place, deleting images and orphan captions (a .txt without its image), captioning by a model
+// (captions.js), and the `dataset check` problems grouped by kind, the fatal ones first.
 
 import {
   h, put, add, enc, fmtBytes, ApiError, api, post, toast, pageHeader, errorBox, confirmByName,
@@ -81,6 +82,15 @@ export async function datasetsView(ctx, root) {
 export async function datasetView(ctx, root, name) {
   const url = (suffix = '') => `/api/datasets/${enc(name)}${suffix}`;
   const grid = h('div', { class: 'thumb-grid', 'data-testid': 'image-grid' });
+  const orphanList = h('ul', { class: 'orphan-list' });
+  const orphanCount = h('span', { class: 'muted' });
+  const orphans = h(
+    'div',
+    { class: 'orphans', hidden: true, 'data-testid': 'orphan-captions' },
+    h('h3', {}, 'Orphan captions ', orphanCount),
+    h('p', { class: 'help' }, 'These .txt files have no image of the same name, so training never reads them: upload the image (same name), or delete the caption.'),
+    orphanList,
+  );
   const count = h('span', { class: 'muted', 'data-testid': 'dataset-count' }, '');
   const fileInput = h('input', {
     id: 'upload-input',
@@ -107,9 +117,14 @@ export async function datasetView(ctx, root, name) {
     const show = (result) => {
       const saved = result.saved || [];
       const rejected = result.rejected || [];
+      const lonely = result.orphan_captions || []; // captions saved without an image of their name
+      const files = `${saved.length} file${saved.length === 1 ? '' : 's'}`;
       put(
         uploadResult,
-        h('p', { class: saved.length ? 'ok' : 'muted' }, `Saved ${saved.length} file${saved.length === 1 ? '' : 's'}.`),
+        h('p', { class: saved.length ? 'ok' : 'muted' }, lonely.length ? `Saved ${files}, but ${lonely.length === 1 ? 'a caption has' : `${lonely.length} captions have`} no image:` : `Saved ${files}.`),
+        lonely.length
+          ? h('ul', { class: 'warning-list', 'data-testid': 'upload-orphans' }, lonely.map((o) => h('li', {}, o.message)))
+          : null,
         rejected.length
           ? h('ul', { class: 'error-list', 'data-testid': 'upload-rejected' }, rejected.map((r) => h('li', {}, `${r.file}: ${r.error}`)))
           : null,
@@ -143,7 +158,7 @@ export async function datasetView(ctx, root, name) {
   // --- dataset check ---
   const resInput = h('input', { id: 'check-resolutions', type: 'text', value: '512,768,1024', 'data-testid': 'check-resolutions' });
   const triggerInput = h('input', { id: 'check-trigger', type: 'text', placeholder: 'optional', 'data-testid': 'check-trigger' });
-  const report = h('div', { class: 'check-report', 'aria-live': 'polite' });
+  const report = h('div', { class: 'check-report', 'aria-live': 'polite', 'data-testid': 'check-result' });
   const checkForm = h(
     'form',
     { class: 'inline-form' },
@@ -160,18 +175,13 @@ export async function datasetView(ctx, root, name) {
       const params = new URLSearchParams({ resolutions: resInput.value.replace(/\s+/g, '') });
       if (triggerInput.value.trim()) params.set('trigger', triggerInput.value.trim());
       const result = await api(url(`/check?${params}`));
-      put(report, 
-        (result.problems || []).length
-          ? h('ul', { class: 'error-list', 'data-testid': 'check-problems' }, result.problems.map((p) => h('li', { class: p.fatal ? 'fatal' : '', 'data-kind': p.kind }, p.message)))
-          : h('p', { class: 'ok', 'data-testid': 'check-problems' }, 'No problems found.'),
-        h('pre', { class: 'log', 'data-testid': 'check-report' }, result.report || ''),
-      );
+      if (ctx.alive) put(report, ...checkResult(result));
     } catch (error) {
       put(report, errorBox(error.message, 'check-error'));
     }
   });
 
-  const deleteButton = h(
+  const deleteDataset = h(
     'button',
     {
       type: 'button',
@@ -206,10 +216,10 @@ export async function datasetView(ctx, root, name) {
       'div',
       { class: 'page-header' },
       h('h1', {}, h('a', { href: '#/datasets', class: 'crumb' }, 'Datasets'), ' / ', h('span', { 'data-testid': 'dataset-name' }, name), ' ', count),
-      h('div', { class: 'actions' }, deleteButton),
+      h('div', { class: 'actions' }, deleteDataset),
     ),
     h('section', { class: 'card' }, h('h2', {}, 'Upload'), drop, uploadResult),
-    h('section', { class: 'card' }, h('h2', {}, 'Images and captions'), grid),
+    h('section', { class: 'card' }, h('h2', {}, 'Images and captions'), grid, orphans),
     captioning,
     h('section', { class: 'card' }, h('h2', {}, 'Check'), h('p', { class: 'help' }, 'Runs `zimage-lora dataset check`: sizes, captions, duplicates, buckets.'), checkForm, report),
   );
@@ -262,28 +272,8 @@ export async function datasetView(ctx, root, name) {
         save();
       }
     });
-    let armed = null;
-    const remove = h('button', { type: 'button', class: 'small ghost', 'data-testid': `delete-image-${image.file}` }, 'Delete');
-    remove.addEventListener('click', async () => {
-      if (!armed) {
-        remove.textContent = 'Click again to delete';
-        remove.classList.add('danger');
-        armed = setTimeout(() => {
-          armed = null;
-          remove.textContent = 'Delete';
-          remove.classList.remove('danger');
-        }, 4000);
-        return;
-      }
-      clearTimeout(armed);
-      try {
-        await api(url(`/images/${enc(image.file)}`), { method: 'DELETE' });
-        toast(`Deleted ${image.file}`);
-        await refresh();
-      } catch (error) {
-        toast(error.message, 'error');
-      }
-    });
+    const remove = deleteFileButton(image.file, `delete-image-${image.file}`, url(`/images/${enc(image.file)}`));
+    const size = image.width ? `${image.width}×${image.height} · ` : '';
     const card = h(
       'figure',
       { class: 'thumb-card', 'data-testid': `image-card-${image.file}` },
@@ -291,8 +281,8 @@ export async function datasetView(ctx, root, name) {
       h(
         'figcaption',
         {},
-        h('div', { class: 'file-line' }, h('span', { class: 'mono file' }, image.file), remove),
-        h('div', { class: 'muted small' }, `${image.width}×${image.height} · ${fmtBytes(image.bytes)}`),
+        h('span', { class: 'mono file-name', title: image.file }, image.file),
+        h('div', { class: 'file-meta' }, h('span', { class: 'muted small' }, `${size}${fmtBytes(image.bytes)}`), remove),
         h('label', { for: id, class: 'sr-only' }, `Caption for ${image.file}`),
         caption,
         status,
@@ -300,6 +290,47 @@ export async function datasetView(ctx, root, name) {
     );
     card.isEditing = () => document.activeElement === caption || caption.value !== saved;
     return card;
+  }
+
+  /** A Delete button for `file` that asks for a second click (for 4 s), then deletes `target` and refreshes. */
+  function deleteFileButton(file, testid, target) {
+    let armed = null;
+    const button = h('button', { type: 'button', class: 'small ghost delete-button', 'data-testid': testid, 'aria-label': `Delete ${file}` }, 'Delete');
+    const disarm = () => {
+      armed = null;
+      button.textContent = 'Delete';
+      button.setAttribute('aria-label', `Delete ${file}`);
+      button.classList.remove('danger');
+    };
+    button.addEventListener('click', async () => {
+      if (!armed) {
+        button.textContent = 'Click again to delete';
+        button.setAttribute('aria-label', `Click again to delete ${file}`);
+        button.classList.add('danger');
+        armed = setTimeout(disarm, 4000);
+        return;
+      }
+      clearTimeout(armed);
+      disarm();
+      try {
+        await api(target, { method: 'DELETE' });
+        toast(`Deleted ${file}`);
+        await refresh();
+      } catch (error) {
+        toast(error.message, 'error');
+      }
+    });
+    return button;
+  }
+
+  function orphanRow(orphan) {
+    return h(
+      'li',
+      { class: 'orphan', 'data-testid': `orphan-caption-${orphan.file}` },
+      h('span', { class: 'mono file-name', title: orphan.message }, orphan.file),
+      h('span', { class: 'muted small orphan-text', title: orphan.caption }, orphan.caption || '(empty)'),
+      deleteFileButton(orphan.file, `delete-orphan-${orphan.file}`, url(`/captions/${enc(orphan.file)}`)),
+    );
   }
 
   async function refresh() {
@@ -323,7 +354,79 @@ export async function datasetView(ctx, root, name) {
     });
     for (const file of [...cards.keys()]) if (!seen.has(file)) cards.delete(file);
     put(grid, ...(nodes.length ? nodes : [h('p', { class: 'muted' }, 'No images yet: upload some above.')]));
+    const lonely = data.orphan_captions || [];
+    orphanCount.textContent = `(${lonely.length})`;
+    put(orphanList, ...lonely.map(orphanRow));
+    orphans.hidden = !lonely.length;
   }
 
   await refresh();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The dataset check, as the page shows it
+// ---------------------------------------------------------------------------------------------------------------
+
+const FILES_SHOWN = 6; // a group lists this many files until "Show all" is pressed
+
+/** The check's answer: a summary line, one block per kind of problem (fatal ones first, as errors), and the
+ * printed report folded away. */
+function checkResult(result) {
+  const groups = result.groups || [];
+  const images = `${result.trainable} of ${result.images} image${result.images === 1 ? '' : 's'} can train at one of the resolutions`;
+  return [
+    h('p', { class: 'check-summary', 'data-testid': 'check-summary' }, groups.length ? `${images}. Problems by kind:` : `${images}.`),
+    groups.length
+      ? h('div', { class: 'check-groups', 'data-testid': 'check-problems' }, groups.map(problemGroup))
+      : h('p', { class: 'ok', 'data-testid': 'check-problems' }, 'No problems found.'),
+    h(
+      'details',
+      { class: 'check-full', 'data-testid': 'check-full-report' },
+      h('summary', {}, 'Full report (as zimage-lora dataset check prints it)'),
+      h('pre', { class: 'log', 'data-testid': 'check-report' }, result.report || ''),
+    ),
+  ];
+}
+
+function problemGroup(group, index) {
+  const headingId = `check-group-${index}`;
+  const filesId = `check-files-${index}`;
+  const items = group.items || [];
+  const files = h('p', { class: 'check-files', id: filesId, 'data-testid': `check-files-${group.key}` });
+  const show = (all) => {
+    const shown = all ? items : items.slice(0, FILES_SHOWN);
+    put(files, ...shown.flatMap((item, i) => [i ? ', ' : '', h('span', { class: 'mono', title: item.detail || '' }, item.label)]), shown.length < items.length ? ` … and ${items.length - shown.length} more` : '');
+  };
+  show(false);
+  let more = null;
+  if (items.length > FILES_SHOWN) {
+    more = h('button', { type: 'button', class: 'small ghost', 'aria-expanded': 'false', 'aria-controls': filesId, 'data-testid': `check-more-${group.key}` }, `Show all ${items.length}`);
+    more.addEventListener('click', () => {
+      const all = more.getAttribute('aria-expanded') !== 'true';
+      show(all);
+      more.setAttribute('aria-expanded', String(all));
+      more.textContent = all ? 'Show fewer' : `Show all ${items.length}`;
+    });
+  }
+  return h(
+    'section',
+    {
+      class: `check-group ${group.fatal ? 'check-fatal' : 'check-warning'}`,
+      role: group.fatal ? 'alert' : null,
+      'aria-labelledby': headingId,
+      'data-testid': `check-group-${group.key}`,
+      'data-kind': group.kind,
+    },
+    h(
+      'h3',
+      { id: headingId },
+      h('span', { class: 'check-level' }, group.fatal ? 'Error' : 'Warning'),
+      ' ',
+      group.title,
+      items.length ? h('span', { class: 'check-count' }, ` (${items.length})`) : null,
+    ),
+    h('p', { class: 'check-hint' }, group.hint),
+    items.length ? files : null,
+    more,
+  );
 }

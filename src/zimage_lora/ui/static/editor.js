@@ -161,6 +161,35 @@ function toYaml(value, indent = '') {
   return scalar(value);
 }
 
+// What a list field holds, for "add at least one ..." (the CLI says "needs at least 1 item, got 0").
+const LIST_NOUNS = { datasets: 'dataset', 'sample.prompts': 'prompt', resolutions: 'resolution', 'target.only_if_contains': 'name' };
+const BOUND_WORDS = { '>=': 'at least', '>': 'more than', '<=': 'at most', '<': 'less than' };
+
+/** The CLI's message for a field (its key prefix already gone), said in the form's terms: what to type or choose,
+ * never a schema type or a `null`. */
+export function formMessage(key, message) {
+  const shown = (value) => (value === 'null' || value === "''" ? 'it is empty' : `you entered ${value}`);
+  let m = message.match(/^expected a (whole |finite )?number, got (.*)$/);
+  if (m) return `Type a ${m[1] || ''}number here (${shown(m[2])}).`;
+  m = message.match(/^needs at least (\d+) items?, got \d+$/);
+  if (m) {
+    const noun = LIST_NOUNS[String(key).replace(/\[\d+\]/g, '').split('.').slice(-2).join('.')] || LIST_NOUNS[String(key).split('.').pop()] || 'entry';
+    return m[1] === '1' ? `Add at least one ${noun}.` : `Add at least ${m[1]} ${noun}s.`;
+  }
+  m = message.match(/^must be (>=|>|<=|<) (\S+), got (.*)$/);
+  const plain = (text) => (/^-?\d+(\.\d+)?([eE][-+]?\d+)?$/.test(text) ? String(Number(text)) : text); // 0.0 -> 0
+  if (m) return `Must be ${BOUND_WORDS[m[1]]} ${plain(m[2])} (${shown(plain(m[3]))}).`;
+  m = message.match(/^must be a multiple of (\d+), got (.*)$/);
+  if (m) return `Must be a multiple of ${m[1]} (${shown(m[2])}).`;
+  m = message.match(/^required but missing(?: \((.*)\))?$/);
+  if (m) return m[1] ? `Required: ${m[1]}` : 'Required: fill this in.';
+  m = message.match(/^(.*) is not one of (.*)$/);
+  if (m) return `Choose one of ${m[2]} (${shown(m[1])}).`;
+  m = message.match(/^expected text, got (.*)$/);
+  if (m) return `Type some text here (${shown(m[1])}).`;
+  return message;
+}
+
 function uniqueName(base, taken) {
   const stem = base.replace(/[^A-Za-z0-9._-]/g, '_').slice(0, 56) || 'my_lora';
   if (!taken.has(stem)) return stem;
@@ -228,6 +257,9 @@ class JobEditor {
     this.slots = new Map(); // error key -> {err, control, wrap}
     this.widgets = []; // {key, sync()}
     this.validationSeq = 0;
+    this.localErrors = new Map(); // key -> message, for what the browser alone knows (letters in a number box)
+    this.lastErrors = [];
+    this.lastWarnings = [];
     this.tab = 'form';
     this.scheduleValidate = debounce(() => this.validate(), 350);
     ctx.onCleanup(() => this.scheduleValidate.cancel());
@@ -559,8 +591,15 @@ class JobEditor {
         'data-testid': testid,
       });
       control.addEventListener('input', () => {
+        // Letters in a number box: the browser reports no value at all (badInput); say so here, keep the last number.
+        if (control.validity.badInput) {
+          this.localErrors.set(key, 'Type a number here: digits, a point, or a form like 1e-4.');
+          this.showErrors(this.lastErrors, this.lastWarnings);
+          return;
+        }
+        this.localErrors.delete(key);
         const text = control.value.trim();
-        if (text === '') set(nullable ? null : null);
+        if (text === '') set(null);
         else set(Number.isFinite(Number(text)) ? Number(text) : text);
       });
       sync = () => {
@@ -697,11 +736,18 @@ class JobEditor {
       const known = [...choice.options].some((o) => o.value && o.value === value);
       choice.value = known ? value : '';
     };
+    input.placeholder = 'models/my_adapter.safetensors, or owner/repo/file.safetensors on the hub';
     choice.addEventListener('change', () => {
       if (choice.value) {
         this.config.model.training_adapter = choice.value;
         input.value = choice.value;
       } else {
+        // Another file: the published adapter's path leaves the field, so what is typed there is what is used.
+        const published = [...choice.options].some((o) => o.value && o.value === input.value);
+        if (published) {
+          input.value = '';
+          this.config.model.training_adapter = null;
+        }
         input.focus();
       }
       this.changed();
@@ -1172,6 +1218,10 @@ class JobEditor {
   }
 
   showErrors(errors, warnings = []) {
+    this.lastErrors = errors;
+    this.lastWarnings = warnings;
+    const local = [...this.localErrors].map(([key, message]) => ({ key, message }));
+    errors = [...local, ...errors.filter((e) => !this.localErrors.has(normKey(e.key)))];
     for (const slot of this.slots.values()) {
       slot.err.hidden = true;
       slot.err.textContent = '';
@@ -1196,9 +1246,10 @@ class JobEditor {
       const key = normKey(error.key);
       const slot = key ? this.findSlot(key) : null;
       const prefix = `${error.key}: `;
-      const message = error.message?.startsWith(prefix) ? error.message.slice(prefix.length) : error.message;
+      const bare = error.message?.startsWith(prefix) ? error.message.slice(prefix.length) : error.message;
+      const message = formMessage(key, bare);
       if (!slot) {
-        general.push(error);
+        general.push({ key: error.key, message: error.key ? `${error.key}: ${message}` : message });
         continue;
       }
       slot.err.hidden = false;

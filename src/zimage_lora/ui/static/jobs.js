@@ -4,10 +4,11 @@
 
 import {
   h, put, add, enc, fmtBytes, fmtDuration, fmtTime, fmtNumber, api, post, toast, statusBadge, progressBar,
-  setProgress, pageHeader, confirmByName, confirmAction, START_OVER_TEXT, askText,
+  setProgress, pageHeader, confirmByName, confirmAction, START_OVER_TEXT,
 } from './lib.js';
-import { drawLossChart, drawScoresChart } from './charts.js';
+import { runCharts } from './charts.js';
 import { compareDialog, comparisonsTable } from './compare.js';
+import { openSampleViewer } from './viewer.js';
 
 // ---------------------------------------------------------------------------------------------------------------
 // Jobs list
@@ -130,9 +131,14 @@ export async function jobView(ctx, root, name) {
   const lossText = h('strong', { class: 'mono', 'data-testid': 'job-loss' }, '–');
   const deviceText = h('strong', { class: 'mono', 'data-testid': 'job-device' }, '–');
   const bar = progressBar(0, 0);
-  const errorLine = h('p', { class: 'error-box', role: 'alert', hidden: true, 'data-testid': 'job-error' });
+  // A failed run: the line that says why on its own, first; how it ended and the log's last lines below, folded.
+  const errorHeadline = h('p', { class: 'error-headline', 'data-testid': 'job-error-headline' });
+  const errorDetails = h('pre', { class: 'error-log', 'data-testid': 'job-error-log' });
+  const errorMore = h('details', { class: 'error-more' }, h('summary', {}, 'How it ended, and the last log lines'), errorDetails);
+  const errorLine = h('div', { class: 'error-box', role: 'alert', hidden: true, 'data-testid': 'job-error' }, errorHeadline, errorMore);
   const chart = h('div', { class: 'chart', 'data-testid': 'loss-chart' });
   const scoresChart = h('div', { class: 'chart', 'data-testid': 'scores-chart' });
+  const charts = runCharts(chart, scoresChart, name); // one step axis: hover, zoom, smoothing, log scale
   const logBox = h('pre', { class: 'log', 'data-testid': 'job-log', tabindex: 0, 'aria-label': 'Trainer log' });
   const samplesBox = h('div', { class: 'samples', 'data-testid': 'samples' }, h('p', { class: 'muted' }, 'No samples yet.'));
   const sheetBox = h('div', { class: 'contact-sheet', 'data-testid': 'contact-sheet' });
@@ -163,7 +169,10 @@ export async function jobView(ctx, root, name) {
       'Start',
       async () => {
         if (state.job && state.job.status !== 'draft') {
-          const ok = await confirmAction({ title: `Start ${name} over?`, text: START_OVER_TEXT, action: 'Start over' });
+          const text = state.job.resumable
+            ? START_OVER_TEXT
+            : 'Starting again discards this run’s samples and logs and trains from step 0 (nothing was saved to resume from).';
+          const ok = await confirmAction({ title: `Start ${name} over?`, text, action: 'Start over' });
           if (!ok) return;
         }
         await request('start', 'Queued: it starts when its device is free')();
@@ -201,15 +210,9 @@ export async function jobView(ctx, root, name) {
       const created = await compareDialog(state.job);
       if (created) location.hash = `#/comparisons/${enc(created)}`;
     }),
-    action('clone', 'Clone', async () => {
-      const target = await askText({ title: `Clone ${name}`, label: 'Name of the new job', value: `${name}-copy`, action: 'Clone' });
-      if (!target) return;
-      try {
-        const created = await post(url('/clone'), { name: target });
-        location.hash = `#/jobs/${enc(created?.name || target)}/edit`;
-      } catch (error) {
-        toast(error.message, 'error');
-      }
+    // The copy opens in the new-job form; nothing is created until its Create button (leaving the form leaves no job).
+    action('clone', 'Clone', () => {
+      location.hash = `#/jobs/new?from=${enc(`job:${name}`)}`;
     }),
     action(
       'delete',
@@ -254,7 +257,7 @@ export async function jobView(ctx, root, name) {
     h(
       'div',
       { class: 'grid-2' },
-      h('section', { class: 'card' }, h('h2', {}, 'Loss'), chart),
+      h('section', { class: 'card' }, h('h2', {}, 'Loss'), charts.controls, chart),
       h('section', { class: 'card' }, h('h2', {}, 'Preview scores'), scoresChart),
     ),
     h('section', { class: 'card' }, h('h2', {}, 'Log'), logBox),
@@ -301,12 +304,15 @@ export async function jobView(ctx, root, name) {
     deviceText.textContent = job.device || '–';
     setProgress(bar, job.step, job.steps);
     errorLine.hidden = !job.error;
-    errorLine.textContent = job.error || '';
+    const [headline, ...rest] = (job.error || '').split('\n');
+    errorHeadline.textContent = headline;
+    errorDetails.textContent = rest.join('\n');
+    errorMore.hidden = !rest.length;
     if (job.yaml && yamlBox.textContent !== job.yaml) yamlBox.textContent = job.yaml;
     const status = job.status;
     const show = {
       start: ['draft', 'done', 'failed', 'stopped'].includes(status),
-      resume: ['stopped', 'failed'].includes(status),
+      resume: ['stopped', 'failed'].includes(status) && job.resumable, // nothing saved: Start over only
       stop: ['queued', 'running'].includes(status),
       force: status === 'stopping',
       save: status === 'running',
@@ -335,8 +341,7 @@ export async function jobView(ctx, root, name) {
     requestAnimationFrame(() => {
       drawPending = false;
       const rows = [...state.metrics.values()].sort((a, b) => a.step - b.step);
-      drawLossChart(chart, rows);
-      drawScoresChart(scoresChart, rows);
+      charts.update(rows);
     });
   }
 
@@ -362,6 +367,7 @@ export async function jobView(ctx, root, name) {
     if (key === state.samplesKey) return;
     state.samplesKey = key;
     const samples = data.samples || [];
+    state.samples = samples; // what the open sample viewer steps through
     const byStep = new Map();
     for (const s of samples) {
       if (!byStep.has(s.step)) byStep.set(s.step, []);
@@ -384,7 +390,7 @@ export async function jobView(ctx, root, name) {
                   .map((s) =>
                     h(
                       'a',
-                      { href: s.url, target: '_blank', rel: 'noopener' },
+                      { href: s.url, target: '_blank', rel: 'noopener', 'data-testid': `sample-link-${step}-${s.index}`, onclick: (e) => openViewer(e, s) },
                       h('img', { src: s.url, alt: `Sample ${s.index + 1} at step ${step}`, loading: 'lazy', 'data-testid': 'sample-image' }),
                     ),
                   ),
@@ -393,6 +399,7 @@ export async function jobView(ctx, root, name) {
           )
         : [h('p', { class: 'muted' }, 'No samples yet.')]),
     );
+    if (state.viewer) state.viewer.refresh();
     if (data.contact_sheet) {
       const src = data.contact_sheet; // carries a version: a rebuilt sheet gets a new URL
       put(sheetBox, 
@@ -403,6 +410,24 @@ export async function jobView(ctx, root, name) {
       sheetBox.replaceChildren();
     }
   }
+
+  // A plain click (or Enter) on a preview opens the sample viewer (viewer.js); a middle or modified click opens the file.
+  function openViewer(event, sample) {
+    if (event.button !== 0 || event.ctrlKey || event.metaKey || event.shiftKey || event.altKey) return;
+    event.preventDefault();
+    const link = event.currentTarget;
+    const testid = `sample-link-${sample.step}-${sample.index}`;
+    state.viewer = openSampleViewer({
+      samples: () => state.samples,
+      start: sample,
+      totalSteps: () => state.job?.steps ?? null,
+      returnFocus: () => (link.isConnected ? link : samplesBox.querySelector(`[data-testid="${testid}"]`)),
+      onClose: () => {
+        state.viewer = null;
+      },
+    });
+  }
+  ctx.onCleanup(() => state.viewer?.close());
 
   function renderCheckpoints(list) {
     const key = JSON.stringify(list);

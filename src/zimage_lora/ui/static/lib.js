@@ -144,6 +144,10 @@ export const post = (path, body) => api(path, { method: 'POST', body: body === u
 export function toast(message, kind = 'info') {
   const box = document.getElementById('toasts');
   if (!box) return;
+  // Above a sticky action bar (the job form's Create/Save buttons), never over it.
+  const bar = document.querySelector('.sticky-actions');
+  const top = bar ? bar.getBoundingClientRect().top : window.innerHeight;
+  box.style.bottom = `${top > 0 && top < window.innerHeight ? window.innerHeight - top + 12 : 16}px`;
   const item = h('div', { class: `toast toast-${kind}`, 'data-testid': 'toast' }, message);
   add(box, item);
   setTimeout(() => item.remove(), kind === 'error' ? 8000 : 4000);
@@ -259,39 +263,6 @@ export function confirmAction({ title, text, action }) {
 
 export const START_OVER_TEXT =
   'Starting again discards this run’s checkpoints, samples and logs and trains from step 0. Resume continues instead.';
-
-/** A modal asking for one text value (a new name); resolves to the value or null. */
-export function askText({ title, label, value = '', action = 'OK' }) {
-  return new Promise((resolve) => {
-    const input = h('input', { id: 'ask-text', type: 'text', value, 'data-testid': 'ask-text' });
-    const ok = h('button', { type: 'submit', class: 'primary', 'data-testid': 'ask-ok' }, action);
-    const cancel = h('button', { type: 'button' }, 'Cancel');
-    const dialog = h(
-      'dialog',
-      { class: 'dialog', 'aria-labelledby': 'ask-title', 'data-testid': 'ask-dialog' },
-      h(
-        'form',
-        { method: 'dialog' },
-        h('h2', { id: 'ask-title' }, title),
-        h('label', { for: 'ask-text' }, label),
-        input,
-        h('div', { class: 'actions' }, cancel, ok),
-      ),
-    );
-    let result = null;
-    ok.addEventListener('click', () => {
-      result = input.value.trim() || null;
-    });
-    cancel.addEventListener('click', () => dialog.close());
-    dialog.addEventListener('close', () => {
-      dialog.remove();
-      resolve(result);
-    });
-    add(document.body, dialog);
-    dialog.showModal();
-    input.select();
-  });
-}
 
 /** What a view registers so that leaving its page stops its timers and streams. */
 export class ViewContext {

@@ -1,22 +1,61 @@
 // Playground (#/playground): generate with a base model and LoRAs (each with its weight); shows the queue state
 // (a generation waits while a job trains on the same device) and the images. LoRAs come from the jobs, from uploads
 // (DATA/loras) and from the read-only --lora-dir folders; each chosen LoRA shows what `lora inspect` reads of it
-// for the chosen base model (format, modules, ranks, trigger word) and what will not apply.
+// for the chosen base model (format, modules, ranks, trigger word) and what will not apply. Past generations
+// (GET /api/generations) are listed under the form, newest first; those still queued or running are followed.
+// Generate stays disabled until the generation it queued has ended; an empty base model is the architecture's
+// default (the placeholder shows which); the server's refusals are said once, beside the button, in the form's
+// words (its field labels, not the API's keys).
 
-import { h, put, add, enc, api, post, debounce, pageHeader, errorBox, ApiError } from './lib.js';
+import { h, put, add, enc, api, post, debounce, fmtTime, pageHeader, errorBox, ApiError } from './lib.js';
 
 // ---------------------------------------------------------------------------------------------------------------
 // Playground: generate with a base model and LoRAs
 // ---------------------------------------------------------------------------------------------------------------
 
 const PLAYGROUND_KEY = 'zimage-lora.playground';
+const PENDING_KEY = 'zimage-lora.playground.pending'; // the generation this tab's Generate waits for (a reload keeps it)
+const HISTORY_PAGE = 12; // past generations shown at first, and added by each "Show more"
+const POLL_MS = 1000;
+
+// The form's labels of the request's fields (the API's `field`), so that an error names what the user sees.
+const LABELS = {
+  model: 'Base model',
+  arch: 'Architecture',
+  prompt: 'Prompt',
+  negative_prompt: 'Negative prompt',
+  width: 'Width',
+  height: 'Height',
+  steps: 'Steps',
+  guidance: 'Guidance',
+  seed: 'Seed',
+  count: 'Images',
+  device: 'Device',
+  quantize: 'Quantize weights',
+  compile: 'torch.compile',
+  fuse: 'Fuse LoRAs',
+};
+
+function fieldLabel(field) {
+  const lora = /^loras\.(\d+)\.(path|weight)$/.exec(field || '');
+  if (lora) return `LoRA ${Number(lora[1]) + 1}${lora[2] === 'weight' ? ' weight' : ''}`;
+  return LABELS[field] || null;
+}
+
+/** An API sentence that starts with the request's field name ("model: ...", "width: ..."), with the form's label. */
+function inFieldTerms(message, field) {
+  const label = fieldLabel(field);
+  if (!label || !message || !message.startsWith(field)) return message;
+  return label + message.slice(field.length);
+}
 
 export async function playgroundView(ctx, root) {
-  const [schema, modelData, loraData, deviceData] = await Promise.all([
+  const [schema, modelData, loraData, deviceData, historyData] = await Promise.all([
     api('/api/schema'),
     api('/api/models'),
     api('/api/loras'),
     api('/api/devices'),
+    api(`/api/generations?limit=${HISTORY_PAGE}`),
   ]);
   if (!ctx.alive) return;
   // the archs LoRAs are used with (a LoRA trained with the training adapter runs on plain Turbo)
@@ -34,7 +73,7 @@ export async function playgroundView(ctx, root) {
     h('div', { class: 'field' }, h('label', { for: id }, label), control, help ? h('p', { class: 'help' }, help) : null);
   const input = (id, props) => h('input', { id, 'data-testid': id, ...props });
 
-  const model = input('pg-model', { type: 'text', list: 'pg-models', spellcheck: 'false', placeholder: 'Tongyi-MAI/Z-Image-Turbo or a folder' });
+  const model = input('pg-model', { type: 'text', list: 'pg-models', spellcheck: 'false', 'aria-describedby': 'pg-model-help' });
   const modelList = h(
     'datalist',
     { id: 'pg-models' },
@@ -71,14 +110,17 @@ export async function playgroundView(ctx, root) {
   );
   const compile = h('input', { type: 'checkbox', id: 'pg-compile', 'data-testid': 'pg-compile' });
   const fuse = h('input', { type: 'checkbox', id: 'pg-fuse', 'data-testid': 'pg-fuse', checked: true });
+  // empty = the arch's default model, which the server takes from the same registry (/api/schema's archs)
+  const defaultModel = () => archs[arch.value]?.default_model || '';
   const archDefaults = () => {
     const info = archs[arch.value] || {};
     if (info.sample_steps !== undefined) steps.value = String(info.sample_steps);
     if (info.sample_guidance !== undefined) guidance.value = String(info.sample_guidance);
+    model.placeholder = defaultModel();
   };
   arch.addEventListener('change', () => {
-    const before = model.value;
-    if (!before || Object.values(archs).some((a) => a.default_model === before)) model.value = archs[arch.value]?.default_model || before;
+    // a typed default model follows the architecture; an empty field stays empty (its placeholder follows)
+    if (Object.values(archs).some((a) => a.default_model === model.value)) model.value = archs[arch.value]?.default_model || model.value;
     archDefaults();
   });
 
@@ -296,8 +338,11 @@ export async function playgroundView(ctx, root) {
   renderLoras();
 
   const generate = h('button', { type: 'submit', class: 'primary', 'data-testid': 'pg-generate' }, 'Generate');
-  const formError = h('p', { class: 'field-error', hidden: true, 'data-testid': 'pg-error' });
+  const formError = h('p', { class: 'field-error pg-error', role: 'alert', hidden: true, 'data-testid': 'pg-error' });
   const results = h('div', { class: 'results', 'data-testid': 'pg-results' });
+  const noResults = h('p', { class: 'muted', 'data-testid': 'pg-no-results' }, 'No generations yet: they are listed here, newest first.');
+  const more = h('button', { type: 'button', class: 'small', hidden: true, 'data-testid': 'pg-more' }, 'Show more');
+  const moreError = h('div', { 'aria-live': 'polite' });
   const num = (el) => (el.value === '' ? null : Number(el.value));
   const form = h(
     'form',
@@ -305,9 +350,15 @@ export async function playgroundView(ctx, root) {
     h(
       'div',
       { class: 'fields' },
-      field('pg-model', 'Base model', model, 'A folder under DATA/models, a local path or a hub id.'),
+      h(
+        'div',
+        { class: 'field' },
+        h('label', { for: 'pg-model' }, 'Base model'),
+        model,
+        h('p', { class: 'help', id: 'pg-model-help' }, 'A folder under DATA/models, a local path or a hub id; empty: the architecture’s default (shown greyed).'),
+      ),
       modelList,
-      field('pg-arch', 'Architecture', arch, 'Sets the default steps and guidance.'),
+      field('pg-arch', 'Architecture', arch, 'Sets the default steps, guidance and base model.'),
     ),
     h('h2', {}, 'LoRAs'),
     loraRows,
@@ -329,20 +380,68 @@ export async function playgroundView(ctx, root) {
       field('pg-compile', 'torch.compile', compile, 'Slow first image, faster after: for batches.'),
       field('pg-fuse', 'Fuse LoRAs', fuse, 'Into the weights: no cost per step. Off: branches, as the previews run them.'),
     ),
-    formError,
-    h('div', { class: 'actions' }, generate),
+    h('div', { class: 'actions' }, formError, generate),
   );
+  const controls = {
+    model,
+    arch,
+    prompt,
+    negative_prompt: negative,
+    width,
+    height,
+    steps,
+    guidance,
+    seed,
+    count,
+    device,
+    quantize,
+    compile,
+    fuse,
+  };
+
+  // --- the error beside the button (once; the field it is about marked) ---
+  let invalid = null;
+  function showError(error) {
+    const message = error instanceof ApiError ? inFieldTerms(error.message, error.field) : error.message || String(error);
+    formError.textContent = message;
+    formError.hidden = false;
+    invalid = controls[error instanceof ApiError ? error.field : ''] || null;
+    if (invalid) {
+      invalid.setAttribute('aria-invalid', 'true');
+      invalid.addEventListener('input', clearError, { once: true });
+    }
+    formError.scrollIntoView({ block: 'nearest' });
+  }
+  function clearError() {
+    formError.hidden = true;
+    formError.textContent = '';
+    if (invalid) invalid.removeAttribute('aria-invalid');
+    invalid = null;
+  }
+
+  // --- Generate: disabled from the click until the generation it queued has ended, across a reload ---
+  let pending = null; // the id Generate waits for
+  function busy(on) {
+    generate.disabled = on;
+    generate.setAttribute('aria-busy', on ? 'true' : 'false');
+    generate.textContent = on ? 'Generating…' : 'Generate';
+  }
+  function wait(id) {
+    pending = id;
+    try {
+      if (id) sessionStorage.setItem(PENDING_KEY, id);
+      else sessionStorage.removeItem(PENDING_KEY);
+    } catch {
+      // private mode: a reload forgets it
+    }
+  }
   form.addEventListener('submit', async (event) => {
     event.preventDefault();
-    formError.hidden = true;
-    if (!model.value.trim()) {
-      formError.textContent = 'Base model: pick a folder from the list or type a hub id (owner/name).';
-      formError.hidden = false;
-      model.focus();
-      return;
-    }
+    if (generate.disabled) return; // Enter in a field while a generation runs
+    clearError();
+    busy(true);
     const request = {
-      model: model.value.trim() || null,
+      model: model.value.trim() || null, // null: the architecture's default (the placeholder)
       arch: arch.value,
       loras: chosen.filter((l) => l.path).map((l) => ({ path: l.path, weight: l.weight })),
       prompt: prompt.value,
@@ -363,59 +462,151 @@ export async function playgroundView(ctx, root) {
     } catch {
       // private mode: settings are just not remembered
     }
-    generate.disabled = true;
     try {
-      const { id } = await post('/api/generate', request);
-      watchGeneration(id, request);
+      const generation = await post('/api/generate', request);
+      if (!ctx.alive) return;
+      wait(generation.id);
+      if (!shown.has(generation.id)) total += 1; // else the same request was queued already: its card is followed
+      const card = show(generation, 'new');
+      showMore();
+      card.scrollIntoView({ block: 'nearest' });
+      if (generation.status === 'done' || generation.status === 'failed') ended(generation);
     } catch (error) {
-      formError.textContent = error.message;
-      formError.hidden = false;
-    } finally {
-      generate.disabled = false;
+      busy(false);
+      showError(error);
+    }
+  });
+  function ended(generation) {
+    if (generation.id !== pending) return;
+    wait(null);
+    busy(false);
+    if (generation.status === 'failed') shown.get(generation.id)?.card.scrollIntoView({ block: 'nearest' });
+  }
+
+  // --- the generations: new ones on top, the history below, those queued or running followed ---
+  const shown = new Map(); // id -> {card, status, update}
+  let total = historyData.total || 0; // every generation there is; those beyond the shown ones are older
+  const settings = (r) =>
+    [
+      `${r.width}×${r.height}`,
+      r.steps === null || r.steps === undefined ? 'default steps' : `${r.steps} step${r.steps === 1 ? '' : 's'}`,
+      r.guidance === null || r.guidance === undefined ? 'default guidance' : `guidance ${r.guidance}`,
+      `seed ${r.seed}`,
+      r.count > 1 ? `${r.count} images` : null,
+      r.loras && r.loras.length ? r.loras.map((l) => `${l.path.split('/').pop()} @ ${l.weight}`).join(', ') : 'no LoRA',
+      r.quantize && r.quantize !== 'none' ? `${r.quantize} weights` : null,
+      r.compile ? 'compiled' : null,
+    ]
+      .filter(Boolean)
+      .join(', ');
+  const NOTES = { queued: 'waiting for the device…', running: 'generating…' };
+
+  function show(g, where) {
+    if (shown.has(g.id)) {
+      shown.get(g.id).update(g);
+      return shown.get(g.id).card;
+    }
+    const request = g.request || {};
+    const status = h('span', { class: 'badge', 'data-testid': 'gen-status' });
+    const note = h('span', { class: 'muted' });
+    const images = h('div', { class: 'gen-images' });
+    const problem = h('div', {});
+    const card = h(
+      'article',
+      { class: 'card gen', 'data-testid': `gen-${g.id}`, 'aria-label': `Generation: ${request.prompt || 'empty prompt'}` },
+      h('div', { class: 'gen-head' }, status, note, h('time', { class: 'muted small gen-time', datetime: g.created }, fmtTime(g.created))),
+      h('p', { class: 'gen-prompt', 'data-testid': 'gen-prompt' }, request.prompt || h('em', {}, '(empty prompt)')),
+      h('p', { class: 'muted small', 'data-testid': 'gen-settings' }, settings(request)),
+      h('p', { class: 'muted small mono gen-model' }, [request.model || 'default model', request.arch].filter(Boolean).join(' · ')),
+      problem,
+      images,
+    );
+    let last = null;
+    const entry = { card, status: g.status };
+    entry.update = (next) => {
+      entry.status = next.status;
+      if (last === next.status) return;
+      last = next.status;
+      status.textContent = next.status;
+      status.className = `badge badge-${next.status}`;
+      note.textContent = NOTES[next.status] || '';
+      put(
+        images,
+        ...(next.images || []).map((src, i) =>
+          h('a', { href: src, target: '_blank', rel: 'noopener' }, h('img', { src, alt: `Generated image ${i + 1}: ${request.prompt || ''}`, 'data-testid': 'gen-image' })),
+        ),
+      );
+      put(
+        problem,
+        next.status === 'failed'
+          ? errorBox(inFieldTerms(next.error || 'The generation failed.', next.field), 'gen-error')
+          : null,
+        next.status === 'failed' && next.log
+          ? h('p', { class: 'small' }, h('a', { href: next.log, target: '_blank', rel: 'noopener', 'data-testid': 'gen-log' }, 'Its log'))
+          : null,
+      );
+    };
+    entry.update(g);
+    shown.set(g.id, entry);
+    noResults.hidden = true;
+    if (where === 'new') results.prepend(card);
+    else add(results, card);
+    return card;
+  }
+
+  // one poll for every generation still queued or running
+  ctx.every(POLL_MS, async () => {
+    for (const [id, entry] of shown) {
+      if (entry.status !== 'queued' && entry.status !== 'running') continue;
+      try {
+        const g = await api(`/api/generate/${enc(id)}`);
+        entry.status = g.status;
+        entry.update(g);
+        if (g.status === 'done' || g.status === 'failed') ended(g);
+      } catch (error) {
+        console.warn(error);
+      }
     }
   });
 
-  function watchGeneration(id, request) {
-    const status = h('span', { class: 'badge badge-queued', 'data-testid': 'gen-status' }, 'queued');
-    const note = h('span', { class: 'muted' }, 'waiting for the device…');
-    const images = h('div', { class: 'gen-images' });
-    const card = h(
-      'div',
-      { class: 'card gen', 'data-testid': `gen-${id}` },
-      h('div', { class: 'gen-head' }, status, ' ', note),
-      h('p', { class: 'gen-prompt' }, request.prompt || h('em', {}, '(empty prompt)')),
-      h('p', { class: 'muted small' }, `${request.width}×${request.height}, ${request.steps} steps, guidance ${request.guidance}, seed ${request.seed}` + (request.loras.length ? `, ${request.loras.map((l) => `${l.path.split('/').pop()} @ ${l.weight}`).join(', ')}` : ', no LoRA') + (request.quantize && request.quantize !== 'none' ? `, ${request.quantize} weights` : '') + (request.compile ? ', compiled' : '')),
-      images,
-    );
-    results.prepend(card);
-    const stop = { done: false };
-    const tick = async () => {
-      if (stop.done || !ctx.alive) return;
-      try {
-        const g = await api(`/api/generate/${enc(id)}`);
-        status.textContent = g.status;
-        status.className = `badge badge-${g.status === 'done' ? 'done' : g.status === 'failed' ? 'failed' : g.status}`;
-        note.textContent = { queued: 'waiting for the device…', running: 'generating…', done: '', failed: g.error || 'failed' }[g.status] ?? '';
-        if (g.status === 'done' || g.status === 'failed') {
-          stop.done = true;
-          put(images, 
-            ...(g.images || []).map((src, i) =>
-              h('a', { href: src, target: '_blank', rel: 'noopener' }, h('img', { src, alt: `Generated image ${i + 1}`, 'data-testid': 'gen-image' })),
-            ),
-          );
-          if (g.status === 'failed') add(images, errorBox(g.error || 'Generation failed.', 'gen-error'));
-          return;
-        }
-      } catch (error) {
-        note.textContent = error.message;
-      }
-      setTimeout(tick, 1000);
-    };
-    tick();
-    ctx.onCleanup(() => {
-      stop.done = true;
-    });
+  for (const g of historyData.generations || []) show(g, 'end');
+  function showMore() {
+    more.hidden = shown.size >= total;
+    more.textContent = `Show more (${Math.max(0, total - shown.size)} older)`;
+  }
+  more.addEventListener('click', async () => {
+    more.disabled = true;
+    put(moreError);
+    try {
+      const page = await api(`/api/generations?limit=${HISTORY_PAGE}&offset=${shown.size}`);
+      total = page.total;
+      for (const g of page.generations) show(g, 'end');
+    } catch (error) {
+      put(moreError, errorBox(`Could not load older generations: ${error.message}`, 'pg-more-error'));
+    } finally {
+      more.disabled = false;
+      showMore();
+    }
+  });
+  showMore();
+  noResults.hidden = shown.size > 0;
+  let waited = null;
+  try {
+    waited = sessionStorage.getItem(PENDING_KEY);
+  } catch {
+    waited = null;
+  }
+  if (waited && ['queued', 'running'].includes(shown.get(waited)?.status)) {
+    wait(waited);
+    busy(true);
+  } else if (waited) {
+    wait(null);
   }
 
-  add(root, pageHeader('Playground'), form, results);
+  add(
+    root,
+    pageHeader('Playground'),
+    form,
+    h('section', { class: 'pg-history', 'aria-labelledby': 'pg-history-title' }, h('h2', { id: 'pg-history-title' }, 'Generations'), noResults, results, h('div', { class: 'actions' }, more), moreError),
+  );
 }

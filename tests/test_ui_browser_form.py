@@ -9,6 +9,8 @@ import shutil
 import pytest
 from uibrowser import DEMO, TIMEOUT_MS, UiServer, by, new_page, shot
 
+from zimage_lora.models.devices import cuda_count
+
 
 @pytest.fixture(scope="module")
 def empty_ui(tmp_path_factory):
@@ -47,6 +49,9 @@ def test_the_new_job_form_speaks_the_fields_terms(browser, empty_ui):
         "no dataset chosen; there is none yet: create one on the Datasets page", timeout=TIMEOUT_MS
     )
     expect(page.locator("body")).not_to_contain_text("no images")
+    # The device picker offers what this machine has (no GPU here: auto and cpu), nothing it lacks.
+    gpus = [f"cuda:{index}" for index in range(cuda_count())]
+    expect(page.locator(f"{by('field-job.device')} label")).to_have_text(["auto", "cpu", *gpus])
 
     server.api("/api/datasets", "POST", {"name": "fox"})
     shutil.copy(DEMO / "fox_01.png", server.data / "datasets" / "fox" / "fox_01.png")

@@ -544,6 +544,9 @@ def test_token_login(browser, tmp_path):
         expect(page.locator(by("btn-resume"))).to_be_hidden()
         expect(page.locator(by("btn-start"))).to_have_text("Start over")
         shot(page, "09b-failed-job")
+        page.click(by("nav-jobs"))  # the list too: Start over, no Resume
+        expect(page.locator(by("job-start-guarded"))).to_have_text("Start over")
+        expect(page.locator(by("job-resume-guarded"))).to_have_count(0)
 
         # Sign out: back to the sign-in page, and the session the cookie named is gone for good.
         old = next(c["value"] for c in context.cookies() if c["name"] == "zl_token")
@@ -580,14 +583,6 @@ def compare_server(tmp_path_factory, tiny_model_dir, tiny_adapter):
     try:
         yield ui
     finally:
-        for held in ui.holds.glob("held-*"):
-            ui.release(held.name.removeprefix("held-"))
-        try:
-            for found in ui.api("/api/comparisons")["comparisons"]:
-                if found["status"] in ("queued", "running"):
-                    ui.api(f"/api/comparisons/{found['id']}/stop", "POST")
-        except Exception:  # noqa: BLE001 - best effort: the server may be gone already
-            pass
         ui.stop()
 
 

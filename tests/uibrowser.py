@@ -62,8 +62,9 @@ def free_port() -> int:
 
 
 class UiServer:
-    """``zimage-lora ui`` in its own process on a free port; ``stop`` also stops jobs it left running. ``devices``
-    replaces the machine's devices the UI offers (``ZIMAGE_LORA_UI_DEVICES``)."""
+    """``zimage-lora ui`` in its own process on a free port; ``stop`` also stops the jobs and comparisons it left
+    running (and lets held trainers go). ``devices`` replaces the machine's devices the UI offers
+    (``ZIMAGE_LORA_UI_DEVICES``)."""
 
     def __init__(self, data: Path, token: str | None = None, fault: str | None = None, devices: str | None = None):
         self.data = data
@@ -133,6 +134,9 @@ class UiServer:
             for job in self.api("/api/jobs")["jobs"]:
                 if job["status"] in ("queued", "running"):
                     self.api(f"/api/jobs/{job['name']}/stop", "POST")
+            for found in self.api("/api/comparisons")["comparisons"]:
+                if found["status"] in ("queued", "running"):
+                    self.api(f"/api/comparisons/{found['id']}/stop", "POST")
         except Exception:  # noqa: BLE001 - best effort: the server may be gone already
             pass
         self.process.terminate()

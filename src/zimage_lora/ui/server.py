@@ -557,6 +557,7 @@ def job_summary(ui: Ui, row: dict[str, Any], progress: dict[str, Any] | None = N
         "created": row["created"],
         "started": row["started"],
         "finished": row["finished"],
+        "resumable": _resumable(folder),
     }
 
 
@@ -571,7 +572,6 @@ def job_detail(ui: Ui, row: dict[str, Any]) -> dict[str, Any]:
         "error": row["error"],
         "exit_code": row["exit_code"],
         "log_tail": runs.log_tail(runs.log_path(folder), LOG_TAIL),
-        "resumable": _resumable(folder),
     }
 
 

@@ -24,6 +24,15 @@ const H = 240;
 const PAD = { left: 60, right: 24, top: 12, bottom: 40 };
 const PLOT_W = W - PAD.left - PAD.right;
 const PLOT_H = H - PAD.top - PAD.bottom;
+
+/** A chart's <svg>: focusable and described with its keys when the page lets one explore it (the job page), a plain
+ * image otherwise (a comparison's small charts). */
+function chartSvg(view, label, data, ...children) {
+  const keys = view.interactive ? ' Left and Right arrow keys move through the steps; drag across the chart to zoom.' : '';
+  const attrs = { viewBox: `0 0 ${W} ${H}`, role: view.interactive ? 'group' : 'img', 'aria-label': `${label}${keys}`, ...data };
+  if (view.interactive) attrs.tabindex = 0;
+  return svg('svg', attrs, ...children);
+}
 const MAX_SAMPLES = 2 * PLOT_W; // about 2 drawn points per pixel column of the plot
 let clipIds = 0;
 
@@ -277,20 +286,10 @@ function renderLoss(box, model, view) {
   const dotRaw = svg('circle', { r: 3, class: 'hover-dot raw-dot', visibility: 'hidden' });
   const dotSmooth = svg('circle', { r: 4, class: 'hover-dot smooth-dot', visibility: 'hidden' });
   const last = points.at(-1);
-  const keys = view.interactive ? ' Left and Right arrow keys move through the steps; drag across the chart to zoom.' : '';
-  const chart = svg(
-    'svg',
-    {
-      viewBox: `0 0 ${W} ${H}`,
-      role: view.interactive ? 'group' : 'img',
-      tabindex: view.interactive ? 0 : null,
-      'aria-label': `Loss over ${points.length} steps; last ${fmtNumber(last.loss)}.${keys}`,
-      'data-points': points.length,
-      'data-shown': shown.length,
-      'data-x-min': xMin,
-      'data-x-max': xMax,
-      'data-log': String(log),
-    },
+  const chart = chartSvg(
+    view,
+    `Loss over ${points.length} steps; last ${fmtNumber(last.loss)}.`,
+    { 'data-points': points.length, 'data-shown': shown.length, 'data-x-min': xMin, 'data-x-max': xMax, 'data-log': String(log) },
     axes(f, log ? logTicks(yMin, yMax) : linearTicks(yMin, yMax, 5), log ? 'loss (log)' : 'loss', clipId),
     svg('g', { 'clip-path': `url(#${clipId})` },
       svg('path', { d: line((i) => points[i].loss), class: 'raw' }),
@@ -371,18 +370,10 @@ function renderScores(box, rows, view) {
   }
   const cross = crosshair();
   const select = selection();
-  const keys = view.interactive ? ' Left and Right arrow keys move through the steps; drag across the chart to zoom.' : '';
-  const chart = svg(
-    'svg',
-    {
-      viewBox: `0 0 ${W} ${H}`,
-      role: view.interactive ? 'group' : 'img',
-      tabindex: view.interactive ? 0 : null,
-      'aria-label': `Preview scores at ${scored.length} rounds.${keys}`,
-      'data-points': scored.length,
-      'data-x-min': xMin,
-      'data-x-max': xMax,
-    },
+  const chart = chartSvg(
+    view,
+    `Preview scores at ${scored.length} rounds.`,
+    { 'data-points': scored.length, 'data-x-min': xMin, 'data-x-max': xMax },
     axes(f, linearTicks(yMin, 1, 5), 'score', clipId),
     svg('g', { 'clip-path': `url(#${clipId})` }, series, select, cross),
   );

@@ -67,7 +67,7 @@ export async function jobsView(ctx, root) {
     if (['draft', 'failed', 'stopped', 'done'].includes(job.status)) {
       actions.push(button(job.status === 'draft' ? 'Start' : 'Start over', 'start', 'small'));
     }
-    if (['stopped', 'failed'].includes(job.status)) actions.push(button('Resume', 'resume', 'small'));
+    if (['stopped', 'failed'].includes(job.status) && job.resumable) actions.push(button('Resume', 'resume', 'small'));
     if (['running', 'queued'].includes(job.status)) actions.push(button('Stop', 'stop', 'small'));
     return h(
       'tr',

@@ -176,6 +176,9 @@ def test_generate_command(tiny_model_dir, loras, tmp_path):
         bad = run_cli("generate", "--model", str(tiny_model_dir), "--prompt", "x", option, value)
         assert bad.returncode == 2 and bad.stderr.startswith(f"error: {option}: ") and says in bad.stderr, bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1
+    # a base model that cannot load is named as the command line names it, not as a job file's key
+    bad = run_cli("generate", "--model", str(tmp_path / "nowhere"), "--prompt", "x")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --model folder ") and "name_or_path" not in bad.stderr
 
 
 def lora_trained_for(source, folder, arch: str, base_model: str = "model"):

@@ -96,8 +96,8 @@ def test_a_failed_generation_says_why_in_the_request_terms(queue, data_dir):  # 
     """The runner records a generate process's end; the API says the CLI's sentence about the model in the request's
     terms (``model``, not the job file's ``model.name_or_path``), with the field, and links the whole log."""
     with pytest.raises(UserError) as said:  # what the generate process prints offline for the hub default
-        resolve_model_dir(TURBO)
-    assert "model.name_or_path" in str(said.value)
+        resolve_model_dir(TURBO, key="--model")
+    assert "--model" in str(said.value)
     gen_id = queue.post("/api/generate", json=request()).json()["id"]
     ui = queue.app.state.ui
     folder = ui.runner.gen_dir(gen_id)
@@ -111,4 +111,6 @@ def test_a_failed_generation_says_why_in_the_request_terms(queue, data_dir):  # 
     # other sentences keep their words, the key said as the request's
     message, field = playground_error("model.name_or_path folder /x does not exist: fix the path")
     assert (message, field) == ("model folder /x does not exist: fix the path", "model")
+    message, field = playground_error("--model /x: no model_index.json or transformer/ in it; give a model folder")
+    assert (message, field) == ("model /x: no model_index.json or transformer/ in it; give a model folder", "model")
     assert playground_error("width: must be a multiple of 16") == ("width: must be a multiple of 16", None)

@@ -59,6 +59,7 @@ def load_components(
     layer_offload: float = 0.0,
     low_vram: bool = False,
     edit: Callable[[str, torch.nn.Module], None] | None = None,
+    model_key: str = "model.name_or_path",
 ) -> Components:
     """Load the asked-for parts, frozen and in eval mode.
 
@@ -73,7 +74,8 @@ def load_components(
     sit whole on the GPU; ``layer_offload`` leaves that fraction of the transformer's main blocks on the CPU for
     ``BlockOffloader``; ``low_vram`` leaves the text encoder and the VAE on the CPU (their users bring them in while
     encoding or decoding). ``edit(part, module)`` runs on each loaded module before quantization (on the CPU, in
-    ``dtype``): ``generate`` merges LoKr/LoHa/DoRA files there.
+    ``dtype``): ``generate`` merges LoKr/LoHa/DoRA files there. ``model_key`` is how messages name ``name_or_path``
+    (a job file's key, or ``--model`` for ``generate``).
     """
     wanted = tuple(dict.fromkeys(parts))
     unknown = [p for p in wanted if p not in PARTS]
@@ -85,20 +87,20 @@ def load_components(
     groups: dict[tuple[str, str], list[str]] = {}  # (ref, config key) -> parts read from it
     for part in wanted:
         ref, key = overrides.get(_OWNER[part], (None, ""))
-        groups.setdefault((ref, key) if ref else (name_or_path, "model.name_or_path"), []).append(part)
+        groups.setdefault((ref, key) if ref else (name_or_path, model_key), []).append(part)
 
     folders: dict[str, Path] = {}
     source: dict[str, str] = {}
     missing: list[str] = []
     for (ref, key), group in groups.items():
         folder = _resolve(ref, group, key)
-        elsewhere = _parts_from(folder) if key == "model.name_or_path" else None
+        elsewhere = _parts_from(folder) if key == model_key else None
         for part in group:
             if (folder / part).is_dir():
                 folders[part], source[part] = folder, _shown(ref, folder)
             elif elsewhere is not None and part != "transformer" and (elsewhere / part).is_dir():
                 folders[part], source[part] = elsewhere, str(elsewhere.resolve())
-            elif key == "model.name_or_path" and part != "transformer" and fallback_ref:
+            elif key == model_key and part != "transformer" and fallback_ref:
                 missing.append(part)
             else:
                 raise UserError(_missing_message(ref, folder, part, key))

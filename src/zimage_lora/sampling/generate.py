@@ -121,6 +121,7 @@ class Generator:
             scheduler_shift=self.arch.shift if self.arch.override_shift else None,
             quantization={"transformer": request.quantize, "text_encoder": request.quantize},
             edit=merge,
+            model_key="--model",
         )
         transformer = self.comps.transformer
         names = network.linear_module_names(transformer)

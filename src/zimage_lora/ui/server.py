@@ -1526,13 +1526,14 @@ def _playground_routes(app: FastAPI, ui: Ui) -> None:
         return {"generations": shown, "total": len(rows)}
 
 
+MODEL_OPTION = re.compile(r"model\.name_or_path|(?<![\w-])--model\b")
 OFFLINE_HUB = re.compile(r"could not download (\S+) from the Hugging Face hub \((?:HF_HUB_OFFLINE is set|offline\?)")
 
 
 def playground_error(message: str) -> tuple[str, str | None]:
-    """(a model loader's sentence in the request's terms, the request field it is about): the loaders name the job
-    file's key ``model.name_or_path``, the request calls it ``model``; a hub model that the offline machine has
-    not downloaded says just that."""
+    """(a model loader's sentence in the request's terms, the request field it is about): the loaders name the
+    command line's ``--model`` (or a job file's ``model.name_or_path``), the request calls it ``model``; a hub model
+    that the offline machine has not downloaded says just that."""
     offline = OFFLINE_HUB.search(message)
     if offline:
         return (
@@ -1540,9 +1541,8 @@ def playground_error(message: str) -> tuple[str, str | None]:
             "folder under models/",
             "model",
         )
-    if "model.name_or_path" in message:
-        return message.replace("model.name_or_path", "model"), "model"
-    return message, None
+    named = MODEL_OPTION.sub("model", message)
+    return (named, "model") if named != message else (message, None)
 
 
 def _check_model(model: str) -> None:
@@ -1554,7 +1554,7 @@ def _check_model(model: str) -> None:
     if is_hub_id(model) and not Path(model).expanduser().exists() and not hub.offline():
         return
     try:
-        hub.resolve_model_dir(model, key="model.name_or_path")
+        hub.resolve_model_dir(model, key="--model")
     except UserError as e:
         message, _ = playground_error(str(e))
         raise ApiError(422, message, "model") from None

@@ -113,6 +113,22 @@ def wait_for(check, timeout: float = 120, what: str = "condition"):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def wait_status_of(fetch, what: str, statuses: tuple[str, ...], timeout: float = 120) -> dict:
+    """Poll ``fetch()`` (a job, comparison or captioning run as the UI's API shows it) until its status is one of
+    ``statuses``, and return it; a timeout fails with its status, error and last log lines."""
+
+    def check():
+        found = fetch()
+        return found if found["status"] in statuses else None
+
+    try:
+        return wait_for(check, timeout, f"{what} to be {statuses}")
+    except AssertionError:
+        found = fetch()
+        log = "\n".join(found.get("log_tail") or [])
+        raise AssertionError(f"{what} is {found['status']}: {found['error']}\n{log}") from None
+
+
 def cli_env(fault: str | None = None) -> dict[str, str]:
     """The environment CLI subprocesses run in: offline, and with the fault injection asked for (or none)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}

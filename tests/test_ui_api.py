@@ -14,15 +14,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BASE_JOB, demo_dataset, merge, wait_for
+from conftest import BASE_JOB, demo_dataset, merge, wait_for, wait_status_of
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from zimage_lora.config import JobConfig, preset_names
 from zimage_lora.lora.io import read_lora
 from zimage_lora.models.arch import ARCHS
-from zimage_lora.ui.runner import alive
+from zimage_lora.ui.runner import alive, error_headline
 from zimage_lora.ui.schema import PANELS
+from zimage_lora.ui.security import Sessions
 from zimage_lora.ui.server import create_app
 
 BASE_URL = "http://127.0.0.1:8675"
@@ -47,11 +48,12 @@ def open_client(data: Path, **options) -> TestClient:
 
 
 def end_processes(client: TestClient) -> None:
-    """Kill whatever trainer or generation a failed test left running."""
+    """Kill whatever trainer, comparison, generation or captioning run a failed test left running."""
     store = client.app.state.ui.store
-    for row in store.select("jobs") + store.select("generations"):
-        if alive(row["pid"], row["pid_start"]):
-            os.kill(row["pid"], signal.SIGKILL)
+    for table in ("jobs", "comparisons", "generations", "captions"):
+        for row in store.select(table):
+            if alive(row["pid"], row["pid_start"]):
+                os.kill(row["pid"], signal.SIGKILL)
 
 
 @pytest.fixture
@@ -77,15 +79,7 @@ def job_config(name: str, adapter: Path, override: dict | None = None) -> dict:
 
 
 def wait_status(client: TestClient, name: str, *statuses: str, timeout: float = 120) -> dict:
-    def check():
-        job = client.get(f"/api/jobs/{name}").json()
-        return job if job["status"] in statuses else None
-
-    try:
-        return wait_for(check, timeout, f"job {name} to be {statuses}")
-    except AssertionError:
-        job = client.get(f"/api/jobs/{name}").json()
-        raise AssertionError(f"job {name} is {job['status']}: {job['error']}\n" + "\n".join(job["log_tail"])) from None
+    return wait_status_of(lambda: client.get(f"/api/jobs/{name}").json(), f"job {name}", statuses, timeout)
 
 
 def wait_generation(client: TestClient, gen_id: str, timeout: float = 120) -> dict:
@@ -709,3 +703,23 @@ def test_errors_are_one_sentence_json(client):
     assert client.post("/api/generate", json={"model": "m", "prompt": "x", "arch": "sdxl"}).json()["field"] == "arch"
     assert client.get("/api/generate/nope").status_code == 404
     assert client.post("/api/jobs", content=b"[]", headers={"content-type": "application/json"}).status_code == 422
+
+
+def test_sign_in_sessions_expire_and_the_oldest_go_beyond_the_limit():
+    sessions = Sessions(max_age_s=3600, limit=2)
+    first, second = sessions.open(), sessions.open()
+    assert first != second and sessions.valid(first) and sessions.valid(second)
+    third = sessions.open()  # over the limit: the oldest goes
+    assert not sessions.valid(first) and sessions.valid(second) and sessions.valid(third)
+    sessions.close(second)
+    assert not sessions.valid(second) and not sessions.valid("") and not sessions.valid("made-up")
+    expired = Sessions(max_age_s=-1)  # already past its age when it is checked
+    assert not expired.valid(expired.open())
+
+
+def test_a_failures_headline_is_the_clis_sentence_else_the_tracebacks_last_error():
+    traceback = ["loading", "Traceback (most recent call last):", '  File "x.py", line 1', "ValueError: bad shape"]
+    assert error_headline(traceback) == "ValueError: bad shape"
+    said = ["error: model.arch: xyz is not one of zimage_turbo; pick one", *traceback]
+    assert error_headline(said) == "model.arch: xyz is not one of zimage_turbo; pick one"  # the sentence wins
+    assert error_headline(["step 3 loss 0.2", "Killed"]) is None

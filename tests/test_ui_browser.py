@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli, wait_for
-from uibrowser import DEMO, TIMEOUT_MS, UiServer, by, shot
+from uibrowser import DEMO, TIMEOUT_MS, UiServer, by, new_page, shot
 
 UPLOADS = ["fox_01.png", "fox_01.txt", "fox_02.png", "fox_02.txt", "fox_03.png", "fox_03.txt", "fox_04.JPG"]
 STEPS = 30
@@ -58,12 +58,8 @@ def server(tmp_path_factory):
 def test_train_a_lora_in_the_browser(browser, server, tmp_path):
     from playwright.sync_api import expect
 
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
+    context, page = new_page(browser, accept_downloads=True)
     expect.set_options(timeout=TIMEOUT_MS)
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
 
     try:
         dataset = make_dataset(page, server, server.data)
@@ -90,7 +86,7 @@ def test_train_a_lora_in_the_browser(browser, server, tmp_path):
     expect(page.locator(by("job-status-fox"))).to_have_text("done")
     expect(page.locator(by("job-step-fox"))).to_have_text(f"{STEPS} / {STEPS}")
     shot(page, "01-jobs")
-    assert not errors, f"JavaScript errors on the pages: {errors}"
+    assert not page.errors, f"JavaScript errors on the pages: {page.errors}"
     context.close()
 
 
@@ -419,9 +415,7 @@ def _editing(browser, server, job: str, dataset: str):
     server.api("/api/datasets", "POST", {"name": dataset})
     shutil.copy(DEMO / "fox_01.png", server.data / "datasets" / dataset / "fox_01.png")  # 128 px
     server.api("/api/jobs", "POST", {"config": config})
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
+    context, page = new_page(browser)
     page.goto(f"{server.url}/#/jobs/{job}/edit")
     return config, context, page
 
@@ -504,9 +498,7 @@ def test_token_login(browser, tmp_path):
         config["datasets"][0]["resolutions"] = [128]  # the one picture is 128 px
         ui.api("/api/jobs", "POST", {"config": config})
 
-        context = browser.new_context(viewport={"width": 1100, "height": 760})
-        page = context.new_page()
-        page.set_default_timeout(TIMEOUT_MS)
+        context, page = new_page(browser, 1100, 760)
         page.goto(f"{ui.url}/#/jobs")
         expect(page).to_have_url(re.compile(r"/login"))
         page.fill(by("login-token"), "wrong")
@@ -601,11 +593,7 @@ def test_compare_two_adapters_stop_resume_and_see_them_side_by_side(browser, com
         "sample": {"every": 2, "steps": 1, "prompts": ["[trigger] head", "a red car"]},
     }
     server.api("/api/jobs", "POST", {"config": job_config("cmp", adapters[0], override)})
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
+    context, page = new_page(browser)
     try:
         page.goto(f"{server.url}/#/jobs/cmp")
         page.click(by("btn-compare"))
@@ -658,7 +646,7 @@ def test_compare_two_adapters_stop_resume_and_see_them_side_by_side(browser, com
     except BaseException:
         shot(page, "failure-compare")
         raise
-    assert not errors, f"JavaScript errors on the pages: {errors}"
+    assert not page.errors, f"JavaScript errors on the pages: {page.errors}"
     context.close()
 
 
@@ -689,9 +677,7 @@ def test_import_an_ai_toolkit_job_into_the_new_job_form(browser, compare_server,
 
     job_file = tmp_path / "fox lora.yaml"
     job_file.write_text(AI_TOOLKIT_JOB)
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
+    context, page = new_page(browser)
     page.goto(f"{compare_server.url}/#/jobs/new")
     expect(page.locator(by("validation-status"))).to_have_text(re.compile("Valid|problem"))
     page.set_input_files(by("import-file"), str(job_file))
@@ -733,11 +719,7 @@ def test_upload_an_outside_lora_in_the_playground_and_generate_with_it(browser, 
     ours = write_random_adapter(model, tmp_path / "ours.safetensors", rank=4, seed=5)
     lora = tmp_path / "fox-style kohya.safetensors"
     convert_lora(ours, lora, "kohya", "bf16", transformer_names(model))
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
+    context, page = new_page(browser)
     try:
         page.goto(f"{server.url}/#/playground")
         page.fill(by("pg-model"), "models/tiny")  # the upload is checked against the chosen base model
@@ -773,7 +755,7 @@ def test_upload_an_outside_lora_in_the_playground_and_generate_with_it(browser, 
     except BaseException:
         shot(page, "failure-outside-lora")
         raise
-    assert not errors, f"JavaScript errors on the pages: {errors}"
+    assert not page.errors, f"JavaScript errors on the pages: {page.errors}"
     context.close()
 
 
@@ -794,11 +776,7 @@ def test_caption_a_dataset_edit_a_proposal_reject_one_and_accept(browser, server
     (pets / "fox_02.txt").unlink()
     (pets / "fox_03.txt").unlink()
     existing = (pets / "fox_01.txt").read_text()
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
+    context, page = new_page(browser)
     try:
         page.goto(f"{server.url}/#/datasets/capfox")
         page.fill(by("cap-model"), "models/captioner")
@@ -829,5 +807,5 @@ def test_caption_a_dataset_edit_a_proposal_reject_one_and_accept(browser, server
     except BaseException:
         shot(page, "failure-caption")
         raise
-    assert not errors, f"JavaScript errors on the pages: {errors}"
+    assert not page.errors, f"JavaScript errors on the pages: {page.errors}"
     context.close()

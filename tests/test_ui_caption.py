@@ -6,18 +6,16 @@ what the UI controls (the queue, the files, the refusals)."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import demo_dataset, wait_for
-from test_ui_api import open_client
+from conftest import demo_dataset, wait_status_of
+from test_ui_api import end_processes, open_client
 
 from zimage_lora.ui import runs
-from zimage_lora.ui.runner import alive, start_time
+from zimage_lora.ui.runner import start_time
 
 EXISTING = "[trigger], a cartoon fox head on a blue sky"  # fox_01's caption
 
@@ -51,10 +49,7 @@ def client(data_dir):
         try:
             yield c
         finally:
-            store = c.app.state.ui.store
-            for row in store.select("captions") + store.select("jobs"):  # what a failed test left running
-                if alive(row["pid"], row["pid_start"]):
-                    os.kill(row["pid"], signal.SIGKILL)
+            end_processes(c)
 
 
 def run_status(client, cap_id: str) -> str:
@@ -62,16 +57,8 @@ def run_status(client, cap_id: str) -> str:
 
 
 def wait_run(client, cap_id: str, *statuses: str, timeout: float = 120) -> dict:
-    def check():
-        run = client.get(f"/api/captions/{cap_id}").json()
-        return run if run["status"] in statuses else None
-
-    try:
-        return wait_for(check, timeout, f"captioning run {cap_id} to be {statuses}")
-    except AssertionError:
-        run = client.get(f"/api/captions/{cap_id}").json()
-        log = "\n".join(run["log_tail"])
-        raise AssertionError(f"run {cap_id} is {run['status']}: {run['error']}\n{log}") from None
+    path = f"/api/captions/{cap_id}"
+    return wait_status_of(lambda: client.get(path).json(), f"captioning run {cap_id}", statuses, timeout)
 
 
 def test_caption_a_dataset_behind_a_job_then_accept_edit_and_ignore(client, data_dir):

@@ -5,17 +5,14 @@ stopped while its second variant trains, resumed without training the first one 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import time
 
 import pytest
-from conftest import wait_for
+from conftest import wait_for, wait_status_of
 from test_ui_api import data_dir, end_processes, job_config, open_client  # noqa: F401 - data_dir: a fixture
 
 from zimage_lora.models.tiny_adapter import write_random_adapter
-from zimage_lora.ui.runner import alive
 
 
 @pytest.fixture
@@ -25,9 +22,6 @@ def client(data_dir):  # noqa: F811 - data_dir is the fixture imported above
             yield c
         finally:
             end_processes(c)
-            for row in c.app.state.ui.store.select("comparisons"):  # what a failed test left running
-                if alive(row["pid"], row["pid_start"]):
-                    os.kill(row["pid"], signal.SIGKILL)
 
 
 # --- importing an AI Toolkit job -------------------------------------------------------------------------------------
@@ -118,15 +112,8 @@ def small_job(client, name: str, adapter: str) -> None:
 
 
 def wait_comparison(client, cmp_id: str, *statuses: str, timeout: float = 120) -> dict:
-    def check():
-        found = client.get(f"/api/comparisons/{cmp_id}").json()
-        return found if found["status"] in statuses else None
-
-    try:
-        return wait_for(check, timeout, f"comparison {cmp_id} to be {statuses}")
-    except AssertionError:
-        found = client.get(f"/api/comparisons/{cmp_id}").json()
-        raise AssertionError(f"{found['status']}: {found['error']}\n" + "\n".join(found["log_tail"])) from None
+    path = f"/api/comparisons/{cmp_id}"
+    return wait_status_of(lambda: client.get(path).json(), f"comparison {cmp_id}", statuses, timeout)
 
 
 def test_a_comparison_stops_resumes_without_retraining_and_draws_its_grids(

@@ -6,7 +6,6 @@ layouts by the format registry, a tiny job trained by the real trainer."""
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import time
 from pathlib import Path
@@ -16,12 +15,12 @@ import torch
 from conftest import BASE_JOB, demo_dataset, merge, wait_for
 from fastapi.testclient import TestClient
 from PIL import Image
+from test_ui_api import end_processes
 
 from zimage_lora.errors import UserError
 from zimage_lora.lora.formats import largest_difference, module_updates, read_network_file, transformer_names
 from zimage_lora.lora.io import read_safetensors, serialize_safetensors
 from zimage_lora.lora.tools import convert_lora
-from zimage_lora.ui.runner import alive
 from zimage_lora.ui.server import create_app
 
 BASE_URL = "http://127.0.0.1:8675"
@@ -51,13 +50,6 @@ def layouts(tiny_model_dir, tiny_adapter, tmp_path_factory) -> dict[str, Path]:
 
 def open_client(data: Path, **options) -> TestClient:
     return TestClient(create_app(data, poll_s=0.1, **options), base_url=BASE_URL)
-
-
-def end_processes(client: TestClient) -> None:
-    store = client.app.state.ui.store
-    for row in store.select("jobs") + store.select("generations"):
-        if alive(row["pid"], row["pid_start"]):
-            os.kill(row["pid"], 9)
 
 
 def upload(client: TestClient, *files: tuple[str, bytes], model: str | None = "models/tiny"):

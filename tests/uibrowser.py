@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
-from conftest import cli_env, demo_dataset, merge, run_cli, wait_for  # noqa: F401 - run_cli: for the tests
+from conftest import cli_env, demo_dataset, wait_for, wait_status_of
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking"]
@@ -115,17 +115,7 @@ class UiServer:
 
     def wait_job(self, name: str, *statuses: str, timeout: float = 180) -> dict:
         """The job once its status is one of ``statuses`` (with its log in the failure when it never gets there)."""
-
-        def check():
-            job = self.api(f"/api/jobs/{name}")
-            return job if job["status"] in statuses else None
-
-        try:
-            return wait_for(check, timeout, f"job {name} to be {statuses}")
-        except AssertionError:
-            job = self.api(f"/api/jobs/{name}")
-            log = "\n".join(job["log_tail"])
-            raise AssertionError(f"job {name} is {job['status']}: {job['error']}\n{log}") from None
+        return wait_status_of(lambda: self.api(f"/api/jobs/{name}"), f"job {name}", statuses, timeout)
 
     def stop(self) -> None:
         for held in self.holds.glob("held-*"):  # a trainer still held goes on, so it can stop

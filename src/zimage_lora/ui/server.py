@@ -881,6 +881,20 @@ def comparison_variants(ui: Ui, config: dict[str, Any], setting: str, values: li
     return varies
 
 
+def _queue_state(row: dict[str, Any]) -> dict[str, Any]:
+    """Where a queued item (comparison, captioning run) stands: its status, the devices it holds, its times, its
+    error and exit code."""
+    return {
+        "status": row["status"],
+        "device": ", ".join(filter(None, (row["device"] or "").split(","))),
+        "created": row["created"],
+        "started": row["started"],
+        "finished": row["finished"],
+        "error": row["error"],
+        "exit_code": row["exit_code"],
+    }
+
+
 def comparison_detail(ui: Ui, row: dict[str, Any]) -> dict[str, Any]:
     """The row and, once the process has written compare.json, what ``read_comparison`` reads of the folder, its
     files as /files URLs."""
@@ -892,13 +906,7 @@ def comparison_detail(ui: Ui, row: dict[str, Any]) -> dict[str, Any]:
         "setting": row["setting"],
         "values": row["vals"],
         "varies": row["varies"],
-        "status": row["status"],
-        "device": ", ".join(filter(None, (row["device"] or "").split(","))),
-        "created": row["created"],
-        "started": row["started"],
-        "finished": row["finished"],
-        "error": row["error"],
-        "exit_code": row["exit_code"],
+        **_queue_state(row),
     }
     if not (folder / "compare.json").is_file():
         return {**out, "progress": None}
@@ -1278,13 +1286,7 @@ def caption_summary(row: dict[str, Any]) -> dict[str, Any]:
         "id": row["id"],
         "dataset": row["dataset"],
         "options": {key: value for key, value in row["options"].items() if key != "args"},
-        "status": row["status"],
-        "device": ", ".join(filter(None, (row["device"] or "").split(","))),
-        "created": row["created"],
-        "started": row["started"],
-        "finished": row["finished"],
-        "error": row["error"],
-        "exit_code": row["exit_code"],
+        **_queue_state(row),
     }
 
 

@@ -167,7 +167,7 @@ const BOUND_WORDS = { '>=': 'at least', '>': 'more than', '<=': 'at most', '<': 
 
 /** The CLI's message for a field (its key prefix already gone), said in the form's terms: what to type or choose,
  * never a schema type or a `null`. */
-export function formMessage(key, message) {
+function formMessage(key, message) {
   const shown = (value) => (value === 'null' || value === "''" ? 'it is empty' : `you entered ${value}`);
   let m = message.match(/^expected a (whole |finite )?number, got (.*)$/);
   if (m) return `Type a ${m[1] || ''}number here (${shown(m[2])}).`;
